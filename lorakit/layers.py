@@ -1,0 +1,305 @@
+"""LoRA layers: a frozen base layer plus named low-rank adapters.
+
+Every layer sees its base weight in (out, in) orientation through `weight_view()`; the adapter of name
+``n`` is ``A[n]`` (r, in), ``B[n]`` (out, r) and scale ``s[n]``, so ``ΔW = s·B@A`` (Hu et al. 2021, Eq. 3)
+for Linear, GPT-2 ``Conv1D`` (weight stored (in, out)) and Embedding (weight (vocab, dim), viewed (dim, vocab))
+alike. The algorithms (merging, PiSSA, PLoRA, LoraHub) work on these tensors only.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from .init import InitFn
+from .ops import lora_linear
+
+__all__ = ["LoraLayer", "LoraLinear", "LoraEmbedding", "ModulesToSave", "RowAdapters", "wrap_module", "SUPPORTED_TYPES"]
+
+SUPPORTED_TYPES = (nn.Linear, Conv1D, nn.Embedding)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class RowAdapters:
+    """Which adapter each batch row uses in a mixed batch: ``names[row_slot[i]]``, or the base model
+    where ``row_slot[i] == len(names)``."""
+
+    names: tuple[str, ...]
+    row_slot: Tensor  # (batch,) int64
+
+
+class LoraLayer(nn.Module):
+    """A frozen ``base_layer`` and adapters keyed by name. Subclasses say how input meets ``A``."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.ParameterDict()  # name -> (r, in)
+        self.lora_B = nn.ParameterDict()  # name -> (out, r)
+        self.scaling: dict[str, float] = {}
+        self.dropout: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.row_adapters: RowAdapters | None = None
+        self._unmerged_weight: Tensor | None = None  # exact copy kept while a low-precision weight is merged
+
+    # -- geometry ---------------------------------------------------------------------------------
+    def weight_view(self) -> Tensor:
+        """The base weight as an (out, in) view sharing storage with the parameter."""
+        raise NotImplementedError
+
+    @property
+    def in_features(self) -> int:
+        return self.weight_view().shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_view().shape[0]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    # -- adapters ---------------------------------------------------------------------------------
+    def add_adapter(self, name: str, rank: int, scale: float, dropout: float, init: InitFn | None) -> None:
+        """Create adapter `name`. ``init=None`` allocates zeros (to be filled from a file)."""
+        weight = self.weight_view()
+        if init is None:
+            A, B = weight.new_zeros(rank, self.in_features), weight.new_zeros(self.out_features, rank)
+        else:
+            A, B = self._initial_factors(init, rank, scale)
+        self.lora_A[name] = nn.Parameter(A.to(weight.dtype))
+        self.lora_B[name] = nn.Parameter(B.to(weight.dtype))
+        self.scaling[name], self.dropout[name] = scale, dropout
+
+    def _initial_factors(self, init: InitFn, rank: int, scale: float) -> tuple[Tensor, Tensor]:
+        """Run `init` on the float32 weight and write back its residual (a no-op for LoRA's inits)."""
+        weight = self.weight_view()
+        W = weight.detach().float()
+        A, B, W_residual = init(W, rank, scale)
+        if W_residual is not W:
+            with torch.no_grad():
+                weight.copy_(W_residual.to(weight.dtype))
+        return A, B
+
+    def delete_adapter(self, name: str) -> None:
+        for table in (self.lora_A, self.lora_B):
+            del table[name]
+        self.scaling.pop(name)
+        self.dropout.pop(name)
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def delta_weight(self, name: str) -> Tensor:
+        """``s·B@A`` in float32, (out, in)."""
+        return self.scaling[name] * (self.lora_B[name].float() @ self.lora_A[name].float())
+
+    # -- merging ----------------------------------------------------------------------------------
+    def merge(self, names: list[str]) -> None:
+        """Fold adapters into the base weight, in float32, cast back once."""
+        names = [n for n in names if n in self.lora_A and n not in self.merged_adapters]
+        if not names:
+            return
+        weight = self.weight_view()
+        if weight.dtype in _LOW_PRECISION and self._unmerged_weight is None:
+            self._unmerged_weight = weight.detach().clone()
+        with torch.no_grad():
+            merged = weight.float() + sum(self.delta_weight(n) for n in names)
+            weight.copy_(merged.to(weight.dtype))
+        self.merged_adapters.extend(names)
+
+    def unmerge(self) -> None:
+        """Take every merged adapter out of the base weight (exactly, for bf16/fp16 weights)."""
+        if not self.merged_adapters:
+            return
+        weight = self.weight_view()
+        with torch.no_grad():
+            if self._unmerged_weight is not None:
+                weight.copy_(self._unmerged_weight)
+            else:
+                weight.copy_(weight.float() - sum(self.delta_weight(n) for n in self.merged_adapters))
+        self._unmerged_weight = None
+        self.merged_adapters = []
+
+    # -- forward ----------------------------------------------------------------------------------
+    def _pending(self) -> list[str]:
+        """Active adapters not already folded into the base weight."""
+        if self.disabled:
+            return []
+        return [n for n in self.active_adapters if n not in self.merged_adapters]
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.row_adapters is not None and not self.disabled:
+            return self.base_layer(x, *args, **kwargs) + self._mixed_rows_output(x, self.row_adapters)
+        pending = self._pending()
+        if len(pending) == 1 and not args and not kwargs:
+            fused = self._fused_forward(x, pending[0])
+            if fused is not None:
+                return fused
+        result = self.base_layer(x, *args, **kwargs)
+        for name in pending:
+            result = result + self.adapter_output(x, name).to(result.dtype)
+        return result
+
+    def _fused_forward(self, x: Tensor, name: str) -> Tensor | None:
+        """One-op forward where the layer allows it; None means "use the generic path"."""
+        return None
+
+    def adapter_output(self, x: Tensor, name: str) -> Tensor:
+        """``s·B(A(dropout(x)))`` for one adapter."""
+        raise NotImplementedError
+
+    def _stacked_factors(self, rows: RowAdapters) -> tuple[Tensor, Tensor]:
+        """A (slots, r_max, in) and s·B (slots, out, r_max), zero-padded; the last slot is the base (zeros).
+
+        Padding to the largest rank is exact: the extra rows/columns are zero.
+        """
+        names = [n for n in rows.names if n in self.lora_A]
+        r_max = max((self.lora_A[n].shape[0] for n in names), default=1)
+        weight = self.weight_view()
+        A = weight.new_zeros(len(rows.names) + 1, r_max, self.in_features)
+        B = weight.new_zeros(len(rows.names) + 1, self.out_features, r_max)
+        for slot, name in enumerate(rows.names):
+            if name in self.lora_A:
+                rank = self.lora_A[name].shape[0]
+                A[slot, :rank] = self.lora_A[name]
+                B[slot, :, :rank] = self.scaling[name] * self.lora_B[name]
+        return A, B
+
+    def _mixed_rows_output(self, x: Tensor, rows: RowAdapters) -> Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        ranks = {n: a.shape[0] for n, a in self.lora_A.items()}
+        return f"adapters(rank)={ranks}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+def _check_rows(x: Tensor, rows: RowAdapters) -> None:
+    if x.shape[0] != rows.row_slot.shape[0]:
+        raise ValueError(
+            f"adapter_names has {rows.row_slot.shape[0]} entries but the batch has {x.shape[0]} rows: "
+            "pass one adapter name (or '__base__') per row."
+        )
+
+
+class LoraLinear(LoraLayer):
+    """LoRA around ``nn.Linear`` (weight (out, in)) or GPT-2 ``Conv1D`` (weight (in, out), fan_in_fan_out)."""
+
+    def __init__(self, base_layer: nn.Linear | Conv1D) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+
+    def weight_view(self) -> Tensor:
+        weight = self.base_layer.weight
+        return weight.t() if self.fan_in_fan_out else weight
+
+    def _fused_forward(self, x: Tensor, name: str) -> Tensor | None:
+        A, B, weight = self.lora_A[name], self.lora_B[name], self.base_layer.weight
+        if torch.is_autocast_enabled() or not (x.dtype == weight.dtype == A.dtype == B.dtype):
+            return None
+        return lora_linear(
+            x, weight, self.base_layer.bias, A, B, self.scaling[name],
+            transposed=self.fan_in_fan_out, dropout=self.dropout[name], training=self.training,
+        )
+
+    def adapter_output(self, x: Tensor, name: str) -> Tensor:
+        A = self.lora_A[name]
+        x = F.dropout(x.to(A.dtype), self.dropout[name], training=self.training and self.dropout[name] > 0)
+        return self.scaling[name] * F.linear(F.linear(x, A), self.lora_B[name])  # (..., r) -> (..., out)
+
+    def _mixed_rows_output(self, x: Tensor, rows: RowAdapters) -> Tensor:
+        _check_rows(x, rows)
+        A, sB = self._stacked_factors(rows)  # (slots, r, in), (slots, out, r)
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)  # (batch, seq, in)
+        xa = torch.bmm(x3, A[rows.row_slot].transpose(1, 2))  # (batch, seq, r)
+        out = torch.bmm(xa, sB[rows.row_slot].transpose(1, 2))  # (batch, seq, out)
+        return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA around ``nn.Embedding``: the adapter looks tokens up in ``Aᵀ`` (vocab, r), then applies ``B``.
+
+    PEFT stores ``lora_embedding_A`` (r, vocab) and ``lora_embedding_B`` (dim, r), the same tensors as
+    ``A`` and ``B`` here. No dropout on token ids (as PEFT).
+    """
+
+    def weight_view(self) -> Tensor:
+        return self.base_layer.weight.t()  # (dim, vocab)
+
+    def _initial_factors(self, init: InitFn, rank: int, scale: float) -> tuple[Tensor, Tensor]:
+        """Run the init on the transposed problem ``ΔWᵀ = Aᵀ Bᵀ`` so the zero factor sits on the
+        vocabulary side, as PEFT's embedding init (A = 0, B random) does."""
+        weight = self.base_layer.weight  # (vocab, dim)
+        W = weight.detach().float()
+        A_t, B_t, W_residual = init(W, rank, scale)  # (r, dim), (vocab, r)
+        if W_residual is not W:
+            with torch.no_grad():
+                weight.copy_(W_residual.to(weight.dtype))
+        return B_t.t().contiguous(), A_t.t().contiguous()
+
+    def _lookup(self, ids: Tensor, table: Tensor) -> Tensor:
+        base = self.base_layer
+        return F.embedding(ids, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+
+    def adapter_output(self, x: Tensor, name: str) -> Tensor:
+        after_A = self._lookup(x, self.lora_A[name].t())  # (..., r)
+        return self.scaling[name] * F.linear(after_A, self.lora_B[name])  # (..., dim)
+
+    def _mixed_rows_output(self, x: Tensor, rows: RowAdapters) -> Tensor:
+        _check_rows(x, rows)
+        A, sB = self._stacked_factors(rows)  # (slots, r, vocab), (slots, dim, r)
+        ids = x.reshape(x.shape[0], -1)  # (batch, seq)
+        after_A = A.transpose(1, 2)[rows.row_slot[:, None], ids]  # (batch, seq, r)
+        out = torch.bmm(after_A, sB[rows.row_slot].transpose(1, 2))  # (batch, seq, dim)
+        return out.reshape(*x.shape, out.shape[-1])
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full: a trainable copy per adapter, the original kept in ``base_layer``."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.copies = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.copies.keys())
+
+    def add_adapter(self, name: str) -> None:
+        trained = copy.deepcopy(self.base_layer)
+        for param in trained.parameters():
+            param.requires_grad_(True)
+        self.copies[name] = trained
+
+    def delete_adapter(self, name: str) -> None:
+        del self.copies[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def current(self) -> nn.Module:
+        """The copy of the first active adapter that has one, else the original."""
+        if not self.disabled:
+            for name in self.active_adapters:
+                if name in self.copies:
+                    return self.copies[name]
+        return self.base_layer
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)
+
+
+def wrap_module(module: nn.Module) -> LoraLayer:
+    """The LoRA wrapper for a supported module type."""
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module)
+    if isinstance(module, (nn.Linear, Conv1D)):
+        return LoraLinear(module)
+    raise TypeError(f"LoRA supports {[t.__name__ for t in SUPPORTED_TYPES]}, not {type(module).__name__}.")

@@ -1,0 +1,281 @@
+"""`LoraModel`: wraps a model, injects LoRA layers in place, and manages named adapters."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .errors import AdapterNameError, LoraError
+from .init import get_init
+from .layers import LoraLayer, ModulesToSave, RowAdapters, wrap_module
+from .targeting import AdapterPlan, plan_targets
+
+__all__ = ["LoraModel", "get_lora_model", "BASE_ROW"]
+
+BASE_ROW = "__base__"  # the adapter name that means "no adapter" in a mixed batch
+
+
+class LoraModel(nn.Module):
+    """A model with LoRA adapters. Calls and attributes it does not define go to the wrapped model,
+    so ``generate``, ``config``, ``save_pretrained`` of the base etc. work as before."""
+
+    def __init__(self, model: nn.Module, config: LoraConfig | None = None, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapters: list[str] = []
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if config is not None:
+            self.add_adapter(adapter_name, config)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # -- modules ----------------------------------------------------------------------------------
+    def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
+        """(path, layer) for every LoRA layer, paths relative to the wrapped model."""
+        for path, module in self.model.named_modules():
+            if isinstance(module, LoraLayer):
+                yield path, module
+
+    def saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
+        for path, module in self.model.named_modules():
+            if isinstance(module, ModulesToSave):
+                yield path, module
+
+    def _wrappers(self) -> Iterator[LoraLayer | ModulesToSave]:
+        yield from (m for _, m in self.lora_layers())
+        yield from (m for _, m in self.saved_modules())
+
+    def _replace(self, path: str, new: nn.Module) -> None:
+        parent_path, _, child = path.rpartition(".")
+        setattr(self.model.get_submodule(parent_path), child, new)
+
+    # -- adapters ---------------------------------------------------------------------------------
+    def add_adapter(self, name: str, config: LoraConfig, *, initialize: bool = True) -> None:
+        """Add adapter `name` with `config`. It becomes active only if no adapter is active yet.
+
+        ``initialize=False`` allocates zero factors without running the init (used when loading)."""
+        if name in self.peft_config:
+            raise AdapterNameError(f"an adapter named {name!r} exists already; pick another name or delete it first.")
+        if name == BASE_ROW:
+            raise AdapterNameError(f"{BASE_ROW!r} is reserved for base-model rows in mixed batches.")
+        plan = plan_targets(self.model, config)
+        self.peft_config[name] = config
+        try:
+            self._inject(name, config, plan, initialize)
+        except BaseException:
+            self.delete_adapter(name)
+            raise
+        self.set_adapter(self.active_adapters or [name])
+
+    def _inject(self, name: str, config: LoraConfig, plan: AdapterPlan, initialize: bool) -> None:
+        init = get_init(config.init_lora_weights) if initialize else None
+        for target in plan.targets:
+            layer = self.model.get_submodule(target.path)
+            if not isinstance(layer, LoraLayer):
+                layer = wrap_module(layer)
+                self._replace(target.path, layer)
+            layer.add_adapter(name, target.rank, target.scale, config.lora_dropout, init)
+        for path in plan.modules_to_save:
+            wrapper = self.model.get_submodule(path)
+            if not isinstance(wrapper, ModulesToSave):
+                wrapper = ModulesToSave(wrapper)
+                self._replace(path, wrapper)
+            wrapper.add_adapter(name)
+
+    def set_adapter(self, names: str | Sequence[str]) -> None:
+        """Make these adapters active (their outputs add up); the others are frozen and unused."""
+        names = [names] if isinstance(names, str) else list(names)
+        self._check_names(names)
+        for wrapper in self._wrappers():
+            wrapper.active_adapters = [n for n in names if n in wrapper.adapter_names]
+        self.active_adapters = names
+        self._set_trainable()
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove an adapter everywhere; modules left with no adapter get their original back."""
+        self._check_names([name])
+        if any(name in layer.merged_adapters for _, layer in self.lora_layers()):
+            raise LoraError(f"adapter {name!r} is merged; call unmerge_adapter() before deleting it.")
+        for path, wrapper in list(self.lora_layers()) + list(self.saved_modules()):
+            if name in wrapper.adapter_names:
+                wrapper.delete_adapter(name)
+            if not wrapper.adapter_names:
+                self._replace(path, wrapper.base_layer)
+        del self.peft_config[name]
+        remaining = [n for n in self.active_adapters if n != name]
+        self.active_adapters = []
+        if remaining or self.peft_config:
+            self.set_adapter(remaining or [next(iter(self.peft_config))])
+
+    def _check_names(self, names: list[str]) -> None:
+        for name in names:
+            if name not in self.peft_config:
+                raise AdapterNameError(f"no adapter named {name!r}; this model has {sorted(self.peft_config)}.")
+
+    def _set_trainable(self) -> None:
+        """Active adapters train (per their bias mode); inactive ones and the base stay frozen."""
+        for _, layer in self.lora_layers():
+            for name in layer.adapter_names:
+                trainable = name in layer.active_adapters
+                layer.lora_A[name].requires_grad_(trainable)
+                layer.lora_B[name].requires_grad_(trainable)
+        for _, wrapper in self.saved_modules():
+            for name, module in wrapper.copies.items():
+                module.requires_grad_(name in wrapper.active_adapters)
+        self._set_bias_trainable()
+
+    def _set_bias_trainable(self) -> None:
+        modes = {self.peft_config[n].bias for n in self.active_adapters}
+        lora_bases = {id(layer.base_layer) for _, layer in self.lora_layers() if layer.active_adapters}
+        for module in self.model.modules():
+            if isinstance(module, (LoraLayer, ModulesToSave)) or getattr(module, "bias", None) is None:
+                continue
+            if not isinstance(module.bias, nn.Parameter):
+                continue
+            module.bias.requires_grad_("all" in modes or ("lora_only" in modes and id(module) in lora_bases))
+
+    # -- switching adapters off and on ------------------------------------------------------------
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model inside the block; adapters (and merges) come back after, also on errors."""
+        merged = {path: list(layer.merged_adapters) for path, layer in self.lora_layers()}
+        self.unmerge_adapter()
+        for wrapper in self._wrappers():
+            wrapper.disabled = True
+        try:
+            yield
+        finally:
+            for wrapper in self._wrappers():
+                wrapper.disabled = False
+            for path, layer in self.lora_layers():
+                layer.merge(merged[path])
+
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Fold adapters (default: the active ones) into the base weights, in float32."""
+        names = list(adapter_names) if adapter_names is not None else self.active_adapters
+        self._check_names(names)
+        for _, layer in self.lora_layers():
+            layer.merge(names)
+
+    def unmerge_adapter(self) -> None:
+        """Restore the base weights as they were before `merge_adapter`."""
+        for _, layer in self.lora_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """The plain model with the active adapters folded in (and the active modules_to_save copies)."""
+        self.merge_adapter()
+        return self._unwrap(keep_trained_copies=True)
+
+    def unload(self) -> nn.Module:
+        """The plain model with every update dropped: original weights and original saved modules."""
+        self.unmerge_adapter()
+        return self._unwrap(keep_trained_copies=False)
+
+    def _unwrap(self, keep_trained_copies: bool) -> nn.Module:
+        for path, layer in list(self.lora_layers()):
+            self._replace(path, layer.base_layer)
+        for path, wrapper in list(self.saved_modules()):
+            self._replace(path, wrapper.current() if keep_trained_copies else wrapper.base_layer)
+        self.peft_config.clear()
+        self.active_adapters = []
+        return self.model
+
+    def train(self, mode: bool = True) -> "LoraModel":
+        """With ``merge_weights=True`` (loralib behaviour): eval() merges the active adapters, train() unmerges."""
+        super().train(mode)
+        if any(self.peft_config[n].merge_weights for n in self.active_adapters):
+            self.unmerge_adapter() if mode else self.merge_adapter()
+        return self
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        """Call the wrapped model. ``adapter_names`` (one name or ``"__base__"`` per batch row) runs each
+        row with its own adapter in one batched pass."""
+        with self._rows(adapter_names):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        with self._rows(adapter_names):
+            return self.model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _rows(self, adapter_names: Sequence[str] | None) -> Iterator[None]:
+        if adapter_names is None:
+            yield
+            return
+        unique = [n for n in dict.fromkeys(adapter_names) if n != BASE_ROW]
+        self._check_names(unique)
+        if any(layer.merged_adapters for _, layer in self.lora_layers()):
+            raise LoraError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
+        slot = {name: i for i, name in enumerate(unique)} | {BASE_ROW: len(unique)}
+        rows = RowAdapters(tuple(unique), torch.tensor([slot[n] for n in adapter_names], dtype=torch.long))
+        device = next(self.model.parameters()).device
+        rows = RowAdapters(rows.names, rows.row_slot.to(device))
+        for _, layer in self.lora_layers():
+            layer.row_adapters = rows
+        try:
+            yield
+        finally:
+            for _, layer in self.lora_layers():
+                layer.row_adapters = None
+
+    # -- parameters -------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts; the base's frozen copies inside wrappers count once."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- files (PEFT format) ----------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+        """Write adapters in PEFT's format. One named adapter goes to `save_directory` itself; with no
+        name, every adapter is written as PEFT does ("default" at the top, others in sub-folders)."""
+        from .io import save_adapter
+
+        if adapter_name is not None:
+            save_adapter(self, save_directory, adapter_name)
+            return
+        for name in self.peft_config:
+            save_adapter(self, save_directory if name == "default" else os.path.join(save_directory, name), name)
+
+    def load_adapter(self, directory: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+        """Add an adapter from a PEFT-format directory; on any error the model is left unchanged."""
+        from .io import load_adapter
+
+        load_adapter(self, directory, adapter_name, is_trainable)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+    ) -> "LoraModel":
+        """Wrap `model` and load the adapter saved in `directory` (by lorakit or PEFT)."""
+        from .io import check_adapter_fits, read_adapter
+
+        config, tensors = read_adapter(directory)
+        check_adapter_fits(model, config, tensors, directory)  # before touching the model
+        lora_model = cls(model)
+        lora_model.load_adapter(directory, adapter_name, is_trainable)
+        return lora_model
+
+
+def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:
+    """Inject LoRA layers for `config` into `model` (in place) and return the wrapper."""
+    return LoraModel(model, config, adapter_name)
