@@ -56,6 +56,15 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     @property
+    def weight(self) -> Tensor:
+        """The base layer's weight (models read ``layer.weight`` for dtypes and tying)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
     def in_features(self) -> int:
         return self.weight_view().shape[1]
 
@@ -232,6 +241,18 @@ class LoraEmbedding(LoraLayer):
     def weight_view(self) -> Tensor:
         return self.base_layer.weight.t()  # (dim, vocab)
 
+    @property
+    def num_embeddings(self) -> int:
+        return self.base_layer.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base_layer.embedding_dim
+
+    @property
+    def padding_idx(self) -> int | None:
+        return self.base_layer.padding_idx
+
     def _initial_factors(self, init: InitFn, rank: int, scale: float) -> tuple[Tensor, Tensor]:
         """Run the init on the transposed problem ``ΔWᵀ = Aᵀ Bᵀ`` so the zero factor sits on the
         vocabulary side, as PEFT's embedding init (A = 0, B random) does."""
@@ -291,6 +312,10 @@ class ModulesToSave(nn.Module):
                 if name in self.copies:
                     return self.copies[name]
         return self.base_layer
+
+    @property
+    def weight(self) -> Tensor:
+        return self.current().weight
 
     def forward(self, *args, **kwargs):
         return self.current()(*args, **kwargs)

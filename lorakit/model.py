@@ -13,7 +13,7 @@ from .config import LoraConfig
 from .errors import AdapterNameError, LoraError
 from .init import get_init
 from .layers import LoraLayer, ModulesToSave, RowAdapters, wrap_module
-from .targeting import AdapterPlan, plan_targets
+from .targeting import AdapterPlan, module_names, plan_targets
 
 __all__ = ["LoraModel", "get_lora_model", "BASE_ROW"]
 
@@ -29,6 +29,7 @@ class LoraModel(nn.Module):
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
+        self.training = model.training
         for param in model.parameters():
             param.requires_grad_(False)
         if config is not None:
@@ -59,6 +60,8 @@ class LoraModel(nn.Module):
         yield from (m for _, m in self.saved_modules())
 
     def _replace(self, path: str, new: nn.Module) -> None:
+        """Put `new` at `path`, in the train/eval mode of the module it replaces."""
+        new.train(self.model.get_submodule(path).training)
         parent_path, _, child = path.rpartition(".")
         setattr(self.model.get_submodule(parent_path), child, new)
 
@@ -72,6 +75,8 @@ class LoraModel(nn.Module):
         if name == BASE_ROW:
             raise AdapterNameError(f"{BASE_ROW!r} is reserved for base-model rows in mixed batches.")
         plan = plan_targets(self.model, config)
+        if any(t.fan_in_fan_out for t in plan.targets) and not config.fan_in_fan_out:
+            config = config.replace(fan_in_fan_out=True)  # GPT-2 Conv1D stores weights (in, out)
         self.peft_config[name] = config
         try:
             self._inject(name, config, plan, initialize)
@@ -138,14 +143,16 @@ class LoraModel(nn.Module):
         self._set_bias_trainable()
 
     def _set_bias_trainable(self) -> None:
+        """bias="all": every bias trains; "lora_only": biases of layers an active adapter adapts."""
         modes = {self.peft_config[n].bias for n in self.active_adapters}
-        lora_bases = {id(layer.base_layer) for _, layer in self.lora_layers() if layer.active_adapters}
-        for module in self.model.modules():
-            if isinstance(module, (LoraLayer, ModulesToSave)) or getattr(module, "bias", None) is None:
+        for path in module_names(self.model):
+            module = self.model.get_submodule(path)
+            if isinstance(module, ModulesToSave):
                 continue
-            if not isinstance(module.bias, nn.Parameter):
-                continue
-            module.bias.requires_grad_("all" in modes or ("lora_only" in modes and id(module) in lora_bases))
+            adapted = isinstance(module, LoraLayer) and bool(module.active_adapters)
+            bias = getattr(module.base_layer if isinstance(module, LoraLayer) else module, "bias", None)
+            if isinstance(bias, nn.Parameter):
+                bias.requires_grad_("all" in modes or ("lora_only" in modes and adapted))
 
     # -- switching adapters off and on ------------------------------------------------------------
     @contextlib.contextmanager

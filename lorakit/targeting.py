@@ -27,6 +27,7 @@ class Target:
 
     path: str
     is_embedding: bool
+    fan_in_fan_out: bool
     out_features: int
     in_features: int
     rank: int
@@ -150,7 +151,8 @@ def _target(config: LoraConfig, path: str, base: nn.Module) -> Target:
         out_features, in_features = base.weight.shape
         if not isinstance(base, nn.Linear):  # Conv1D stores its weight (in, out)
             in_features, out_features = out_features, in_features
-    return Target(path, isinstance(base, nn.Embedding), out_features, in_features, rank, alpha, config.scale_for(rank, alpha))
+    fan_in_fan_out = not isinstance(base, (nn.Linear, nn.Embedding))
+    return Target(path, isinstance(base, nn.Embedding), fan_in_fan_out, out_features, in_features, rank, alpha, config.scale_for(rank, alpha))
 
 
 def _plan_modules_to_save(model: nn.Module, config: LoraConfig, names: list[str]) -> list[str]:
