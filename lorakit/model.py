@@ -30,10 +30,17 @@ class LoraModel(nn.Module):
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
         self.training = model.training
-        for param in model.parameters():
+        unfrozen = [p for p in model.parameters() if p.requires_grad]
+        for param in unfrozen:
             param.requires_grad_(False)
-        if config is not None:
+        if config is None:
+            return
+        try:
             self.add_adapter(adapter_name, config)
+        except BaseException:
+            for param in unfrozen:  # a failed wrap leaves the model exactly as it was
+                param.requires_grad_(True)
+            raise
 
     def __getattr__(self, name: str):
         try:
