@@ -244,3 +244,12 @@ def test_gaussian_init_std():
     torch.manual_seed(0)
     A, B, W = INIT_STRATEGIES["gaussian"](torch.zeros(64, 4096), 8, 1.0)
     assert abs(A.std().item() - 1 / 8) < 0.005 and B.abs().sum() == 0
+
+
+def test_gradient_checkpointing_keeps_adapter_gradients():
+    model = _random_lora()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    model(**make_inputs("llama")).logits.sum().backward()
+    grads = [layer.lora_A["default"].grad for _, layer in model.lora_layers()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)

@@ -18,6 +18,9 @@ from conftest import TARGETS, logits, make_inputs, make_model
 ATOL = 1e-5
 
 
+LAYER_LISTS = {"llama": "layers", "gpt2": "h", "bert": "layer", "t5": "block"}
+
+
 def variants(family: str) -> dict[str, dict]:
     targets, embedding, head = TARGETS[family]
     base = dict(r=4, lora_alpha=8, target_modules=targets)
@@ -31,6 +34,7 @@ def variants(family: str) -> dict[str, dict]:
         "modules_to_save": base | dict(modules_to_save=[head]),
         "patterns": base | dict(rank_pattern={first: 2}, alpha_pattern={second: 3}),
         "layers_to_transform": base | dict(layers_to_transform=[1]),
+        "layers_pattern": base | dict(layers_to_transform=0, layers_pattern=LAYER_LISTS[family]),
         "exclude": base | dict(exclude_modules=r".*\.0\..*"),
         "regex": dict(r=3, lora_alpha=5, target_modules=rf".*\.({first}|{second})"),
         "all_linear": dict(r=2, lora_alpha=4, target_modules="all-linear"),
