@@ -212,7 +212,10 @@ class LoraModel(nn.Module):
         """With ``merge_weights=True`` (loralib behaviour): eval() merges the active adapters, train() unmerges."""
         super().train(mode)
         if any(self.peft_config[n].merge_weights for n in self.active_adapters):
-            self.unmerge_adapter() if mode else self.merge_adapter()
+            if mode:
+                self.unmerge_adapter()
+            else:
+                self.merge_adapter()
         return self
 
     # -- forward ----------------------------------------------------------------------------------
@@ -236,9 +239,8 @@ class LoraModel(nn.Module):
         if any(layer.merged_adapters for _, layer in self.lora_layers()):
             raise LoraError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
         slot = {name: i for i, name in enumerate(unique)} | {BASE_ROW: len(unique)}
-        rows = RowAdapters(tuple(unique), torch.tensor([slot[n] for n in adapter_names], dtype=torch.long))
         device = next(self.model.parameters()).device
-        rows = RowAdapters(rows.names, rows.row_slot.to(device))
+        rows = RowAdapters(tuple(unique), torch.tensor([slot[n] for n in adapter_names], device=device))
         for _, layer in self.lora_layers():
             layer.row_adapters = rows
         try:
