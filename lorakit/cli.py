@@ -1,0 +1,110 @@
+"""`lorakit` command line: train, eval, merge, info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .recipe import load_run_config, run
+
+    config = load_run_config(args.config, args.overrides)
+    if args.resume:
+        config.training.resume = True
+    run(config)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from . import data, evaluate, models
+    from .model import LoraModel
+    from .recipe import _size
+
+    model, tokenizer = models.load(args.model)
+    if args.adapter:
+        model = LoraModel.from_pretrained(model, args.adapter)
+    splits = data.split_examples(data.load_examples(args.data), args.seed, _size(args.test_size), _size(args.validation_size))
+    print(json.dumps(evaluate.evaluate(model, tokenizer, splits.test, args.batch_size), indent=2))
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from . import models
+    from .model import LoraModel
+
+    model, tokenizer = models.load(args.model)
+    merged = LoraModel.from_pretrained(model, args.adapter).merge_and_unload()
+    merged.save_pretrained(args.out, safe_serialization=True)
+    tokenizer.save_pretrained(args.out)
+    print(f"merged model written to {args.out}")
+
+
+def _info(args: argparse.Namespace) -> None:
+    from safetensors import safe_open
+
+    from .io import CONFIG_NAME, WEIGHTS_NAME, read_adapter
+
+    config, tensors = read_adapter(args.adapter)
+    ranks = {}
+    for key, tensor in tensors.items():
+        if key.endswith(("lora_A.weight", "lora_embedding_A")):
+            ranks[tensor.shape[0]] = ranks.get(tensor.shape[0], 0) + 1
+    print(f"adapter: {args.adapter}")
+    print(json.dumps({k: v for k, v in config.to_peft_dict().items() if v not in (None, False, {}, [])}, indent=2))
+    print(f"modules adapted: {sum(ranks.values())}  ranks: {dict(sorted(ranks.items()))}")
+    print(f"parameters: {sum(t.numel() for t in tensors.values()):,d} in {len(tensors)} tensors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning in HF PEFT's format.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train an adapter from a YAML config (default: the embedded defaults)")
+    train.add_argument("config", nargs="?", help="YAML file with model/data/lora/training sections")
+    train.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.steps=100")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in training.output_dir")
+    train.set_defaults(func=_train)
+
+    evaluation = commands.add_parser("eval", help="test accuracy of a model (and adapter) on a task")
+    evaluation.add_argument("--model", default="smollm2-135m-instruct")
+    evaluation.add_argument("--adapter")
+    evaluation.add_argument("--data", default="bigbench:hyperbaton")
+    evaluation.add_argument("--seed", type=int, default=0)
+    evaluation.add_argument("--test-size", type=float, default=250)
+    evaluation.add_argument("--validation-size", type=float, default=50)
+    evaluation.add_argument("--batch-size", type=int, default=32)
+    evaluation.set_defaults(func=_eval)
+
+    merge = commands.add_parser("merge", help="write the base model with an adapter folded in")
+    merge.add_argument("adapter")
+    merge.add_argument("--model", default="smollm2-135m-instruct")
+    merge.add_argument("--out", required=True)
+    merge.set_defaults(func=_merge)
+
+    info = commands.add_parser("info", help="config, ranks and parameter count of an adapter")
+    info.add_argument("adapter")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "train" and args.config and "=" in args.config:
+        args.overrides, args.config = [args.config, *args.overrides], None
+    try:
+        args.func(args)
+    except Exception as err:  # lorakit's own errors carry the fix; show them without a traceback
+        from .errors import LoraError
+
+        if isinstance(err, LoraError):
+            print(f"lorakit: error: {err}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Evaluation: multiple choice by option log-likelihood, generative by exact match after greedy
+decoding, classification by accuracy."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from .data import IGNORE_INDEX, Example, collate, completion_logprobs, format_prompt, tokenize_example
+
+__all__ = ["option_logprobs", "multiple_choice_accuracy", "exact_match", "majority_rate", "evaluate", "token_loss"]
+
+
+@torch.no_grad()
+def _sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed log-probability of each row's labelled tokens, (batch,)."""
+    logprobs, _ = completion_logprobs(model, batch)
+    return logprobs.sum(-1)
+
+
+def option_logprobs(model, tokenizer, examples: Sequence[Example], batch_size: int = 16, max_length: int = 512) -> list[list[float]]:
+    """For each example, the summed log-likelihood of each option given the prompt."""
+    pairs = [(i, tokenize_example(tokenizer, ex.prompt, option, max_length, add_eos=False))
+             for i, ex in enumerate(examples) for option in ex.options]
+    scores: list[list[float]] = [[] for _ in examples]
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, len(pairs), batch_size), desc="scoring options", leave=False):
+        chunk = pairs[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate([item for _, item in chunk], tokenizer.pad_token_id).items()}
+        for (index, _), value in zip(chunk, _sequence_logprobs(model, batch).tolist()):
+            scores[index].append(value)
+    return scores
+
+
+def multiple_choice_accuracy(model, tokenizer, examples: Sequence[Example], batch_size: int = 16) -> float:
+    """Share of items whose highest-likelihood option is the right one."""
+    scores = option_logprobs(model, tokenizer, examples, batch_size)
+    hits = [max(range(len(s)), key=s.__getitem__) == ex.label for s, ex in zip(scores, examples)]
+    return sum(hits) / len(hits)
+
+
+def majority_rate(examples: Sequence[Example]) -> float:
+    """Accuracy of always answering the most common right answer: the bar to beat."""
+    counts = Counter(ex.target for ex in examples)
+    return counts.most_common(1)[0][1] / len(examples)
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, examples: Sequence[Example], batch_size: int = 8, max_new_tokens: int = 32) -> float:
+    """Greedy decoding; a hit when the stripped output equals one accepted answer."""
+    device = next(model.parameters()).device
+    hits = 0
+    for start in tqdm(range(0, len(examples), batch_size), desc="generating", leave=False):
+        chunk = examples[start : start + batch_size]
+        prompts = [tokenizer(format_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"] for ex in chunk]
+        batch = collate([{"input_ids": p, "labels": p} for p in prompts], tokenizer.pad_token_id)
+        output = model.generate(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+        )
+        for ex, row in zip(chunk, output[:, batch["input_ids"].shape[1] :]):
+            answer = tokenizer.decode(row, skip_special_tokens=True).strip()
+            hits += answer in {t.strip() for t in (ex.targets or (ex.target,))}
+    return hits / len(examples)
+
+
+@torch.no_grad()
+def token_loss(model, tokenizer, examples: Sequence[Example], batch_size: int = 16, max_length: int = 512) -> float:
+    """Mean cross-entropy over completion tokens (the training objective) on `examples`, in eval mode."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(examples), batch_size):
+            items = [tokenize_example(tokenizer, ex.prompt, ex.target, max_length) for ex in examples[start : start + batch_size]]
+            batch = {k: v.to(device) for k, v in collate(items, tokenizer.pad_token_id).items()}
+            total += -_sequence_logprobs(model, batch).sum().item()
+            count += int((batch["labels"] != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+def evaluate(model, tokenizer, examples: Sequence[Example], batch_size: int = 16) -> dict[str, float]:
+    """Accuracy by the task's kind (options -> multiple choice, else exact match) and the majority rate."""
+    was_training = model.training
+    model.eval()
+    try:
+        if examples and examples[0].options:
+            accuracy = multiple_choice_accuracy(model, tokenizer, examples, batch_size)
+        else:
+            accuracy = exact_match(model, tokenizer, examples, max(batch_size // 2, 1))
+    finally:
+        model.train(was_training)
+    return {"accuracy": accuracy, "majority": majority_rate(examples), "items": len(examples)}

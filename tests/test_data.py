@@ -1,0 +1,78 @@
+"""Data readers, splits, prompts and completion-only masking."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorakit import data
+from lorakit.data import IGNORE_INDEX, DataError, Example
+
+from tiny_hub import multiple_choice_task, tiny_tokenizer, write_fake_bigbench
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_bigbench_multiple_choice_generative_and_subtask(cache):
+    write_fake_bigbench(cache, {
+        "parity": multiple_choice_task(10),
+        "sum": {"task_prefix": "Add. ", "examples": [{"input": "1+1", "target": ["2", "two"]}, {"input": "2+2", "target": "4"}]},
+        "deduce/three": {"examples": [{"input": "pick", "target_scores": {"x": 0, "y": 0.5, "z": 1}}]},
+    })
+    parity = data.load_examples("bigbench:parity")
+    assert parity[3] == Example("3 even?", "no", ("yes", "no"), 1)
+    generative = data.load_examples("bigbench:sum")
+    assert generative[0] == Example("Add. 1+1", "2", targets=("2", "two"))
+    deduce = data.load_examples("bigbench:deduce/three")[0]
+    assert deduce.label == 2 and deduce.prompt == "pick\n  choice: x\n  choice: y\n  choice: z"  # append_choices_to_input default
+    assert (cache / "bigbench" / "tasks" / "parity" / "task.json").is_file()  # read from the archive once
+    with pytest.raises(DataError, match="no task 'navigat'"):
+        data.load_examples("bigbench:navigat")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_local_files(tmp_path, suffix):
+    import pandas as pd
+
+    frame = pd.DataFrame({"prompt": ["a", "b"], "completion": ["x", "y"]})
+    path = tmp_path / f"d{suffix}"
+    {".jsonl": lambda: frame.to_json(path, orient="records", lines=True), ".csv": lambda: frame.to_csv(path, index=False),
+     ".parquet": lambda: frame.to_parquet(path)}[suffix]()
+    assert data.load_examples(path) == [Example("a", "x"), Example("b", "y")]
+
+
+def test_chat_and_classification_rows(tmp_path):
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
+    assert data.load_examples(chat) == [Example("hi", "yo")]
+    labelled = tmp_path / "cls.jsonl"
+    labelled.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in [("good", "pos"), ("bad", "neg")]))
+    assert data.load_examples(labelled)[0] == Example("good", "pos", ("neg", "pos"), 1)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "?"}) + "\n")
+    with pytest.raises(DataError, match="prompt/completion, messages, or text/label"):
+        data.load_examples(bad)
+
+
+def test_splits_are_seeded_disjoint_and_complete():
+    examples = [Example(str(i), "t") for i in range(100)]
+    first, again, other = (data.split_examples(examples, seed, 20, 0.1) for seed in (1, 1, 2))
+    assert first == again and first != other
+    assert (len(first.test), len(first.validation), len(first.train)) == (20, 10, 70)
+    assert sorted(e.prompt for e in first.train + first.validation + first.test) == sorted(e.prompt for e in examples)
+
+
+def test_prompt_uses_chat_template_and_masks_prompt():
+    tokenizer = tiny_tokenizer()
+    assert data.format_prompt(tokenizer, "2 even?") == "<user>2 even?<bot>"
+    item = data.tokenize_example(tokenizer, "2 even?", "yes", max_length=64)
+    n_prompt = len(tokenizer("<user>2 even?<bot>", add_special_tokens=False)["input_ids"])
+    assert item["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert tokenizer.decode(item["labels"][n_prompt:]) == "yes<eos>"
+    short = data.tokenize_example(tokenizer, "a long prompt " * 10, "yes", max_length=12)
+    assert len(short["input_ids"]) == 12 and tokenizer.decode(short["labels"][-4:]) == "yes<eos>"

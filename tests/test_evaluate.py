@@ -1,0 +1,60 @@
+"""Evaluation metrics against values computed by hand (unpadded, full logits, one item at a time)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorakit import evaluate, models
+from lorakit.data import Example, format_prompt
+
+from tiny_hub import write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return models.load(write_tiny_model(tmp_path_factory.mktemp("model")))
+
+
+def _by_hand(model, tokenizer, prompt: str, option: str) -> float:
+    prompt_ids = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    option_ids = tokenizer(option, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids + option_ids])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    return sum(logprobs[len(prompt_ids) - 1 + i, token].item() for i, token in enumerate(option_ids))
+
+
+EXAMPLES = [
+    Example("3 even?", "no", ("yes", "no"), 1),
+    Example("a much longer prompt: 10 even?", "yes", ("yes", "no", "maybe not"), 0),
+    Example("?", "b", ("a", "b"), 1),
+]
+
+
+def test_option_logprobs_match_hand_computation(tiny):
+    model, tokenizer = tiny
+    scores = evaluate.option_logprobs(model, tokenizer, EXAMPLES, batch_size=4)  # mixed lengths in one batch
+    for example, row in zip(EXAMPLES, scores):
+        expected = [_by_hand(model, tokenizer, example.prompt, option) for option in example.options]
+        assert row == pytest.approx(expected, abs=1e-4)
+
+
+def test_multiple_choice_accuracy_and_majority(tiny):
+    model, tokenizer = tiny
+    scores = [[_by_hand(model, tokenizer, ex.prompt, o) for o in ex.options] for ex in EXAMPLES]
+    expected = sum(max(range(len(s)), key=s.__getitem__) == ex.label for s, ex in zip(scores, EXAMPLES)) / len(EXAMPLES)
+    assert evaluate.multiple_choice_accuracy(model, tokenizer, EXAMPLES, batch_size=2) == pytest.approx(expected)
+    assert evaluate.majority_rate(EXAMPLES) == pytest.approx(1 / 3)  # "no", "yes", "b" once each
+
+
+def test_exact_match_against_one_by_one_greedy_decoding(tiny):
+    model, tokenizer = tiny
+    prompts = ["1+1", "a much longer prompt", "xyz"]
+    answers = []
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]])
+        out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    examples = [Example(prompts[0], answers[0]), Example(prompts[1], "wrong", targets=("wrong", answers[1])), Example(prompts[2], answers[2] + "!")]
+    assert evaluate.exact_match(model, tokenizer, examples, batch_size=3, max_new_tokens=4) == pytest.approx(2 / 3)

@@ -1,0 +1,184 @@
+"""Training: schedules, exact resume after SIGKILL, NaN stop, checkpoint atomicity, 2-process DDP,
+CLI config errors, and transformers.Trainer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lorakit import LoraConfig, LoraConfigError, data, get_lora_model, models
+from lorakit.recipe import load_run_config
+from lorakit.train import Trainer, TrainingConfig, TrainingDivergedError, batch_indices, latest_checkpoint, lr_lambda
+
+from tiny_hub import multiple_choice_task, write_fake_bigbench, write_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny local model and a fake BIG-bench cache, shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("train")
+    write_tiny_model(root / "model")
+    write_fake_bigbench(root / "cache", {"parity": multiple_choice_task(80)})
+    return root
+
+
+def _config_file(workspace: Path, name: str, **training) -> Path:
+    config = {
+        "model": {"name": str(workspace / "model")},
+        "data": {"source": "bigbench:parity", "test_size": 16, "validation_size": 8},
+        "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.1},
+        "training": {"output_dir": str(workspace / name), "steps": 8, "batch_size": 4, "lr": 0.01, "warmup_steps": 2,
+                     "eval_every": 4, "save_every": 2, "max_length": 32, "eval_batch_size": 8} | training,
+    }
+    path = workspace / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _env(workspace: Path) -> dict:
+    return os.environ | {"LORAKIT_CACHE": str(workspace / "cache"), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _train_cli(workspace: Path, config: Path, *extra: str, launcher=(sys.executable, "-m", "lorakit.cli")) -> None:
+    subprocess.run([*launcher, "train", str(config), *extra], check=True, env=_env(workspace), capture_output=True, timeout=600)
+
+
+def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def test_schedule_and_batches():
+    config = TrainingConfig(steps=10, warmup_steps=2, schedule="linear")
+    factors = [lr_lambda(config)(s) for s in range(10)]
+    assert factors[0] < factors[1] < factors[2] == 1.0 and factors[-1] == pytest.approx(1 / 8)
+    cosine = TrainingConfig(steps=10, warmup_steps=0)
+    assert lr_lambda(cosine)(0) == 1.0 and lr_lambda(cosine)(5) == pytest.approx(0.5)
+    epoch = [i for step in range(5) for i in batch_indices(20, 0, step, 4)]
+    assert sorted(epoch) == list(range(20)) and batch_indices(20, 0, 7, 4) == batch_indices(20, 0, 7, 4)
+
+
+def test_run_writes_outputs_and_learns(workspace):
+    _train_cli(workspace, _config_file(workspace, "full", steps=30))
+    run = workspace / "full"
+    assert {"metrics.jsonl", "loss.png", "summary.md", "config.yaml", "adapter"} <= {p.name for p in run.iterdir()}
+    lines = [yaml.safe_load(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(1, 31)) and "eval_loss" in lines[3]
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    summary = (run / "summary.md").read_text()
+    assert "zero-shot accuracy" in summary and "fine-tuned accuracy" in summary and "peak memory" in summary
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(workspace):
+    _train_cli(workspace, _config_file(workspace, "straight"))
+    config = _config_file(workspace, "killed")
+    # Slow each step down from the outside (the product is untouched) so the kill lands mid-run.
+    slow = textwrap.dedent(f"""
+        import sys, time
+        from lorakit import train, cli
+        step = train.Trainer.train_step
+        def slow_step(self):
+            out = step(self)
+            time.sleep(0.4)
+            return out
+        train.Trainer.train_step = slow_step
+        sys.exit(cli.main(["train", {str(config)!r}]))
+    """)
+    process = subprocess.Popen([sys.executable, "-c", slow], env=_env(workspace), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = workspace / "killed" / "checkpoints"
+    deadline = time.time() + 300
+    while not (checkpoints / "step-000004").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (checkpoints / "step-000004").exists() and not (workspace / "killed" / "adapter").exists()
+    _train_cli(workspace, config, "--resume")
+    straight, resumed = _adapter(workspace / "straight"), _adapter(workspace / "killed")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_two_process_ddp_matches_one_process(workspace):
+    no_dropout = "lora.lora_dropout=0.0"  # dropout masks depend on how rows are spread over processes
+    _train_cli(workspace, _config_file(workspace, "one", steps=4), no_dropout)
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "lorakit.cli")
+    _train_cli(workspace, _config_file(workspace, "two", steps=4), no_dropout, launcher=launcher)
+    one, two = _adapter(workspace / "one"), _adapter(workspace / "two")
+    for key in one:  # same global batch; only the order of float sums differs
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def _tiny_trainer(workspace: Path, output: Path, **training) -> Trainer:
+    model, tokenizer = models.load(workspace / "model")
+    lora_model = get_lora_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    items = [data.tokenize_example(tokenizer, f"{i} even?", "yes" if i % 2 == 0 else "no", 32) for i in range(40)]
+    config = TrainingConfig(output_dir=str(output), steps=10, batch_size=4, save_every=2, **training)
+    return Trainer(lora_model, items, config, tokenizer.pad_token_id)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(workspace, tmp_path):
+    trainer = _tiny_trainer(workspace, tmp_path)
+    trainer.train_step(), trainer.train_step()
+    good = trainer.save_checkpoint()
+    with torch.no_grad():
+        next(trainer.lora_model.lora_layers())[1].lora_B["default"].fill_(float("nan"))
+    with pytest.raises(TrainingDivergedError, match=r"loss became nan at step 3.*step-000002"):
+        trainer.train_step()
+    assert latest_checkpoint(tmp_path) == good and sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002"]
+
+
+def test_interrupted_checkpoint_write_is_ignored(workspace, tmp_path, monkeypatch):
+    trainer = _tiny_trainer(workspace, tmp_path)
+    trainer.train_step()
+    first = trainer.save_checkpoint()
+    trainer.train_step()
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        trainer.save_checkpoint()
+    assert latest_checkpoint(tmp_path) == first and [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]
+
+
+def test_config_errors_name_the_closest_key(tmp_path):
+    with pytest.raises(LoraConfigError, match=r"unknown config key 'training.setps'. Did you mean 'training.steps'"):
+        load_run_config(None, ["training.setps=3"])
+    path = tmp_path / "c.yaml"
+    path.write_text("lora:\n  rank: 4\n")
+    with pytest.raises(LoraConfigError, match="Did you mean 'lora.r'"):
+        load_run_config(path)
+    path.write_text("trainig:\n  steps: 4\n")
+    with pytest.raises(LoraConfigError, match="Did you mean 'training'"):
+        load_run_config(path)
+    assert load_run_config(None, ["training.steps=7", "lora.r=2"]).training.steps == 7
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "lorakit.cli", "train", "training.lrr=1"], capture_output=True, text=True,
+                            env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2 and "Did you mean 'training.lr'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_hf_trainer_trains_a_lora_model(workspace, tmp_path):
+    from transformers import Trainer as HFTrainer, TrainingArguments
+
+    model, tokenizer = models.load(workspace / "model")
+    lora_model = get_lora_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    items = [data.tokenize_example(tokenizer, f"{i} even?", "yes" if i % 2 == 0 else "no", 32) for i in range(16)]
+    before = {k: v.clone() for k, v in lora_model.state_dict().items() if "lora_B" in k}
+    args = TrainingArguments(str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
+                             remove_unused_columns=False, use_cpu=True, save_strategy="no", logging_steps=1)
+    collator = lambda batch: {k: v for k, v in data.collate(batch, tokenizer.pad_token_id).items() if k != "position_ids"}  # noqa: E731
+    HFTrainer(model=lora_model, args=args, train_dataset=items, data_collator=collator).train()
+    after = {k: v for k, v in lora_model.state_dict().items() if "lora_B" in k}
+    assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -1,0 +1,60 @@
+"""Offline fixtures for the training tests: a tiny local HF model directory (char-level tokenizer
+with a chat template + a tiny Llama) and a fake BIG-bench sdist with the real archive layout."""
+
+from __future__ import annotations
+
+import io
+import json
+import string
+import tarfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+SPECIALS = ["<pad>", "<eos>", "<unk>", "<user>", "<bot>"]
+CHAT_TEMPLATE = "{% for m in messages %}<{{ 'user' if m['role'] == 'user' else 'bot' }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<bot>{% endif %}"
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
+    vocab = {token: i for i, token in enumerate(SPECIALS + chars)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<user>", "<bot>"]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def write_tiny_model(directory: Path, seed: int = 0) -> Path:
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def multiple_choice_task(n: int = 60) -> dict:
+    """A learnable toy task: is the number even?"""
+    examples = [{"input": f"{i} even?", "target_scores": {"yes": int(i % 2 == 0), "no": int(i % 2 == 1)}} for i in range(n)]
+    return {"name": "parity", "append_choices_to_input": False, "examples": examples}
+
+
+def write_fake_bigbench(cache: Path, tasks: dict[str, dict]) -> Path:
+    """bigbench-1.0.0.tar.gz with <task>/task.json entries laid out as in the real sdist."""
+    folder = cache / "bigbench"
+    folder.mkdir(parents=True, exist_ok=True)
+    archive = folder / "bigbench-1.0.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, spec in tasks.items():
+            payload = json.dumps(spec).encode()
+            info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{name}/task.json")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return archive
