@@ -20,11 +20,13 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _measure import PeakRSS  # noqa: E402
 
 SHAPE = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -92,22 +94,10 @@ def training_memory(kind: str, layers: int, device: str) -> float:
         for _ in range(3):
             step(model, optimizer, ids)
         return (torch.cuda.max_memory_allocated() - start) / 2**20
-    page = os.sysconf("SC_PAGE_SIZE")
-    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page  # noqa: E731
-    start, peak, done = rss(), [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    for _ in range(3):
-        step(model, optimizer, ids)
-    done.set()
-    sampler.join()
-    return (peak[0] - start) / 2**20
+    with PeakRSS() as peak:
+        for _ in range(3):
+            step(model, optimizer, ids)
+    return peak.mib
 
 
 def measure_memory(kind: str, layers: int, device: str) -> float:

@@ -25,7 +25,7 @@ from .models import cache_dir
 
 __all__ = [
     "Example", "Splits", "DataError", "load_examples", "split_examples", "format_prompt", "tokenize_example",
-    "collate", "completion_logprobs", "bigbench_archive",
+    "collate", "collate_classification", "completion_logprobs", "bigbench_archive",
 ]
 
 BIGBENCH_VERSION = "1.0.0"
@@ -219,6 +219,17 @@ def collate(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
         mask[row, width - n :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
+
+
+def collate_classification(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad classification items ({input_ids, label}) into tensors."""
+    width = max(len(item["input_ids"]) for item in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, item in enumerate(items):
+        ids[row, : len(item["input_ids"])] = torch.tensor(item["input_ids"])
+        mask[row, : len(item["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([item["label"] for item in items])}
 
 
 def completion_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

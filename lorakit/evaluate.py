@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from .data import IGNORE_INDEX, Example, collate, completion_logprobs, format_prompt, tokenize_example
 
-__all__ = ["option_logprobs", "multiple_choice_accuracy", "exact_match", "majority_rate", "evaluate", "token_loss"]
+__all__ = ["option_logprobs", "multiple_choice_accuracy", "exact_match", "majority_rate", "evaluate", "token_loss", "classification_accuracy"]
 
 
 @torch.no_grad()
@@ -22,16 +22,44 @@ def _sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def option_logprobs(model, tokenizer, examples: Sequence[Example], batch_size: int = 16, max_length: int = 512) -> list[list[float]]:
-    """For each example, the summed log-likelihood of each option given the prompt."""
-    pairs = [(i, tokenize_example(tokenizer, ex.prompt, option, max_length, add_eos=False))
-             for i, ex in enumerate(examples) for option in ex.options]
-    scores: list[list[float]] = [[] for _ in examples]
-    device = next(model.parameters()).device
-    for start in tqdm(range(0, len(pairs), batch_size), desc="scoring options", leave=False):
-        chunk = pairs[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in collate([item for _, item in chunk], tokenizer.pad_token_id).items()}
-        for (index, _), value in zip(chunk, _sequence_logprobs(model, batch).tolist()):
-            scores[index].append(value)
+    """For each example, the summed log-likelihood of each option given the prompt.
+
+    The prompt runs once per example; every option continues from the prompt's cached keys and values,
+    so k options cost one prompt pass plus k short ones instead of k full passes."""
+    scores: list[list[float]] = []
+    for start in tqdm(range(0, len(examples), batch_size), desc="scoring options", leave=False):
+        scores.extend(_score_options(model, tokenizer, examples[start : start + batch_size], max_length))
+    return scores
+
+
+@torch.no_grad()
+def _score_options(model, tokenizer, chunk: Sequence[Example], max_length: int) -> list[list[float]]:
+    device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
+    prompts = [tokenizer(format_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"][-max_length:] for ex in chunk]
+    prompt = {k: v.to(device) for k, v in collate([{"input_ids": p, "labels": p} for p in prompts], pad_id).items()}
+    out = model(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"], position_ids=prompt["position_ids"],
+                use_cache=True, logits_to_keep=1)
+    if out.past_key_values is None:
+        raise ValueError(f"{type(model).__name__} returned no key/value cache; multiple-choice scoring needs use_cache.")
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (batch, vocab): the first option token
+    cache = out.past_key_values
+    prompt_lengths = prompt["attention_mask"].sum(-1, keepdim=True)  # (batch, 1)
+    scores: list[list[float]] = [[] for _ in chunk]
+    for k in range(max(len(ex.options) for ex in chunk)):
+        options = [tokenizer(ex.options[k], add_special_tokens=False)["input_ids"] if k < len(ex.options) else [pad_id] for ex in chunk]
+        width = max(len(o) for o in options)
+        ids = torch.tensor([o + [pad_id] * (width - len(o)) for o in options], device=device)  # (batch, width)
+        mask = torch.tensor([[1] * len(o) + [0] * (width - len(o)) for o in options], device=device)
+        logits = model(
+            input_ids=ids, attention_mask=torch.cat([prompt["attention_mask"], mask], 1),
+            position_ids=prompt_lengths + torch.arange(width, device=device), past_key_values=cache, use_cache=True,
+        ).logits.float()  # (batch, width, vocab)
+        cache.crop(-width)  # drop this option: the prompt alone again for the next one
+        rest = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (batch, width - 1)
+        total = first.gather(-1, ids[:, :1]).squeeze(-1) + (rest * mask[:, 1:]).sum(-1)  # (batch,)
+        for row, ex in enumerate(chunk):
+            if k < len(ex.options):
+                scores[row].append(total[row].item())
     return scores
 
 
@@ -97,3 +125,22 @@ def evaluate(model, tokenizer, examples: Sequence[Example], batch_size: int = 16
     finally:
         model.train(was_training)
     return {"accuracy": accuracy, "majority": majority_rate(examples), "items": len(examples)}
+
+
+@torch.no_grad()
+def classification_accuracy(model, items: Sequence[dict], pad_id: int, batch_size: int = 64) -> float:
+    """Share of items ({input_ids, label}) whose arg-max class is the label, in eval mode."""
+    from .data import collate_classification
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    hits = 0
+    try:
+        for start in tqdm(range(0, len(items), batch_size), desc="classifying", leave=False):
+            batch = {k: v.to(device) for k, v in collate_classification(items[start : start + batch_size], pad_id).items()}
+            labels = batch.pop("labels")
+            hits += int((model(**batch).logits.argmax(-1) == labels).sum())
+    finally:
+        model.train(was_training)
+    return hits / len(items)

@@ -18,7 +18,7 @@ import yaml
 
 from .config import LoraConfig
 from .errors import LoraConfigError
-from .train import TrainingConfig
+from .train import TrainingConfig, check_output_dir
 
 __all__ = ["RunConfig", "ModelSection", "DataSection", "load_run_config", "run", "DEFAULT_CONFIG"]
 
@@ -149,6 +149,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     from .train import Trainer
 
     output = Path(config.training.output_dir)
+    check_output_dir(config.training)  # before minutes of loading and zero-shot evaluation
     model, tokenizer = models.load(config.model.name, dtype=getattr(torch, config.model.dtype))
     splits = data.split_examples(
         data.load_examples(config.data.source), config.data.seed, _size(config.data.test_size),

@@ -25,21 +25,27 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .data import IGNORE_INDEX, collate, completion_logprobs
+from .data import IGNORE_INDEX, collate, collate_classification, completion_logprobs
 from .errors import LoraError
 from .io import adapter_parameters, read_adapter
 from .model import LoraModel
 
-__all__ = ["TrainingConfig", "Trainer", "TrainingDivergedError", "latest_checkpoint"]
+__all__ = ["TrainingConfig", "Trainer", "CompletionObjective", "ClassificationObjective", "TrainingDivergedError", "latest_checkpoint"]
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.pt"
+TRAINABLE_FILE = "trainable.safetensors"
 
 
 class TrainingDivergedError(LoraError, RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class TrainingOutputError(LoraError, FileExistsError):
+    """The output directory belongs to another run."""
 
 
 @dataclass
@@ -94,6 +100,47 @@ def batch_indices(n_items: int, seed: int, step: int, batch_size: int) -> list[i
     return order[offset * batch_size : (offset + 1) * batch_size]
 
 
+class CompletionObjective:
+    """Causal LM: summed cross-entropy over completion tokens; the unit of normalisation is a token."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def units(self, item: dict) -> int:
+        return sum(label != IGNORE_INDEX for label in item["labels"])
+
+    def loss_sum(self, model, items: list[dict], device) -> tuple[torch.Tensor, int]:
+        batch = {k: v.to(device) for k, v in collate(items, self.pad_id).items()}
+        logprobs, _ = completion_logprobs(model, batch)
+        return -logprobs.sum(), int(batch["attention_mask"].sum())
+
+
+class ClassificationObjective:
+    """Sequence classification: summed cross-entropy over items ({input_ids, label}); the unit is an item."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def units(self, item: dict) -> int:
+        return 1
+
+    def loss_sum(self, model, items: list[dict], device) -> tuple[torch.Tensor, int]:
+        batch = {k: v.to(device) for k, v in collate_classification(items, self.pad_id).items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits  # (batch, classes)
+        return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum"), int(batch["attention_mask"].sum())
+
+
+def check_output_dir(config: "TrainingConfig") -> None:
+    """A fresh run must not mix its checkpoints and metrics with an earlier run's."""
+    output = Path(config.output_dir)
+    if not config.resume and (latest_checkpoint(output) or (output / "metrics.jsonl").exists()):
+        raise TrainingOutputError(
+            f"{output} holds an earlier run (checkpoints or metrics.jsonl): pass --resume (training.resume=true) "
+            "to continue it, or set training.output_dir to a new folder."
+        )
+
+
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint (complete = renamed into place, so it holds every file)."""
     folder = Path(output_dir) / CHECKPOINT_DIR
@@ -102,13 +149,18 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 
 class Trainer:
-    """Trains the active adapter of `model` on tokenized items ({input_ids, labels})."""
+    """Trains the trainable parameters of `model` (a LoraModel's active adapter, or any module's
+    parameters with requires_grad) on tokenized items.
 
-    def __init__(self, model: LoraModel, items: Sequence[dict], config: TrainingConfig, pad_id: int,
-                 evaluate: Callable[[], dict] | None = None) -> None:
+    `objective` defaults to `CompletionObjective(pad_id)` (items {input_ids, labels});
+    `ClassificationObjective` takes items {input_ids, label}."""
+
+    def __init__(self, model: torch.nn.Module, items: Sequence[dict], config: TrainingConfig, pad_id: int,
+                 evaluate: Callable[[], dict] | None = None, objective=None) -> None:
         from accelerate import Accelerator
 
-        self.config, self.items, self.pad_id, self.evaluate = config, list(items), pad_id, evaluate
+        self.config, self.items, self.evaluate = config, list(items), evaluate
+        self.objective = objective or CompletionObjective(pad_id)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.world = self.accelerator.num_processes
         micro = config.batch_size // (self.world * config.grad_accum)
@@ -116,7 +168,7 @@ class Trainer:
             raise ValueError(f"batch_size={config.batch_size} must be divisible by processes x grad_accum = {self.world * config.grad_accum}.")
         self.micro_batch = micro
         torch.manual_seed(config.seed)
-        self.lora_model = model
+        self.module = model
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
@@ -128,23 +180,19 @@ class Trainer:
         self.is_main = self.accelerator.is_main_process
         if config.resume:
             self._resume()
+        else:
+            check_output_dir(config)
 
     # -- batches ----------------------------------------------------------------------------------
     def _micro_batches(self, step: int) -> tuple[list[list[dict]], int]:
         """This process's micro-batches for `step` and the global batch's completion-token count."""
         indices = batch_indices(len(self.items), self.config.seed, step, self.config.batch_size)
         batch = [self.items[i] for i in indices]
-        tokens = sum(sum(label != IGNORE_INDEX for label in item["labels"]) for item in batch)
+        tokens = sum(self.objective.units(item) for item in batch)
         chunks = [batch[i : i + self.micro_batch] for i in range(0, len(batch), self.micro_batch)]
         rank = self.accelerator.process_index
         mine = [chunk for i, chunk in enumerate(chunks) if i % self.world == rank]  # accumulation-major
         return mine, tokens
-
-    def _loss_sum(self, items: list[dict]) -> tuple[torch.Tensor, int]:
-        """Summed cross-entropy over the completion tokens of `items`, and their padded token count."""
-        batch = {k: v.to(self.accelerator.device) for k, v in collate(items, self.pad_id).items()}
-        logprobs, _ = completion_logprobs(self.model, batch)
-        return -logprobs.sum(), int(batch["attention_mask"].sum())
 
     def train_step(self) -> dict:
         """One optimizer step over one global batch; returns its metrics."""
@@ -155,7 +203,7 @@ class Trainer:
             last = i == len(chunks) - 1
             context = self.accelerator.no_sync(self.model) if not last else contextlib.nullcontext()
             with context:
-                loss_sum, n_tokens = self._loss_sum(chunk)
+                loss_sum, n_tokens = self.objective.loss_sum(self.model, chunk, self.accelerator.device)
                 self.accelerator.backward(loss_sum * self.world / tokens)
             total += loss_sum.item()
             seen += n_tokens
@@ -217,7 +265,7 @@ class Trainer:
         staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
         target = folder / f"step-{self.step:06d}"
         try:
-            self.lora_model.save_pretrained(staging / "adapter", adapter_name=self.lora_model.active_adapters[0])
+            self._save_trainable(staging)
             state = {
                 "step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
@@ -234,10 +282,9 @@ class Trainer:
         checkpoint = latest_checkpoint(self.output)
         if checkpoint is None:
             return
-        _, tensors = read_adapter(checkpoint / "adapter")
-        live = dict(adapter_parameters(self.lora_model, self.lora_model.active_adapters[0]))
+        live = self._trainable_live()
         with torch.no_grad():
-            for key, value in tensors.items():
+            for key, value in self._trainable_tensors(checkpoint).items():
                 live[key].copy_(value)
         state = torch.load(checkpoint / STATE_FILE, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -246,6 +293,24 @@ class Trainer:
         random.setstate(state["python_rng"])
         self.step = state["step"]
         self._truncate_metrics()
+
+    def _trainable_live(self) -> dict[str, torch.Tensor]:
+        """Saved name -> live tensor of what this run trains."""
+        if isinstance(self.module, LoraModel):
+            return dict(adapter_parameters(self.module, self.module.active_adapters[0]))
+        return {name: p for name, p in self.module.named_parameters() if p.requires_grad}
+
+    def _save_trainable(self, folder: Path) -> None:
+        """A LoraModel's adapter in PEFT format; for other models the trained tensors as safetensors."""
+        if isinstance(self.module, LoraModel):
+            self.module.save_pretrained(folder / "adapter", adapter_name=self.module.active_adapters[0])
+        else:
+            save_file({k: v.detach().contiguous() for k, v in self._trainable_live().items()}, folder / TRAINABLE_FILE)
+
+    def _trainable_tensors(self, checkpoint: Path) -> dict[str, torch.Tensor]:
+        if isinstance(self.module, LoraModel):
+            return read_adapter(checkpoint / "adapter")[1]
+        return load_file(checkpoint / TRAINABLE_FILE)
 
     def _truncate_metrics(self) -> None:
         """Drop metric lines logged after the checkpoint we resume from (they will be redone)."""

@@ -133,7 +133,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(workspace, tmp_path):
     trainer.train_step(), trainer.train_step()
     good = trainer.save_checkpoint()
     with torch.no_grad():
-        next(trainer.lora_model.lora_layers())[1].lora_B["default"].fill_(float("nan"))
+        next(trainer.module.lora_layers())[1].lora_B["default"].fill_(float("nan"))
     with pytest.raises(TrainingDivergedError, match=r"loss became nan at step 3.*step-000002"):
         trainer.train_step()
     assert latest_checkpoint(tmp_path) == good and sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002"]
@@ -182,3 +182,10 @@ def test_hf_trainer_trains_a_lora_model(workspace, tmp_path):
     HFTrainer(model=lora_model, args=args, train_dataset=items, data_collator=collator).train()
     after = {k: v for k, v in lora_model.state_dict().items() if "lora_B" in k}
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fresh_run_refuses_a_used_output_dir(workspace):
+    config = _config_file(workspace, "used", steps=2)
+    _train_cli(workspace, config)
+    result = subprocess.run([sys.executable, "-m", "lorakit.cli", "train", str(config)], env=_env(workspace), capture_output=True, text=True)
+    assert result.returncode == 2 and "holds an earlier run" in result.stderr and "--resume" in result.stderr

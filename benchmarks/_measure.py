@@ -1,0 +1,36 @@
+"""Shared by the benchmark scripts: peak resident memory of a block of code."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+
+def _rss() -> int:
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """``with PeakRSS() as peak: ...`` then ``peak.mib``: the peak RSS above the level at entry,
+    sampled every millisecond (``ru_maxrss`` would report whatever came before, e.g. model loading)."""
+
+    def __enter__(self) -> "PeakRSS":
+        self.start, self.peak, self._done = _rss(), 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+    @property
+    def mib(self) -> float:
+        return (self.peak - self.start) / 2**20
