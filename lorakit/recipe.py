@@ -51,22 +51,18 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {f.name: f for f in dataclasses.fields(RunConfig)}
-
-
-def _section_types() -> dict[str, type]:
-    return {"model": ModelSection, "data": DataSection, "lora": LoraConfig, "training": TrainingConfig}
+SECTIONS: dict[str, type] = {"model": ModelSection, "data": DataSection, "lora": LoraConfig, "training": TrainingConfig}
 
 
 def valid_keys() -> list[str]:
     """Every dotted key a config may set, e.g. ``training.steps``."""
-    return [f"{section}.{f.name}" for section, cls in _section_types().items() for f in dataclasses.fields(cls)]
+    return [f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
 
 
 def _unknown_key_error(key: str) -> LoraConfigError:
-    candidates = valid_keys() if "." in key else list(_SECTIONS)
+    candidates = valid_keys() if "." in key else list(SECTIONS)
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
-    hint = f" Did you mean {close[0]!r}?" if close else f" Valid sections: {sorted(_SECTIONS)}."
+    hint = f" Did you mean {close[0]!r}?" if close else f" Valid sections: {sorted(SECTIONS)}."
     return LoraConfigError(f"unknown config key {key!r}.{hint}")
 
 
@@ -86,16 +82,16 @@ def load_run_config(path: str | Path | None = None, overrides: Sequence[str] = (
         if not isinstance(user, dict):
             raise LoraConfigError(f"{path} must hold a mapping of sections (model, data, lora, training).")
         for section, values in user.items():
-            if section not in _SECTIONS:
+            if section not in SECTIONS:
                 raise _unknown_key_error(str(section))
             tree.setdefault(section, {}).update(values or {})
     for assignment in overrides:
         _apply_override(tree, assignment)
     sections = {}
     for section, values in tree.items():
-        if section not in _SECTIONS:
+        if section not in SECTIONS:
             raise _unknown_key_error(section)
-        cls = _section_types()[section]
+        cls = SECTIONS[section]
         names = {f.name for f in dataclasses.fields(cls)}
         for key in values:
             if key not in names:

