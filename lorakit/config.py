@@ -40,7 +40,7 @@ _PEFT_IGNORED = {
 }
 # lorakit-only fields: written to adapter_config.json only when they differ from the default,
 # so a plain adapter's config is byte-for-byte what PEFT expects.
-_LORAKIT_ONLY = ("merge_weights",)
+_LORAKIT_ONLY = ("merge_weights", "svd_solver", "svd_cache")
 
 InitSpec = Union[bool, str]
 
@@ -73,6 +73,9 @@ class LoraConfig:
             ``True``/``"kaiming"``, ``"gaussian"``; ``False`` makes both factors random (tests).
         merge_weights: loralib / PEFT 0.2 behaviour: ``model.eval()`` merges the active adapters,
             ``model.train()`` unmerges them.
+        svd_solver: how PiSSA/MiLoRA find singular components (``lorakit.svd``): "auto", "exact",
+            "gram" or "randomized".
+        svd_cache: cache decompositions on disk: True (``~/.cache/lorakit/svd``), a folder, or False.
     """
 
     r: int = 8
@@ -90,6 +93,8 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     init_lora_weights: InitSpec = True
     merge_weights: bool = False
+    svd_solver: str = "auto"
+    svd_cache: bool | str = True
     task_type: str | None = None
     base_model_name_or_path: str | None = None
 
@@ -120,6 +125,10 @@ class LoraConfig:
                 f"init_lora_weights={self.init_lora_weights!r} is not a known init: use True, False or one of "
                 f"{sorted(INIT_STRATEGIES)}."
             )
+        from .svd import SOLVER_NAMES
+
+        if self.svd_solver not in SOLVER_NAMES:
+            raise LoraConfigError(f"svd_solver={self.svd_solver!r} is not a solver: use one of {list(SOLVER_NAMES)}.")
         if self.target_modules is None:
             raise LoraConfigError(
                 "target_modules is not set: name the modules to adapt, e.g. ['q_proj', 'v_proj'], a regex string, "

@@ -12,16 +12,20 @@ New strategies (PiSSA, MiLoRA, ...) plug in with ``@register_init("name")``.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+import re
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["InitFn", "INIT_STRATEGIES", "register_init", "init_name", "get_init"]
+__all__ = ["InitFn", "INIT_STRATEGIES", "SVD_INITS", "register_init", "init_name", "get_init"]
 
 InitFn = Callable[[Tensor, int, float], "tuple[Tensor, Tensor, Tensor]"]
 INIT_STRATEGIES: dict[str, InitFn] = {}
+SVD_INITS = ("pissa", "milora", "pissa_niter")  # the inits that move the base weight
 
 
 def register_init(name: str) -> Callable[[InitFn], InitFn]:
@@ -34,17 +38,28 @@ def register_init(name: str) -> Callable[[InitFn], InitFn]:
     return add
 
 
+_PEFT_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
 def init_name(spec: bool | str) -> str:
-    """Map PEFT's ``init_lora_weights`` value to a registry name (True -> "kaiming", False -> "random")."""
+    """Map PEFT's ``init_lora_weights`` value to a registry name (True -> "kaiming", False -> "random",
+    "pissa_niter_K" -> "pissa_niter")."""
     if spec is True:
         return "kaiming"
     if spec is False:
         return "random"
-    return str(spec)
+    return "pissa_niter" if _PEFT_NITER.fullmatch(str(spec)) else str(spec)
 
 
-def get_init(spec: bool | str) -> InitFn:
-    return INIT_STRATEGIES[init_name(spec)]
+def get_init(spec: bool | str, **options) -> InitFn:
+    """The strategy for `spec` as an ``(W, r, scale)`` function, with the `options` it accepts bound
+    (e.g. ``svd_solver``, ``svd_cache`` for the SVD inits)."""
+    fn = INIT_STRATEGIES[init_name(spec)]
+    if match := _PEFT_NITER.fullmatch(str(spec)):
+        options["niter"] = int(match.group(1))
+    accepted = inspect.signature(fn).parameters
+    bound = {k: v for k, v in options.items() if k in accepted}
+    return functools.partial(fn, **bound) if bound else fn
 
 
 def _kaiming_uniform(rows: int, cols: int, like: Tensor) -> Tensor:
@@ -73,3 +88,34 @@ def random_init(W: Tensor, r: int, scale: float) -> tuple[Tensor, Tensor, Tensor
     """Both factors random (``init_lora_weights=False``): the adapter is not a no-op. For tests."""
     out_features, in_features = W.shape
     return _kaiming_uniform(r, in_features, W), _kaiming_uniform(out_features, r, W), W
+
+
+def _svd_init(W: Tensor, r: int, scale: float, largest: bool, solver: str, cache, niter: int) -> tuple[Tensor, Tensor, Tensor]:
+    """PiSSA (arXiv 2404.02948, Sec. 3) / MiLoRA (arXiv 2406.09044, Sec. 3): with ``S' = S_r / s``,
+    ``B = U_r diag(sqrt(S'))``, ``A = diag(sqrt(S'))V_rᵀ`` and the base keeps ``W - s·B@A``."""
+    from .svd import decompose
+
+    parts = decompose(W, r, largest, solver, niter=niter, cache=cache)
+    root = (parts.S / scale).sqrt()  # (r,)
+    B = (parts.U * root).to(W.dtype)  # (out, r)
+    A = (root[:, None] * parts.V.T).to(W.dtype)  # (r, in)
+    residual = W - scale * (B @ A)  # from the cast factors, so W_res + s·B@A == W in W's precision
+    return A, B, residual
+
+
+@register_init("pissa")
+def pissa_init(W: Tensor, r: int, scale: float, svd_solver: str = "auto", svd_cache=True) -> tuple[Tensor, Tensor, Tensor]:
+    """PiSSA: the adapter starts as the r largest singular components of W."""
+    return _svd_init(W, r, scale, True, svd_solver, svd_cache, niter=4)
+
+
+@register_init("milora")
+def milora_init(W: Tensor, r: int, scale: float, svd_solver: str = "auto", svd_cache=True) -> tuple[Tensor, Tensor, Tensor]:
+    """MiLoRA: the adapter starts as the r smallest singular components of W (the "minor" ones)."""
+    return _svd_init(W, r, scale, False, svd_solver, svd_cache, niter=4)
+
+
+@register_init("pissa_niter")
+def pissa_niter_init(W: Tensor, r: int, scale: float, niter: int = 4, svd_cache=True) -> tuple[Tensor, Tensor, Tensor]:
+    """PEFT's ``pissa_niter_K``: PiSSA from K iterations of randomised subspace iteration (no oversampling)."""
+    return _svd_init(W, r, scale, True, "peft_niter", svd_cache, niter=niter)

@@ -28,11 +28,12 @@ from .targeting import AdapterPlan, module_names, plan_targets
 if TYPE_CHECKING:
     from .model import LoraModel
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "save_adapter", "read_adapter", "check_adapter_fits", "load_adapter", "adapter_state_dict"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "INITIAL_NAME", "save_adapter", "write_adapter", "initial_factors", "read_adapter", "check_adapter_fits", "load_adapter", "adapter_state_dict"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+INITIAL_NAME = "initial_factors.safetensors"
 PREFIX = "base_model.model."
 
 
@@ -97,24 +98,44 @@ def adapter_parameters(model: "LoraModel", name: str, with_embedding_bases: bool
 
 # -- writing --------------------------------------------------------------------------------------
 def save_adapter(model: "LoraModel", directory: str | os.PathLike, name: str) -> None:
-    """Write adapter `name` to `directory` atomically: files go to a temporary folder beside it and are
-    renamed into place (the weights first, the config last), so a crash never leaves a half-written adapter."""
+    """Write adapter `name` to `directory` in PEFT's format (see `write_adapter`). An adapter whose init
+    moved the base (PiSSA, MiLoRA) also gets ``initial_factors.safetensors`` (A0, B0; PEFT ignores it),
+    so it can be exported for the original base after a reload."""
     model._check_names([name])
     config = model.peft_config[name]
     if config.base_model_name_or_path is None:
         source = getattr(getattr(model.model, "config", None), "_name_or_path", None)
         config = config.replace(base_model_name_or_path=source or None)
-    tensors = adapter_state_dict(model, name)
+    write_adapter(directory, config, adapter_state_dict(model, name), initial_factors(model, name))
+
+
+def initial_factors(model: "LoraModel", name: str) -> dict[str, Tensor]:
+    """A0 and B0 of adapter `name` under the adapter's own keys (empty unless its init moved the base)."""
+    tensors = {}
+    for path, layer in model.lora_layers():
+        if name in layer.initial_factors:
+            key_A, key_B = factor_keys(path, isinstance(layer, LoraEmbedding))
+            tensors[key_A], tensors[key_B] = (t.detach().to("cpu").contiguous() for t in layer.initial_factors[name])
+    return tensors
+
+
+def write_adapter(directory: str | os.PathLike, config: LoraConfig, tensors: dict[str, Tensor], initial: dict[str, Tensor] | None = None) -> None:
+    """Write an adapter directory atomically: files go to a temporary folder beside it and are renamed
+    into place (the weights first, the config last), so a crash never leaves a half-written adapter."""
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    names = [WEIGHTS_NAME, CONFIG_NAME]
     try:
         save_file(tensors, staging / WEIGHTS_NAME, metadata={"format": "pt"})
+        if initial:
+            save_file(initial, staging / INITIAL_NAME, metadata={"format": "pt"})
+            names.insert(1, INITIAL_NAME)
         (staging / CONFIG_NAME).write_text(json.dumps(config.to_peft_dict(), indent=2, sort_keys=True) + "\n")
         if not target.exists():
             os.replace(staging, target)
             return
-        for file_name in (WEIGHTS_NAME, CONFIG_NAME):
+        for file_name in names:
             os.replace(staging / file_name, target / file_name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -214,4 +235,24 @@ def load_adapter(model: "LoraModel", directory: str | os.PathLike, name: str, is
     if name in model.peft_config:
         raise AdapterLoadError(f"an adapter named {name!r} is loaded already; pass another adapter_name.")
     check_adapter_fits(model.model, config, tensors, directory)
+    initial = _read_initial_factors(Path(directory), tensors)
     apply_adapter(model, name, config, tensors, is_trainable)
+    for path, layer in model.lora_layers():
+        key_A, key_B = factor_keys(path, isinstance(layer, LoraEmbedding))
+        if name in layer.adapter_names and key_A in initial:
+            layer.initial_factors[name] = (initial[key_A].to(layer.weight.dtype), initial[key_B].to(layer.weight.dtype))
+
+
+def _read_initial_factors(directory: Path, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A0/B0 saved beside a PiSSA/MiLoRA adapter, checked against the adapter's own shapes."""
+    path = directory / INITIAL_NAME
+    if not path.is_file():
+        return {}
+    try:
+        initial = load_file(path, device="cpu")
+    except Exception as err:
+        raise AdapterLoadError(f"{path} could not be read ({type(err).__name__}: {err}); delete it to load the adapter without it.") from None
+    for key, value in initial.items():
+        if key not in tensors or tensors[key].shape != value.shape:
+            raise AdapterLoadError(f"{path} does not match the adapter ({key!r}); delete it to load the adapter without it.")
+    return initial

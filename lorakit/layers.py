@@ -49,6 +49,7 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self.row_adapters: RowAdapters | None = None
         self._unmerged_weight: Tensor | None = None  # exact copy kept while a low-precision weight is merged
+        self.initial_factors: dict[str, tuple[Tensor, Tensor]] = {}  # (A0, B0) of inits that moved W (PiSSA, MiLoRA)
 
     # -- geometry ---------------------------------------------------------------------------------
     def weight_view(self) -> Tensor:
@@ -83,26 +84,23 @@ class LoraLayer(nn.Module):
         if init is None:
             A, B = weight.new_zeros(rank, self.in_features), weight.new_zeros(self.out_features, rank)
         else:
-            A, B = self._initial_factors(init, rank, scale)
+            A, B, moved = self._initial_factors(init, rank, scale)
+            if moved:  # the base now holds a residual: keep (A0, B0) to export for the original base
+                self.initial_factors[name] = (A.detach().to(weight.dtype).clone(), B.detach().to(weight.dtype).clone())
         self.lora_A[name] = nn.Parameter(A.to(weight.dtype))
         self.lora_B[name] = nn.Parameter(B.to(weight.dtype))
         self.scaling[name], self.dropout[name] = scale, dropout
 
-    def _initial_factors(self, init: InitFn, rank: int, scale: float) -> tuple[Tensor, Tensor]:
-        """Run `init` on the float32 weight and write back its residual (a no-op for LoRA's inits)."""
-        weight = self.weight_view()
-        W = weight.detach().float()
-        A, B, W_residual = init(W, rank, scale)
-        if W_residual is not W:
-            with torch.no_grad():
-                weight.copy_(W_residual.to(weight.dtype))
-        return A, B
+    def _initial_factors(self, init: InitFn, rank: int, scale: float) -> tuple[Tensor, Tensor, bool]:
+        """(A, B, whether the base weight moved) from `init` run on the (out, in) weight."""
+        return _run_init(init, self.weight_view(), rank, scale)
 
     def delete_adapter(self, name: str) -> None:
         for table in (self.lora_A, self.lora_B):
             del table[name]
         self.scaling.pop(name)
         self.dropout.pop(name)
+        self.initial_factors.pop(name, None)
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def delta_weight(self, name: str) -> Tensor:
@@ -189,6 +187,22 @@ class LoraLayer(nn.Module):
         return f"adapters(rank)={ranks}, active={self.active_adapters}, merged={self.merged_adapters}"
 
 
+def _run_init(init: InitFn, weight: Tensor, rank: int, scale: float) -> tuple[Tensor, Tensor, bool]:
+    """Run `init` on a float32 copy of `weight` (a view of the parameter) and write back its residual."""
+    if not weight.dtype.is_floating_point:
+        raise TypeError(
+            f"cannot initialise LoRA on a {weight.dtype} weight (quantised or integer): load the model in float32, "
+            "bfloat16 or float16 for the init, then quantise."
+        )
+    W = weight.detach().float()
+    A, B, W_residual = init(W, rank, scale)
+    if W_residual is W:
+        return A, B, False
+    with torch.no_grad():
+        weight.copy_(W_residual.to(weight.dtype))
+    return A, B, True
+
+
 def _check_rows(x: Tensor, rows: RowAdapters) -> None:
     if x.shape[0] != rows.row_slot.shape[0]:
         raise ValueError(
@@ -253,16 +267,11 @@ class LoraEmbedding(LoraLayer):
     def padding_idx(self) -> int | None:
         return self.base_layer.padding_idx
 
-    def _initial_factors(self, init: InitFn, rank: int, scale: float) -> tuple[Tensor, Tensor]:
+    def _initial_factors(self, init: InitFn, rank: int, scale: float) -> tuple[Tensor, Tensor, bool]:
         """Run the init on the transposed problem ``ΔWᵀ = Aᵀ Bᵀ`` so the zero factor sits on the
         vocabulary side, as PEFT's embedding init (A = 0, B random) does."""
-        weight = self.base_layer.weight  # (vocab, dim)
-        W = weight.detach().float()
-        A_t, B_t, W_residual = init(W, rank, scale)  # (r, dim), (vocab, r)
-        if W_residual is not W:
-            with torch.no_grad():
-                weight.copy_(W_residual.to(weight.dtype))
-        return B_t.t().contiguous(), A_t.t().contiguous()
+        A_t, B_t, moved = _run_init(init, self.base_layer.weight, rank, scale)  # (r, dim), (vocab, r)
+        return B_t.t().contiguous(), A_t.t().contiguous(), moved
 
     def _lookup(self, ids: Tensor, table: Tensor) -> Tensor:
         base = self.base_layer

@@ -8,10 +8,11 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .config import LoraConfig
 from .errors import AdapterNameError, LoraError
-from .init import get_init
+from .init import SVD_INITS, get_init, init_name
 from .layers import LoraLayer, ModulesToSave, RowAdapters, wrap_module
 from .targeting import AdapterPlan, module_names, plan_targets
 
@@ -93,8 +94,9 @@ class LoraModel(nn.Module):
         self.set_adapter(self.active_adapters or [name])
 
     def _inject(self, name: str, config: LoraConfig, plan: AdapterPlan, initialize: bool) -> None:
-        init = get_init(config.init_lora_weights) if initialize else None
-        for target in plan.targets:
+        init = get_init(config.init_lora_weights, svd_solver=config.svd_solver, svd_cache=config.svd_cache) if initialize else None
+        slow = initialize and init_name(config.init_lora_weights) in SVD_INITS
+        for target in tqdm(plan.targets, desc=f"initialising {name!r}", disable=not slow or len(plan.targets) < 32):
             layer = self.model.get_submodule(target.path)
             if not isinstance(layer, LoraLayer):
                 layer = wrap_module(layer)
