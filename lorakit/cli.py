@@ -1,4 +1,4 @@
-"""`lorakit` command line: train, eval, merge, info."""
+"""`lorakit` command line: train, eval, merge, export, info."""
 
 from __future__ import annotations
 
@@ -58,6 +58,13 @@ def _info(args: argparse.Namespace) -> None:
     print(f"parameters: {sum(t.numel() for t in tensors.values()):,d} in {len(tensors)} tensors")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from .residual import export_plain_lora_files
+
+    export_plain_lora_files(args.adapter, args.out)
+    print(f"plain LoRA for the original base written to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning in HF PEFT's format.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--model", default="smollm2-135m-instruct")
     merge.add_argument("--out", required=True)
     merge.set_defaults(func=_merge)
+
+    export = commands.add_parser("export", help="PiSSA/MiLoRA adapter -> plain rank-2r LoRA for the original base model")
+    export.add_argument("adapter", help="adapter directory saved by lorakit (with initial_factors.safetensors)")
+    export.add_argument("--out", required=True)
+    export.set_defaults(func=_export)
 
     info = commands.add_parser("info", help="config, ranks and parameter count of an adapter")
     info.add_argument("adapter")

@@ -164,6 +164,10 @@ def run(config: RunConfig) -> dict[str, Any]:
         return {}
     after = evaluate.evaluate(lora_model, tokenizer, splits.test, config.training.eval_batch_size)
     lora_model.save_pretrained(output / "adapter")
+    if any(layer.initial_factors for _, layer in lora_model.lora_layers()):  # PiSSA/MiLoRA: base was residualised
+        from .residual import export_plain_lora
+
+        export_plain_lora(lora_model, output / "adapter_for_original_base")
     history = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     _plot_losses(history, output / "loss.png")
     trainable, total = lora_model.get_nb_trainable_parameters()

@@ -16,13 +16,15 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from .errors import LoraError
-from .io import PREFIX, adapter_state_dict, factor_keys, write_adapter
-from .layers import LoraEmbedding
+from .io import INITIAL_NAME, adapter_state_dict, initial_factors, read_adapter, write_adapter
 from .model import LoraModel
 
-__all__ = ["export_plain_lora", "save_residual_model"]
+__all__ = ["export_plain_lora", "export_plain_lora_files", "plain_lora_tensors", "save_residual_model"]
+
+_A_KEYS = (".lora_A.weight", ".lora_embedding_A")
 
 
 def _doubled(config):
@@ -35,23 +37,37 @@ def _doubled(config):
     )
 
 
+def plain_lora_tensors(tensors: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Saved adapter tensors -> plain LoRA tensors for the original base: ``A' = [A; A0]``, ``B' = [B, -B0]``."""
+    missing = [k for k in tensors if k.endswith(_A_KEYS) and k not in initial]
+    if missing:
+        raise LoraError(
+            f"{missing[0]!r} has no initial factors: only adapters initialised with PiSSA/MiLoRA (and saved "
+            "with their initial_factors.safetensors) need exporting; use the adapter as it is."
+        )
+    plain = dict(tensors)
+    for key, start in initial.items():  # start: A0 under an A key, B0 under a B key
+        if key.endswith(_A_KEYS):
+            plain[key] = torch.cat([tensors[key], start.to(tensors[key].dtype)], dim=0)  # (2r, in)
+        else:
+            plain[key] = torch.cat([tensors[key], -start.to(tensors[key].dtype)], dim=1)  # (out, 2r)
+    return plain
+
+
 def export_plain_lora(model: LoraModel, directory: str | os.PathLike, adapter_name: str = "default") -> None:
     """Write adapter `adapter_name` as a plain LoRA (PEFT format) for the original, un-residualised base."""
     model._check_names([adapter_name])
-    tensors = adapter_state_dict(model, adapter_name)
-    for path, layer in model.lora_layers():
-        if adapter_name not in layer.adapter_names:
-            continue
-        if adapter_name not in layer.initial_factors:
-            raise LoraError(
-                f"adapter {adapter_name!r} at {path!r} has no initial factors: only adapters initialised with "
-                "PiSSA/MiLoRA (or loaded with their initial_factors.safetensors) need exporting; save it as it is."
-            )
-        A0, B0 = layer.initial_factors[adapter_name]
-        key_A, key_B = factor_keys(path, isinstance(layer, LoraEmbedding))
-        tensors[key_A] = torch.cat([tensors[key_A], A0.to("cpu", tensors[key_A].dtype)], dim=0)  # (2r, in)
-        tensors[key_B] = torch.cat([tensors[key_B], -B0.to("cpu", tensors[key_B].dtype)], dim=1)  # (out, 2r)
-    write_adapter(directory, _doubled(model.peft_config[adapter_name]), tensors)
+    plain = plain_lora_tensors(adapter_state_dict(model, adapter_name), initial_factors(model, adapter_name))
+    write_adapter(directory, _doubled(model.peft_config[adapter_name]), plain)
+
+
+def export_plain_lora_files(adapter_dir: str | os.PathLike, directory: str | os.PathLike) -> None:
+    """The same from a saved PiSSA/MiLoRA adapter directory alone (no model needed)."""
+    config, tensors = read_adapter(adapter_dir)
+    path = Path(adapter_dir) / INITIAL_NAME
+    if not path.is_file():
+        raise LoraError(f"{path} does not exist: {adapter_dir} is not a PiSSA/MiLoRA adapter saved by lorakit.")
+    write_adapter(directory, _doubled(config), plain_lora_tensors(tensors, load_file(path)))
 
 
 def save_residual_model(model: LoraModel, directory: str | os.PathLike) -> None:

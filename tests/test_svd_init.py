@@ -171,3 +171,19 @@ def test_non_float_weights_are_refused():
     layer.weight = torch.nn.Parameter(layer.weight.detach().to(torch.int8), requires_grad=False)
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         get_lora_model(model, LoraConfig(target_modules=["layers.0.self_attn.q_proj"], init_lora_weights="milora"))
+
+
+def test_export_command_works_from_files_alone(tmp_path):
+    from lorakit.cli import main
+
+    model = get_lora_model(make_model("gpt2"), LoraConfig(r=3, lora_alpha=6, target_modules=["c_attn", "wte"], init_lora_weights="milora", svd_cache=False))
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    inputs = make_inputs("gpt2")
+    trained = logits(model, inputs)
+    model.save_pretrained(tmp_path / "adapter")
+    assert main(["export", str(tmp_path / "adapter"), "--out", str(tmp_path / "plain")]) == 0
+    reference_model = peft.PeftModel.from_pretrained(make_model("gpt2"), tmp_path / "plain")
+    torch.testing.assert_close(logits(reference_model, inputs), trained, atol=1e-5, rtol=0)
