@@ -11,7 +11,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .config import LoraConfig
-from .errors import AdapterNameError, LoraError
+from .errors import AdapterNameError, LoraConfigError, LoraError
 from .init import SVD_INITS, get_init, init_name
 from .layers import LoraLayer, ModulesToSave, RowAdapters, wrap_module
 from .targeting import AdapterPlan, module_names, plan_targets
@@ -83,6 +83,8 @@ class LoraModel(nn.Module):
         if name == BASE_ROW:
             raise AdapterNameError(f"{BASE_ROW!r} is reserved for base-model rows in mixed batches.")
         plan = plan_targets(self.model, config)
+        if init_name(config.init_lora_weights) in SVD_INITS:
+            self._refuse_shared_weights(plan)
         if any(t.fan_in_fan_out for t in plan.targets) and not config.fan_in_fan_out:
             config = config.replace(fan_in_fan_out=True)  # GPT-2 Conv1D stores weights (in, out)
         self.peft_config[name] = config
@@ -92,6 +94,21 @@ class LoraModel(nn.Module):
             self.delete_adapter(name)
             raise
         self.set_adapter(self.active_adapters or [name])
+
+    def _refuse_shared_weights(self, plan: AdapterPlan) -> None:
+        """PiSSA/MiLoRA rewrite the base weight as a residual; a weight shared with another module (tied
+        input/output embeddings) would change there too and the model's output would not be preserved."""
+        owners: dict[int, list[str]] = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(param), []).append(name)
+        for target in plan.targets:
+            names = owners[id(self.model.get_submodule(target.path).weight)]
+            if len(names) > 1:
+                raise LoraConfigError(
+                    f"{target.path!r} shares its weight with {[n for n in names if not n.startswith(target.path + '.')]} "
+                    "(tied embeddings); an SVD init would change both. Exclude it from target_modules, or untie the "
+                    "weights first (e.g. set the output head's weight to a copy)."
+                )
 
     def _inject(self, name: str, config: LoraConfig, plan: AdapterPlan, initialize: bool) -> None:
         init = get_init(config.init_lora_weights, svd_solver=config.svd_solver, svd_cache=config.svd_cache) if initialize else None

@@ -176,7 +176,7 @@ def test_non_float_weights_are_refused():
 def test_export_command_works_from_files_alone(tmp_path):
     from lorakit.cli import main
 
-    model = get_lora_model(make_model("gpt2"), LoraConfig(r=3, lora_alpha=6, target_modules=["c_attn", "wte"], init_lora_weights="milora", svd_cache=False))
+    model = get_lora_model(make_model("gpt2"), LoraConfig(r=3, lora_alpha=6, target_modules=["c_attn", "c_fc"], init_lora_weights="milora", svd_cache=False))
     with torch.no_grad():
         for param in model.parameters():
             if param.requires_grad:
@@ -187,3 +187,14 @@ def test_export_command_works_from_files_alone(tmp_path):
     assert main(["export", str(tmp_path / "adapter"), "--out", str(tmp_path / "plain")]) == 0
     reference_model = peft.PeftModel.from_pretrained(make_model("gpt2"), tmp_path / "plain")
     torch.testing.assert_close(logits(reference_model, inputs), trained, atol=1e-5, rtol=0)
+
+
+def test_svd_init_refuses_tied_embeddings_before_changing_anything():
+    from lorakit import LoraConfigError
+
+    model = make_model("gpt2")  # wte is tied to lm_head
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(LoraConfigError, match=r"'transformer.wte' shares its weight with \['lm_head.weight'\]"):
+        get_lora_model(model, LoraConfig(r=3, target_modules=["c_attn", "wte"], init_lora_weights="pissa", svd_cache=False))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert not any(type(m).__name__.startswith("Lora") for m in model.modules())
