@@ -95,12 +95,22 @@ class LoraLayer(nn.Module):
         """(A, B, whether the base weight moved) from `init` run on the (out, in) weight."""
         return _run_init(init, self.weight_view(), rank, scale)
 
+    def restore_base(self, name: str) -> None:
+        """Undo what adapter `name`'s init did to the base weight (PiSSA/MiLoRA): ``W_res + s·B0@A0``."""
+        if name not in self.initial_factors:
+            return
+        A0, B0 = self.initial_factors.pop(name)
+        weight = self.weight_view()
+        with torch.no_grad():
+            weight.copy_((weight.float() + self.scaling[name] * (B0.float() @ A0.float())).to(weight.dtype))
+
     def delete_adapter(self, name: str) -> None:
+        """Remove adapter `name`, giving the base weight back what its init took."""
+        self.restore_base(name)
         for table in (self.lora_A, self.lora_B):
             del table[name]
         self.scaling.pop(name)
         self.dropout.pop(name)
-        self.initial_factors.pop(name, None)
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def delta_weight(self, name: str) -> Tensor:

@@ -214,8 +214,12 @@ class LoraModel(nn.Module):
         return self._unwrap(keep_trained_copies=True)
 
     def unload(self) -> nn.Module:
-        """The plain model with every update dropped: original weights and original saved modules."""
+        """The plain model with every update dropped: original weights (also under PiSSA/MiLoRA
+        adapters, whose residual is undone) and original saved modules."""
         self.unmerge_adapter()
+        for _, layer in self.lora_layers():
+            for name in list(layer.initial_factors):
+                layer.restore_base(name)
         return self._unwrap(keep_trained_copies=False)
 
     def _unwrap(self, keep_trained_copies: bool) -> nn.Module:

@@ -198,3 +198,16 @@ def test_svd_init_refuses_tied_embeddings_before_changing_anything():
         get_lora_model(model, LoraConfig(r=3, target_modules=["c_attn", "wte"], init_lora_weights="pissa", svd_cache=False))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert not any(type(m).__name__.startswith("Lora") for m in model.modules())
+
+
+@pytest.mark.parametrize("remove", ["unload", "delete_adapter"])
+def test_removing_an_svd_adapter_restores_the_original_base(remove):
+    inputs = make_inputs("llama")
+    expected = logits(make_model("llama"), inputs)
+    model = get_lora_model(make_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa", svd_cache=False))
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    plain = model.unload() if remove == "unload" else (model.delete_adapter("default"), model.model)[1]
+    torch.testing.assert_close(logits(plain, inputs), expected, atol=1e-5, rtol=0)
