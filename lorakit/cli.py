@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from .errors import LoraConfigError
+
 __all__ = ["main"]
 
 
@@ -59,10 +61,16 @@ def _info(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from .residual import export_plain_lora_files
+    from .residual import export_plain_lora_files, save_residual_model_files
 
-    export_plain_lora_files(args.adapter, args.out)
-    print(f"plain LoRA for the original base written to {args.out}")
+    if args.out:
+        export_plain_lora_files(args.adapter, args.out)
+        print(f"plain LoRA for the original base written to {args.out}")
+    if args.residual_model:
+        save_residual_model_files(args.adapter, args.model, args.residual_model)
+        print(f"residual base model (for the adapter as saved) written to {args.residual_model}")
+    if not (args.out or args.residual_model):
+        raise LoraConfigError("lorakit export needs --out (plain LoRA) and/or --residual-model (residual base).")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="PiSSA/MiLoRA adapter -> plain rank-2r LoRA for the original base model")
     export.add_argument("adapter", help="adapter directory saved by lorakit (with initial_factors.safetensors)")
-    export.add_argument("--out", required=True)
+    export.add_argument("--out", help="write the plain rank-2r LoRA for the original base here")
+    export.add_argument("--residual-model", help="write the residual base model (W - s·B0@A0) here")
+    export.add_argument("--model", default="smollm2-135m-instruct", help="the original base, for --residual-model")
     export.set_defaults(func=_export)
 
     info = commands.add_parser("info", help="config, ranks and parameter count of an adapter")

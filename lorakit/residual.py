@@ -22,7 +22,7 @@ from .errors import LoraError
 from .io import INITIAL_NAME, adapter_state_dict, initial_factors, read_adapter, write_adapter
 from .model import LoraModel
 
-__all__ = ["export_plain_lora", "export_plain_lora_files", "plain_lora_tensors", "save_residual_model"]
+__all__ = ["export_plain_lora", "export_plain_lora_files", "plain_lora_tensors", "save_residual_model", "save_residual_model_files"]
 
 _A_KEYS = (".lora_A.weight", ".lora_embedding_A")
 
@@ -81,3 +81,22 @@ def save_residual_model(model: LoraModel, directory: str | os.PathLike) -> None:
         raise LoraError("save_residual_model needs a Hugging Face model (with save_pretrained).")
     Path(directory).mkdir(parents=True, exist_ok=True)
     model.model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+
+
+def save_residual_model_files(adapter_dir: str | os.PathLike, base: str | os.PathLike, directory: str | os.PathLike) -> None:
+    """The residual base ``W - s·B0@A0`` for a saved PiSSA/MiLoRA adapter, rebuilt from the original base
+    model `base` (an embedded name or a local directory) and the adapter's initial factors."""
+    from .models import load
+
+    model, tokenizer = load(base)
+    lora_model = LoraModel.from_pretrained(model, adapter_dir)
+    moved = [(layer, name) for _, layer in lora_model.lora_layers() for name in layer.initial_factors]
+    if not moved:
+        raise LoraError(f"{adapter_dir} has no initial factors: it is not a PiSSA/MiLoRA adapter saved by lorakit.")
+    with torch.no_grad():
+        for layer, name in moved:
+            A0, B0 = layer.initial_factors[name]
+            weight = layer.weight_view()
+            weight.copy_((weight.float() - layer.scaling[name] * (B0.float() @ A0.float())).to(weight.dtype))
+    save_residual_model(lora_model, directory)
+    tokenizer.save_pretrained(directory)

@@ -14,6 +14,7 @@ from lorakit.residual import export_plain_lora, save_residual_model
 from lorakit.svd import decompose
 
 from conftest import logits, make_inputs, make_model
+from tiny_hub import write_tiny_model
 
 SUBSPACE_BAR = 1e-4
 
@@ -211,3 +212,21 @@ def test_removing_an_svd_adapter_restores_the_original_base(remove):
                 param.add_(0.05 * torch.randn_like(param))
     plain = model.unload() if remove == "unload" else (model.delete_adapter("default"), model.model)[1]
     torch.testing.assert_close(logits(plain, inputs), expected, atol=1e-5, rtol=0)
+
+
+def test_residual_model_from_the_command_line(tmp_path):
+    from lorakit import models
+    from lorakit.cli import main
+
+    base_dir = write_tiny_model(tmp_path / "base")
+    model = get_lora_model(models.load(base_dir)[0], LoraConfig(r=3, target_modules=["q_proj", "up_proj"], init_lora_weights="pissa", svd_cache=False))
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    ids = torch.randint(5, 90, (2, 8))
+    trained = logits(model, {"input_ids": ids})
+    model.save_pretrained(tmp_path / "adapter")
+    assert main(["export", str(tmp_path / "adapter"), "--residual-model", str(tmp_path / "residual"), "--model", str(base_dir)]) == 0
+    rebuilt = LoraModel.from_pretrained(models.load(tmp_path / "residual")[0], tmp_path / "adapter")
+    torch.testing.assert_close(logits(rebuilt, {"input_ids": ids}), trained, atol=1e-5, rtol=0)
