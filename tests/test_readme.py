@@ -22,3 +22,16 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_example_runs(code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+
+
+def test_readme_config_block_is_the_embedded_defaults():
+    import yaml
+
+    from lorakit.recipe import load_run_config
+
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", README, re.S) if "training:" in b)
+    documented = yaml.safe_load(block)
+    defaults = load_run_config().to_dict()
+    for section, values in documented.items():
+        for key, value in values.items():
+            assert defaults[section][key] == value, f"README says {section}.{key}={value!r}, defaults say {defaults[section][key]!r}"
