@@ -3,8 +3,9 @@ decoding, classification by accuracy."""
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from tqdm import tqdm
@@ -19,6 +20,17 @@ def _sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed log-probability of each row's labelled tokens, (batch,)."""
     logprobs, _ = completion_logprobs(model, batch)
     return logprobs.sum(-1)
+
+
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """Evaluate without dropout, then put the model back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def option_logprobs(model, tokenizer, examples: Sequence[Example], batch_size: int = 16, max_length: int = 512) -> list[list[float]]:
@@ -100,30 +112,22 @@ def token_loss(model, tokenizer, examples: Sequence[Example], batch_size: int = 
     """Mean cross-entropy over completion tokens (the training objective) on `examples`, in eval mode."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for start in range(0, len(examples), batch_size):
             items = [tokenize_example(tokenizer, ex.prompt, ex.target, max_length) for ex in examples[start : start + batch_size]]
             batch = {k: v.to(device) for k, v in collate(items, tokenizer.pad_token_id).items()}
             total += -_sequence_logprobs(model, batch).sum().item()
             count += int((batch["labels"] != IGNORE_INDEX).sum())
-    finally:
-        model.train(was_training)
     return total / max(count, 1)
 
 
 def evaluate(model, tokenizer, examples: Sequence[Example], batch_size: int = 16) -> dict[str, float]:
     """Accuracy by the task's kind (options -> multiple choice, else exact match) and the majority rate."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if examples and examples[0].options:
             accuracy = multiple_choice_accuracy(model, tokenizer, examples, batch_size)
         else:
             accuracy = exact_match(model, tokenizer, examples, max(batch_size // 2, 1))
-    finally:
-        model.train(was_training)
     return {"accuracy": accuracy, "majority": majority_rate(examples), "items": len(examples)}
 
 
@@ -133,14 +137,10 @@ def classification_accuracy(model, items: Sequence[dict], pad_id: int, batch_siz
     from .data import collate_classification
 
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     hits = 0
-    try:
+    with eval_mode(model):
         for start in tqdm(range(0, len(items), batch_size), desc="classifying", leave=False):
             batch = {k: v.to(device) for k, v in collate_classification(items[start : start + batch_size], pad_id).items()}
             labels = batch.pop("labels")
             hits += int((model(**batch).logits.argmax(-1) == labels).sum())
-    finally:
-        model.train(was_training)
     return hits / len(items)

@@ -235,6 +235,12 @@ def load_adapter(model: "LoraModel", directory: str | os.PathLike, name: str, is
     if name in model.peft_config:
         raise AdapterLoadError(f"an adapter named {name!r} is loaded already; pass another adapter_name.")
     check_adapter_fits(model.model, config, tensors, directory)
+    add_checked_adapter(model, directory, name, config, tensors, is_trainable)
+
+
+def add_checked_adapter(model: "LoraModel", directory: str | os.PathLike, name: str, config: LoraConfig,
+                        tensors: dict[str, Tensor], is_trainable: bool) -> None:
+    """Add an adapter already read from `directory` and checked against the model, with its initial factors."""
     initial = _read_initial_factors(Path(directory), tensors)
     apply_adapter(model, name, config, tensors, is_trainable)
     for path, layer in model.lora_layers():

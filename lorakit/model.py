@@ -306,12 +306,12 @@ class LoraModel(nn.Module):
         cls, model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
     ) -> "LoraModel":
         """Wrap `model` and load the adapter saved in `directory` (by lorakit or PEFT)."""
-        from .io import check_adapter_fits, read_adapter
+        from .io import add_checked_adapter, check_adapter_fits, read_adapter
 
         config, tensors = read_adapter(directory)
         check_adapter_fits(model, config, tensors, directory)  # before touching the model
         lora_model = cls(model)
-        lora_model.load_adapter(directory, adapter_name, is_trainable)
+        add_checked_adapter(lora_model, directory, adapter_name, config, tensors, is_trainable)
         return lora_model
 
 
