@@ -15,13 +15,6 @@ from .data import IGNORE_INDEX, Example, collate, completion_logprobs, format_pr
 __all__ = ["option_logprobs", "multiple_choice_accuracy", "exact_match", "majority_rate", "evaluate", "token_loss", "classification_accuracy"]
 
 
-@torch.no_grad()
-def _sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed log-probability of each row's labelled tokens, (batch,)."""
-    logprobs, _ = completion_logprobs(model, batch)
-    return logprobs.sum(-1)
-
-
 @contextlib.contextmanager
 def eval_mode(model) -> Iterator[None]:
     """Evaluate without dropout, then put the model back in the mode it was in."""
@@ -116,7 +109,7 @@ def token_loss(model, tokenizer, examples: Sequence[Example], batch_size: int = 
         for start in range(0, len(examples), batch_size):
             items = [tokenize_example(tokenizer, ex.prompt, ex.target, max_length) for ex in examples[start : start + batch_size]]
             batch = {k: v.to(device) for k, v in collate(items, tokenizer.pad_token_id).items()}
-            total += -_sequence_logprobs(model, batch).sum().item()
+            total += -completion_logprobs(model, batch)[0].sum().item()
             count += int((batch["labels"] != IGNORE_INDEX).sum())
     return total / max(count, 1)
 

@@ -95,14 +95,23 @@ class LoraLayer(nn.Module):
         """(A, B, whether the base weight moved) from `init` run on the (out, in) weight."""
         return _run_init(init, self.weight_view(), rank, scale)
 
-    def restore_base(self, name: str) -> None:
-        """Undo what adapter `name`'s init did to the base weight (PiSSA/MiLoRA): ``W_res + s·B0@A0``."""
-        if name not in self.initial_factors:
-            return
-        A0, B0 = self.initial_factors.pop(name)
+    def _shift_base(self, name: str, sign: float) -> None:
+        """``W += sign·s·B0@A0`` in float32 for adapter `name`'s initial factors."""
+        A0, B0 = self.initial_factors[name]
         weight = self.weight_view()
         with torch.no_grad():
-            weight.copy_((weight.float() + self.scaling[name] * (B0.float() @ A0.float())).to(weight.dtype))
+            weight.copy_((weight.float() + sign * self.scaling[name] * (B0.float() @ A0.float())).to(weight.dtype))
+
+    def restore_base(self, name: str) -> None:
+        """Undo what adapter `name`'s init did to the base weight (PiSSA/MiLoRA): ``W_res + s·B0@A0``."""
+        if name in self.initial_factors:
+            self._shift_base(name, +1.0)
+            del self.initial_factors[name]
+
+    def residualise(self, name: str) -> None:
+        """Turn the original base weight into adapter `name`'s residual ``W - s·B0@A0`` (after loading a
+        PiSSA/MiLoRA adapter onto the original model)."""
+        self._shift_base(name, -1.0)
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter `name`, giving the base weight back what its init took."""

@@ -93,10 +93,7 @@ def save_residual_model_files(adapter_dir: str | os.PathLike, base: str | os.Pat
     moved = [(layer, name) for _, layer in lora_model.lora_layers() for name in layer.initial_factors]
     if not moved:
         raise LoraError(f"{adapter_dir} has no initial factors: it is not a PiSSA/MiLoRA adapter saved by lorakit.")
-    with torch.no_grad():
-        for layer, name in moved:
-            A0, B0 = layer.initial_factors[name]
-            weight = layer.weight_view()
-            weight.copy_((weight.float() - layer.scaling[name] * (B0.float() @ A0.float())).to(weight.dtype))
+    for layer, name in moved:
+        layer.residualise(name)
     save_residual_model(lora_model, directory)
     tokenizer.save_pretrained(directory)
