@@ -14,6 +14,7 @@ from .config import LoraConfig
 from .errors import AdapterNameError, LoraConfigError, LoraError
 from .init import SVD_INITS, get_init, init_name
 from .layers import LoraLayer, ModulesToSave, RowAdapters, wrap_module
+from .svd import single_torch_thread
 from .targeting import AdapterPlan, module_names, plan_targets
 
 __all__ = ["LoraModel", "get_lora_model", "BASE_ROW"]
@@ -113,12 +114,13 @@ class LoraModel(nn.Module):
     def _inject(self, name: str, config: LoraConfig, plan: AdapterPlan, initialize: bool) -> None:
         init = get_init(config.init_lora_weights, svd_solver=config.svd_solver, svd_cache=config.svd_cache) if initialize else None
         slow = initialize and init_name(config.init_lora_weights) in SVD_INITS
-        for target in tqdm(plan.targets, desc=f"initialising {name!r}", disable=not slow or len(plan.targets) < 32):
-            layer = self.model.get_submodule(target.path)
-            if not isinstance(layer, LoraLayer):
-                layer = wrap_module(layer)
-                self._replace(target.path, layer)
-            layer.add_adapter(name, target.rank, target.scale, config.lora_dropout, init)
+        with single_torch_thread() if slow else contextlib.nullcontext():
+            for target in tqdm(plan.targets, desc=f"initialising {name!r}", disable=not slow or len(plan.targets) < 32):
+                layer = self.model.get_submodule(target.path)
+                if not isinstance(layer, LoraLayer):
+                    layer = wrap_module(layer)
+                    self._replace(target.path, layer)
+                layer.add_adapter(name, target.rank, target.scale, config.lora_dropout, init)
         for path in plan.modules_to_save:
             wrapper = self.model.get_submodule(path)
             if not isinstance(wrapper, ModulesToSave):

@@ -90,7 +90,9 @@ def test_output_unchanged_at_init_and_residual_reconstructs(init, family, target
     expected = logits(base_model, inputs)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=init, svd_cache=False,
                         rank_pattern={"v_proj": 2, "c_proj": 3}, alpha_pattern={"down_proj": 3})
+    threads = torch.get_num_threads()
     model = get_lora_model(base_model, config)
+    assert torch.get_num_threads() == threads  # the init runs torch single-threaded, then gives the threads back
     torch.testing.assert_close(logits(model, inputs), expected, atol=1e-5, rtol=0)
     for path, layer in model.lora_layers():
         reconstructed = layer.weight_view() + layer.delta_weight("default")  # W_res + s·B@A, (out, in)
