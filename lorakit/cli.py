@@ -45,10 +45,11 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
-    from safetensors import safe_open
+    from .io import read_adapter
 
-    from .io import CONFIG_NAME, WEIGHTS_NAME, read_adapter
-
+    if (Path(args.adapter) / "adapter").is_dir():  # a training run directory
+        _run_info(Path(args.adapter))
+        return
     config, tensors = read_adapter(args.adapter)
     ranks = {}
     for key, tensor in tensors.items():
@@ -58,6 +59,31 @@ def _info(args: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in config.to_peft_dict().items() if v not in (None, False, {}, [])}, indent=2))
     print(f"modules adapted: {sum(ranks.values())}  ranks: {dict(sorted(ranks.items()))}")
     print(f"parameters: {sum(t.numel() for t in tensors.values()):,d} in {len(tensors)} tensors")
+
+
+def _run_info(run_dir: Path) -> None:
+    """A run's adapter, and for every run the rank structure of its total update plus a diagnostics plot."""
+    from .plora_export import effective_rank, plot_diagnostics, run_update
+
+    _, _, total, stages = run_update(run_dir)
+    ranks = sorted(effective_rank(update.singular_values()) for update in total.values())
+    stored = sorted(update.A.shape[0] for update in total.values())
+    print(f"run: {run_dir}  PLoRA stages: {len(stages)}  layers: {len(total)}")
+    print(f"total update rank (stored factors): {stored[0]}..{stored[-1]}")
+    print(f"effective rank per layer: min {ranks[0]:.1f}  median {ranks[len(ranks) // 2]:.1f}  max {ranks[-1]:.1f}")
+    plot = run_dir / "update_diagnostics.png"
+    plot_diagnostics({run_dir.name: run_dir}, plot)
+    print(f"plot: {plot}")
+
+
+def _export_plora(args: argparse.Namespace) -> None:
+    from .plora_export import export_plora
+
+    report = export_plora(args.run_dir, args.out, args.rank)
+    kind = "exact" if args.rank is None else f"compressed to rank {args.rank}"
+    print(f"PLoRA total update ({report['stages']} stages + live adapter, {kind}, r={report['rank']}) written to {args.out}")
+    if args.rank is not None:
+        print(f"relative error ||ΔW - ΔW_K||/||ΔW||: max {report['max_relative_error']:.2e}, mean {report['mean_relative_error']:.2e}")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -106,14 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", default="smollm2-135m-instruct", help="the original base, for --residual-model")
     export.set_defaults(func=_export)
 
-    info = commands.add_parser("info", help="config, ranks and parameter count of an adapter")
-    info.add_argument("adapter")
+    export_plora = commands.add_parser("export-plora", help="a (PLoRA) run's whole update as one adapter for the original base")
+    export_plora.add_argument("run_dir", help="training run directory (with adapter/ and plora/)")
+    export_plora.add_argument("--out", help="output adapter directory (default: RUN_DIR/adapter_total[_rK])")
+    export_plora.add_argument("--rank", type=int, help="compress to this rank by truncated SVD (default: exact)")
+    export_plora.set_defaults(func=_export_plora)
+
+    info = commands.add_parser("info", help="an adapter's config, ranks and size; for a run directory the update's rank structure and a plot")
+    info.add_argument("adapter", help="adapter directory or training run directory")
     info.set_defaults(func=_info)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "export-plora" and args.out is None:
+        args.out = str(Path(args.run_dir) / ("adapter_total" if args.rank is None else f"adapter_total_r{args.rank}"))
     if args.command == "train" and args.config and "=" in args.config:
         args.overrides, args.config = [args.config, *args.overrides], None
     try:

@@ -84,14 +84,14 @@ class LoraLayer(nn.Module):
         if init is None:
             A, B = weight.new_zeros(rank, self.in_features), weight.new_zeros(self.out_features, rank)
         else:
-            A, B, moved = self._initial_factors(init, rank, scale)
+            A, B, moved = self.init_factors(init, rank, scale)
             if moved:  # the base now holds a residual: keep (A0, B0) to export for the original base
                 self.initial_factors[name] = (A.detach().to(weight.dtype).clone(), B.detach().to(weight.dtype).clone())
         self.lora_A[name] = nn.Parameter(A.to(weight.dtype))
         self.lora_B[name] = nn.Parameter(B.to(weight.dtype))
         self.scaling[name], self.dropout[name] = scale, dropout
 
-    def _initial_factors(self, init: InitFn, rank: int, scale: float) -> tuple[Tensor, Tensor, bool]:
+    def init_factors(self, init: InitFn, rank: int, scale: float) -> tuple[Tensor, Tensor, bool]:
         """(A, B, whether the base weight moved) from `init` run on the (out, in) weight."""
         return _run_init(init, self.weight_view(), rank, scale)
 
@@ -286,7 +286,7 @@ class LoraEmbedding(LoraLayer):
     def padding_idx(self) -> int | None:
         return self.base_layer.padding_idx
 
-    def _initial_factors(self, init: InitFn, rank: int, scale: float) -> tuple[Tensor, Tensor, bool]:
+    def init_factors(self, init: InitFn, rank: int, scale: float) -> tuple[Tensor, Tensor, bool]:
         """Run the init on the transposed problem ``ΔWᵀ = Aᵀ Bᵀ`` so the zero factor sits on the
         vocabulary side, as PEFT's embedding init (A = 0, B random) does."""
         A_t, B_t, moved = _run_init(init, self.base_layer.weight, rank, scale)  # (r, dim), (vocab, r)

@@ -18,6 +18,7 @@ import yaml
 
 from .config import LoraConfig
 from .errors import LoraConfigError
+from .plora import STAGES_DIR, PLoRAConfig
 from .train import TrainingConfig, check_output_dir
 
 __all__ = ["RunConfig", "ModelSection", "DataSection", "load_run_config", "run", "DEFAULT_CONFIG"]
@@ -46,12 +47,15 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    plora: PLoRAConfig = field(default_factory=PLoRAConfig)  # used when training.method is "plora"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-SECTIONS: dict[str, type] = {"model": ModelSection, "data": DataSection, "lora": LoraConfig, "training": TrainingConfig}
+SECTIONS: dict[str, type] = {
+    "model": ModelSection, "data": DataSection, "lora": LoraConfig, "training": TrainingConfig, "plora": PLoRAConfig,
+}
 
 
 def valid_keys() -> list[str]:
@@ -113,6 +117,8 @@ def _plot_losses(history: list[dict], path: Path) -> None:
     evals = [(m["step"], m["eval_loss"]) for m in history if "eval_loss" in m]
     if evals:
         axis.plot(*zip(*evals), "o-", label="validation loss")
+    for i, step in enumerate(m["step"] for m in history if m.get("unloaded")):
+        axis.axvline(step, color="grey", linestyle=":", alpha=0.7, label="PLoRA unload" if i == 0 else None)
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("cross-entropy per completion token")
     axis.legend()
@@ -122,7 +128,7 @@ def _plot_losses(history: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def _summary(config: RunConfig, before: dict, after: dict, trainable: int, total: int, seconds: float) -> str:
+def _summary(config: RunConfig, before: dict, after: dict, trainable: int, total: int, seconds: float, plora=None) -> str:
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rows = [
         ("task", config.data.source),
@@ -134,6 +140,9 @@ def _summary(config: RunConfig, before: dict, after: dict, trainable: int, total
         ("training time", f"{seconds:.0f} s"),
         ("peak memory (RSS)", f"{peak_mib:.0f} MiB"),
     ]
+    if plora is not None:
+        share = 100 * plora.unload_seconds / max(seconds, 1e-9)
+        rows.append(("PLoRA unloads", f"{len(plora.stages)}, {plora.unload_seconds:.2f} s ({share:.2f}% of training)"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(["| what | value |", "|---|---|"] + [f"| {name:{width}} | {value} |" for name, value in rows])
 
@@ -156,7 +165,12 @@ def run(config: RunConfig) -> dict[str, Any]:
     lora_model = get_lora_model(model, config.lora)
     items = [data.tokenize_example(tokenizer, ex.prompt, ex.target, config.training.max_length) for ex in splits.train]
     eval_fn = lambda: {"loss": evaluate.token_loss(lora_model, tokenizer, splits.validation, config.training.eval_batch_size)}  # noqa: E731
-    trainer = Trainer(lora_model, items, config.training, tokenizer.pad_token_id, eval_fn)
+    plora = None
+    if config.training.method == "plora":
+        from .plora import PeriodicLoRA
+
+        plora = PeriodicLoRA(lora_model, config.plora, history_dir=output / STAGES_DIR, seed=config.training.seed)
+    trainer = Trainer(lora_model, items, config.training, tokenizer.pad_token_id, eval_fn, plora=plora)
     started = time.perf_counter()
     trainer.fit()
     seconds = time.perf_counter() - started
@@ -168,10 +182,14 @@ def run(config: RunConfig) -> dict[str, Any]:
         from .residual import export_plain_lora
 
         export_plain_lora(lora_model, output / "adapter_for_original_base")
+    if plora is not None and plora.stages:  # the live adapter only fits the unloaded-into base
+        from .plora_export import export_plora
+
+        export_plora(output, output / "adapter_for_original_base")
     history = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     _plot_losses(history, output / "loss.png")
     trainable, total = lora_model.get_nb_trainable_parameters()
-    table = _summary(config, before, after, trainable, total, seconds)
+    table = _summary(config, before, after, trainable, total, seconds, plora)
     (output / "summary.md").write_text(table + "\n")
     (output / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     print("\n" + table)

@@ -82,7 +82,7 @@ def _in_layers(config: LoraConfig, path: str) -> bool:
     return index is not None and index in wanted
 
 
-def _pattern_value(patterns: dict, path: str, default):
+def pattern_value(patterns: dict, path: str, default):
     """PEFT's `get_pattern_key`: the first key matching the end of the path wins."""
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", path):
@@ -143,8 +143,8 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> AdapterPlan:
 
 
 def _target(config: LoraConfig, path: str, base: nn.Module) -> Target:
-    rank = _pattern_value(config.rank_pattern, path, config.r)
-    alpha = _pattern_value(config.alpha_pattern, path, config.lora_alpha)
+    rank = pattern_value(config.rank_pattern, path, config.r)
+    alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
     if isinstance(base, nn.Embedding):
         out_features, in_features = base.embedding_dim, base.num_embeddings
     else:

@@ -67,23 +67,27 @@ class TrainingConfig:
     max_length: int = 256
     eval_batch_size: int = 16
     resume: bool = False
+    method: str = "lora"  # "lora" | "plora" (periodic unloading, see the plora section)
 
     def __post_init__(self) -> None:
+        if self.method not in ("lora", "plora"):
+            raise ValueError(f"method={self.method!r}: use 'lora' or 'plora'.")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"schedule={self.schedule!r}: use 'cosine', 'linear' or 'constant'.")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("steps, batch_size and grad_accum must be >= 1.")
 
 
-def lr_lambda(config: TrainingConfig) -> Callable[[int], float]:
-    """Linear warm-up, then cosine or linear decay to 0 (or constant)."""
+def lr_lambda(config: TrainingConfig, steps: int | None = None) -> Callable[[int], float]:
+    """Linear warm-up, then cosine or linear decay to 0 over `steps` (default: the run's), or constant."""
+    steps = config.steps if steps is None else steps
 
     def factor(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / (config.warmup_steps + 1)
         if config.schedule == "constant":
             return 1.0
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        progress = (step - config.warmup_steps) / max(1, steps - config.warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else max(0.0, 1 - progress)
 
     return factor
@@ -134,9 +138,10 @@ class ClassificationObjective:
 def check_output_dir(config: "TrainingConfig") -> None:
     """A fresh run must not mix its checkpoints and metrics with an earlier run's."""
     output = Path(config.output_dir)
-    if not config.resume and (latest_checkpoint(output) or (output / "metrics.jsonl").exists()):
+    earlier = latest_checkpoint(output) or (output / "metrics.jsonl").exists() or any(output.glob("plora/stage-*"))
+    if not config.resume and earlier:
         raise TrainingOutputError(
-            f"{output} holds an earlier run (checkpoints or metrics.jsonl): pass --resume (training.resume=true) "
+            f"{output} holds an earlier run (checkpoints, metrics.jsonl or PLoRA stages): pass --resume (training.resume=true) "
             "to continue it, or set training.output_dir to a new folder."
         )
 
@@ -156,7 +161,7 @@ class Trainer:
     `ClassificationObjective` takes items {input_ids, label}."""
 
     def __init__(self, model: torch.nn.Module, items: Sequence[dict], config: TrainingConfig, pad_id: int,
-                 evaluate: Callable[[], dict] | None = None, objective=None) -> None:
+                 evaluate: Callable[[], dict] | None = None, objective=None, plora=None) -> None:
         from accelerate import Accelerator
 
         self.config, self.items, self.evaluate = config, list(items), evaluate
@@ -174,7 +179,8 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         # Not prepared: accelerate's scheduler wrapper steps once per process, which would run the
         # schedule N times too fast; one optimizer step here is one global batch.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+        self.plora = plora  # a PeriodicLoRA: unloads the adapter into the base at each stage end
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor())
         self.step = 0
         self.output = Path(config.output_dir)
         self.is_main = self.accelerator.is_main_process
@@ -182,6 +188,16 @@ class Trainer:
             self._resume()
         else:
             check_output_dir(config)
+
+    def _lr_factor(self) -> Callable[[int], float]:
+        if self.plora is None:
+            return lr_lambda(self.config)
+        stage_steps = self.plora.config.stage_steps(self.config.batch_size)
+        if self.plora.config.lr_schedule == "global":
+            return lr_lambda(self.config)
+        from .plora import stage_lr_lambda
+
+        return stage_lr_lambda(lr_lambda(self.config, stage_steps), stage_steps)
 
     # -- batches ----------------------------------------------------------------------------------
     def _micro_batches(self, step: int) -> tuple[list[list[dict]], int]:
@@ -216,12 +232,15 @@ class Trainer:
             )
         if self.config.max_grad_norm:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        elapsed = time.perf_counter() - started
-        return {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": seen * self.world / elapsed}
+        metrics = {"step": self.step, "loss": loss, "lr": lr}
+        if self.plora is not None and self.plora.step(self.optimizer, samples=self.config.batch_size):
+            metrics["unloaded"] = len(self.plora.stages)
+        return metrics | {"tokens_per_s": seen * self.world / (time.perf_counter() - started)}
 
     def _global_mean(self, local_sum: float, tokens: int) -> float:
         if self.world == 1:
@@ -270,6 +289,8 @@ class Trainer:
                 "step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
             }
+            if self.plora is not None:
+                state["plora"] = self.plora.state_dict()
             torch.save(state, staging / STATE_FILE)
             if target.exists():
                 shutil.rmtree(target)
@@ -289,6 +310,8 @@ class Trainer:
         state = torch.load(checkpoint / STATE_FILE, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.plora is not None:
+            self.plora.load_state_dict(state["plora"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         self.step = state["step"]
