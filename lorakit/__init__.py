@@ -5,6 +5,7 @@ from .errors import AdapterLoadError, AdapterNameError, LoraConfigError, LoraErr
 from .init import INIT_STRATEGIES, register_init
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .model import BASE_ROW, LoraModel, get_lora_model
+from .plora import PeriodicLoRA, PLoRAConfig
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,8 @@ __all__ = [
     "LoraLinear",
     "LoraEmbedding",
     "ModulesToSave",
+    "PeriodicLoRA",
+    "PLoRAConfig",
     "INIT_STRATEGIES",
     "register_init",
     "LoraError",

@@ -90,11 +90,6 @@ class Stage:
     factors: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # A key -> (A (r, in), B (out, r)), float32
     scales: dict[str, float] = field(default_factory=dict)  # A key -> s
 
-    def delta(self, key: str) -> Tensor:
-        """``c_t·s·B_t@A_t``, (out, in), float32."""
-        A, B = self.factors[key]
-        return self.coefficient * self.scales[key] * (B @ A)
-
 
 def stage_lr_lambda(factor: Callable[[int], float], stage_steps: int) -> Callable[[int], float]:
     """A schedule over one stage, restarted every `stage_steps` steps (``lr_schedule="per_stage"``)."""
@@ -174,8 +169,9 @@ class PeriodicLoRA:
         weight = layer.weight_view()
         if key in self.originals:  # one rounding from the exact float32 total
             weight.copy_((self.originals[key].float() + self.total_delta(key)).to(weight.dtype))
-        else:
-            weight.copy_(weight.float() + stage.delta(key))
+        else:  # float32: in place, no (out, in) temporaries
+            A, B = stage.factors[key]
+            weight.addmm_(B.to(weight.dtype), A.to(weight.dtype), alpha=stage.coefficient * stage.scales[key])
 
     def _restart(self, layer: LoraLayer, keep: float) -> None:
         A, B = layer.lora_A[self.name], layer.lora_B[self.name]
