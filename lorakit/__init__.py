@@ -6,6 +6,7 @@ from .init import INIT_STRATEGIES, register_init
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .model import BASE_ROW, LoraModel, get_lora_model
 from .plora import PeriodicLoRA, PLoRAConfig
+from . import hub
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ __all__ = [
     "ModulesToSave",
     "PeriodicLoRA",
     "PLoRAConfig",
+    "hub",
     "INIT_STRATEGIES",
     "register_init",
     "LoraError",

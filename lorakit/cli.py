@@ -86,6 +86,28 @@ def _export_plora(args: argparse.Namespace) -> None:
         print(f"relative error ||ΔW - ΔW_K||/||ΔW||: max {report['max_relative_error']:.2e}, mean {report['mean_relative_error']:.2e}")
 
 
+def _hub_learn(args: argparse.Namespace) -> None:
+    import random
+
+    from . import data, hub, models
+
+    model, tokenizer = models.load(args.model)
+    examples = data.load_examples(args.examples)
+    if len(examples) > args.n_examples:
+        examples = random.Random(args.seed).sample(examples, args.n_examples)
+    result = hub.learn(model, args.modules, examples, tokenizer, budget=args.budget, lam=args.lam,
+                       optimizer=args.optimizer, seed=args.seed, population=args.population)
+    out = Path(args.out)
+    result.module.save(out)
+    record = {"modules": args.modules, "weights": result.weights, "losses": result.losses, "optimizer": args.optimizer,
+              "budget": args.budget, "seed": args.seed, "examples": [ex.prompt for ex in examples], "seconds": result.seconds}
+    (out / "lorahub.json").write_text(json.dumps(record, indent=1) + "\n")
+    hub.plot_result(result, args.modules, out / "lorahub.png")
+    print(f"best objective {min(result.losses):.4f} after {len(result.losses)} evaluations ({result.seconds:.1f} s)")
+    print("weights: " + ", ".join(f"{Path(m).name}={w:+.3f}" for m, w in zip(args.modules, result.weights)))
+    print(f"composed adapter, lorahub.json and lorahub.png written to {out}")
+
+
 def _export(args: argparse.Namespace) -> None:
     from .residual import export_plain_lora_files, save_residual_model_files
 
@@ -99,6 +121,16 @@ def _export(args: argparse.Namespace) -> None:
         raise LoraConfigError("lorakit export needs --out (plain LoRA) and/or --residual-model (residual base).")
 
 
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--adapter")
+    parser.add_argument("--data", default="bigbench:hyperbaton")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--test-size", type=float, default=250)
+    parser.add_argument("--validation-size", type=float, default=50)
+    parser.add_argument("--batch-size", type=int, default=32)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning in HF PEFT's format.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -110,13 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     evaluation = commands.add_parser("eval", help="test accuracy of a model (and adapter) on a task")
-    evaluation.add_argument("--model", default="smollm2-135m-instruct")
-    evaluation.add_argument("--adapter")
-    evaluation.add_argument("--data", default="bigbench:hyperbaton")
-    evaluation.add_argument("--seed", type=int, default=0)
-    evaluation.add_argument("--test-size", type=float, default=250)
-    evaluation.add_argument("--validation-size", type=float, default=50)
-    evaluation.add_argument("--batch-size", type=int, default=32)
+    _add_eval_arguments(evaluation)
     evaluation.set_defaults(func=_eval)
 
     merge = commands.add_parser("merge", help="write the base model with an adapter folded in")
@@ -137,6 +163,24 @@ def build_parser() -> argparse.ArgumentParser:
     export_plora.add_argument("--out", help="output adapter directory (default: RUN_DIR/adapter_total[_rK])")
     export_plora.add_argument("--rank", type=int, help="compress to this rank by truncated SVD (default: exact)")
     export_plora.set_defaults(func=_export_plora)
+
+    hub_parser = commands.add_parser("hub", help="LoraHub: compose trained LoRA modules for a new task from a few examples")
+    hub_commands = hub_parser.add_subparsers(dest="hub_command", required=True)
+    hub_learn = hub_commands.add_parser("learn", help="find module weights on a few examples (gradient-free)")
+    hub_learn.add_argument("--modules", nargs="+", required=True, help="adapter directories (same targets and rank)")
+    hub_learn.add_argument("--examples", required=True, help="a .jsonl/.csv/.parquet file or bigbench:TASK")
+    hub_learn.add_argument("--out", required=True, help="where the composed adapter goes")
+    hub_learn.add_argument("--model", default="smollm2-135m-instruct")
+    hub_learn.add_argument("--n-examples", type=int, default=5, help="examples drawn (seeded) when the source has more")
+    hub_learn.add_argument("--budget", type=int, default=40)
+    hub_learn.add_argument("--lam", type=float, default=0.05, help="weight of the L1 term mean|w|")
+    hub_learn.add_argument("--optimizer", default="NGOpt", help="a nevergrad optimiser name, e.g. NGOpt, CMA")
+    hub_learn.add_argument("--population", type=int, help="candidates per batched evaluation (default: CMA's size, else 1)")
+    hub_learn.add_argument("--seed", type=int, default=0)
+    hub_learn.set_defaults(func=_hub_learn)
+    hub_eval = hub_commands.add_parser("eval", help="test accuracy of a composed adapter on a task")
+    _add_eval_arguments(hub_eval)
+    hub_eval.set_defaults(func=_eval)
 
     info = commands.add_parser("info", help="an adapter's config, ranks and size; for a run directory the update's rank structure and a plot")
     info.add_argument("adapter", help="adapter directory or training run directory")

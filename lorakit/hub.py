@@ -1,0 +1,315 @@
+"""LoraHub (arXiv 2307.13269): compose N trained LoRA modules for an unseen task from a few examples.
+
+The composed module is the factor-wise weighted sum (Sec. 3.1), per layer
+
+    A = Σ_i w_i·A_i,   B = Σ_i w_i·B_i     (so B@A = Σ_i Σ_j w_i w_j B_i@A_j: cross terms included)
+
+and w minimises ``few-shot loss + λ·mean|w_i|`` (Sec. 3.2) with a gradient-free optimiser (nevergrad).
+
+Fast evaluation: the examples are tokenised once; a population of P candidates (nevergrad asks P times
+before telling) is evaluated in ONE batched forward in which the rows of candidate p use that
+candidate's composed factors (P adapters of the model filled in place, then a mixed-adapter batch,
+see `LoraModel(..., adapter_names=...)`); causal LMs compute logits only at target positions. Memory:
+one set of factors per candidate, never a merged copy of the model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .config import LoraConfig
+from .data import IGNORE_INDEX, Example, collate, completion_logprobs, tokenize_example
+from .errors import LoraConfigError, LoraError
+from .io import PREFIX, check_adapter_fits, read_adapter, write_adapter
+from .model import LoraModel
+
+__all__ = ["HubModule", "HubResult", "HubObjective", "load_modules", "compose", "learn", "DEFAULTS"]
+
+DEFAULTS = {"budget": 40, "lam": 0.05, "bounds": (-1.5, 1.5), "optimizer": "NGOpt"}  # the paper's code
+_A_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")
+_CANDIDATE = "lorahub_{}"
+
+
+@dataclass
+class HubModule:
+    """A LoRA module: its config and its A/B tensors under PEFT's keys."""
+
+    config: LoraConfig
+    tensors: dict[str, Tensor]
+    source: str = "<memory>"
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """PEFT format, atomic."""
+        write_adapter(directory, self.config, {k: v.contiguous() for k, v in self.tensors.items()})
+
+
+def _as_module(item) -> HubModule:
+    if isinstance(item, HubModule):
+        return item
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], LoraModel):  # (model, adapter name)
+        from .io import adapter_state_dict
+
+        model, name = item
+        return HubModule(model.peft_config[name], adapter_state_dict(model, name), f"adapter {name!r}")
+    config, tensors = read_adapter(item)
+    return HubModule(config, tensors, str(item))
+
+
+def load_modules(items: Sequence) -> list[HubModule]:
+    """Adapter directories, `HubModule`s or ``(LoraModel, adapter_name)`` pairs, checked to fit together."""
+    modules = [_as_module(item) for item in items]
+    _check_compatible(modules)
+    return modules
+
+
+def _check_compatible(modules: list[HubModule]) -> None:
+    if not modules:
+        raise LoraConfigError("LoraHub needs at least one module.")
+    first = modules[0]
+    extra = [k for k in first.tensors if ".lora_" not in k]
+    if extra:
+        raise LoraConfigError(f"{first.source} holds {extra[0]!r}: LoraHub composes LoRA factors only (no modules_to_save or biases).")
+    for module in modules[1:]:
+        mismatch = _first_mismatch(first, module)
+        if mismatch:
+            raise LoraConfigError(f"{module.source} does not fit {first.source}: {mismatch}. LoraHub modules must share target modules and rank.")
+
+
+def _first_mismatch(first: HubModule, other: HubModule) -> str | None:
+    for key in first.tensors:
+        if key not in other.tensors:
+            return f"it has no {key!r}"
+        if other.tensors[key].shape != first.tensors[key].shape:
+            return f"{key!r} is {tuple(other.tensors[key].shape)}, not {tuple(first.tensors[key].shape)}"
+    for key in other.tensors:
+        if key not in first.tensors:
+            return f"it adapts {key!r}, which the first module does not"
+    for name in ("lora_alpha", "use_rslora", "alpha_pattern"):
+        if getattr(first.config, name) != getattr(other.config, name):
+            return f"{name} is {getattr(other.config, name)!r}, not {getattr(first.config, name)!r}"
+    return None
+
+
+def compose(modules: Sequence, weights: Sequence[float]) -> HubModule:
+    """``A = Σ w_i A_i`` and ``B = Σ w_i B_i`` for every layer (negative weights allowed)."""
+    modules = load_modules(modules)
+    if len(weights) != len(modules):
+        raise LoraConfigError(f"{len(weights)} weights for {len(modules)} modules: give one weight per module.")
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
+    tensors = {}
+    for key, first in modules[0].tensors.items():
+        stack = torch.stack([m.tensors[key].float() for m in modules])  # (N, ...)
+        tensors[key] = torch.tensordot(w, stack, dims=1).to(first.dtype)
+    return HubModule(modules[0].config, tensors, f"composition of {len(modules)} modules")
+
+
+# -- learning --------------------------------------------------------------------------------------
+@dataclass
+class HubResult:
+    weights: list[float]
+    losses: list[float]  # the objective of every evaluation, in order
+    module: HubModule
+    seconds: float
+    model: nn.Module | None = None  # with merge=True: the model with the composed update folded in
+    best_losses: list[float] = field(default_factory=list)  # running minimum of `losses`
+
+
+class HubObjective:
+    """The few-shot loss of candidate weight vectors. Wraps `model` with P candidate adapters (unload with
+    `close()`); `population_loss(W)` evaluates the rows of W (P, N) in one batched forward (chunked by
+    `batch_rows`)."""
+
+    def __init__(self, model: nn.Module, modules: list[HubModule], examples: Sequence[Example], tokenizer,
+                 population: int = 1, batch_rows: int = 64, max_length: int = 256) -> None:
+        if isinstance(model, LoraModel):
+            raise LoraConfigError("pass the base model to LoraHub, not a LoraModel: it adds its own candidate adapters.")
+        check_adapter_fits(model, modules[0].config, modules[0].tensors, modules[0].source)
+        self.modules, self.population, self.batch_rows = modules, population, batch_rows
+        self.seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        config = modules[0].config.replace(lora_dropout=0.0, init_lora_weights=True)
+        self.lora = LoraModel(model, config, adapter_name=_CANDIDATE.format(0))
+        try:
+            for p in range(1, population):
+                self.lora.add_adapter(_CANDIDATE.format(p), config, initialize=False)
+            self.lora.eval()
+            self.stacks = self._stack_factors()
+        except BaseException:
+            self.lora.unload()
+            raise
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.items = [self._tokenize(tokenizer, ex, max_length) for ex in examples]
+        self.candidate_items = None
+
+    def _stack_factors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Layer path -> (A (N, r, in), B (N, out, r)) of the modules, on the model's device and dtype."""
+        stacks = {}
+        for path, layer in self.lora.lora_layers():
+            key_A = next(k for k in self.modules[0].tensors if k.startswith(f"{PREFIX}{path}.") and k.endswith(_A_SUFFIXES))
+            key_B = key_A.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
+            like = layer.lora_A[_CANDIDATE.format(0)]
+            stacks[path] = tuple(torch.stack([m.tensors[k] for m in self.modules]).to(like.device, like.dtype) for k in (key_A, key_B))
+        return stacks
+
+    def _tokenize(self, tokenizer, example: Example, max_length: int) -> dict:
+        if not self.seq2seq:
+            return tokenize_example(tokenizer, example.prompt, example.target, max_length)
+        source = tokenizer(example.prompt, truncation=True, max_length=max_length)["input_ids"]
+        target = tokenizer(example.target, truncation=True, max_length=max_length)["input_ids"]
+        return {"input_ids": source, "labels": target}
+
+    @torch.no_grad()
+    def compose_into(self, weights: Tensor) -> None:
+        """Candidate p's adapter := the composition with weights[p] (in place, no state-dict rewrite)."""
+        for path, layer in self.lora.lora_layers():
+            A_stack, B_stack = self.stacks[path]
+            w = weights.to(A_stack.device, A_stack.dtype)  # (P, N)
+            A = torch.einsum("pn,nri->pri", w, A_stack)  # (P, r, in)
+            B = torch.einsum("pn,nor->por", w, B_stack)  # (P, out, r)
+            for p in range(w.shape[0]):
+                layer.lora_A[_CANDIDATE.format(p)].copy_(A[p])
+                layer.lora_B[_CANDIDATE.format(p)].copy_(B[p])
+
+    @torch.no_grad()
+    def population_loss(self, weights: Tensor) -> list[float]:
+        """Mean over examples of each example's mean token cross-entropy, for every row of weights (P, N)."""
+        if weights.shape[0] > self.population:
+            raise LoraError(f"{weights.shape[0]} candidates for an objective built for a population of {self.population}.")
+        self.compose_into(weights)
+        rows = [(p, item) for p in range(weights.shape[0]) for item in self.items]  # candidate-major
+        per_example = []
+        for start in range(0, len(rows), self.batch_rows):
+            chunk = rows[start : start + self.batch_rows]
+            names = [_CANDIDATE.format(p) for p, _ in chunk]
+            per_example.append(self._example_losses([item for _, item in chunk], names))
+        losses = torch.cat(per_example).view(weights.shape[0], len(self.items))  # (P, E)
+        return losses.mean(dim=1).tolist()
+
+    def _example_losses(self, items: list[dict], names: list[str]) -> Tensor:
+        device = next(self.lora.parameters()).device
+        if not self.seq2seq:
+            batch = {k: v.to(device) for k, v in collate(items, self.pad_id).items()}
+            logprobs, mask = completion_logprobs(lambda **kw: self.lora(**kw, adapter_names=names), batch)
+            return -logprobs.sum(-1) / mask.sum(-1)  # (rows,)
+        batch = _collate_seq2seq(items, self.pad_id, device)
+        labels = batch.pop("labels")
+        logits = self.lora(**batch, labels=labels, adapter_names=names).logits.float()  # (rows, tgt, vocab)
+        token_loss = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+        mask = labels != IGNORE_INDEX
+        return (token_loss * mask).sum(-1) / mask.sum(-1)
+
+    def close(self) -> nn.Module:
+        """Remove the candidate adapters: the base model as it was."""
+        return self.lora.unload()
+
+
+def _collate_seq2seq(items: list[dict], pad_id: int, device) -> dict[str, Tensor]:
+    """Right-padded encoder inputs and decoder labels (-100 padding)."""
+    width = max(len(i["input_ids"]) for i in items)
+    target = max(len(i["labels"]) for i in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    labels = torch.full((len(items), target), IGNORE_INDEX, dtype=torch.long)
+    for row, item in enumerate(items):
+        ids[row, : len(item["input_ids"])] = torch.tensor(item["input_ids"])
+        mask[row, : len(item["input_ids"])] = 1
+        labels[row, : len(item["labels"])] = torch.tensor(item["labels"])
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def default_population(optimizer: str, n_modules: int) -> int:
+    """CMA-ES asks a population of ``4 + floor(3 ln N)`` (Hansen's default); other optimisers one at a time."""
+    return 4 + int(3 * math.log(n_modules)) if "CMA" in optimizer.upper() else 1
+
+
+def make_optimizer(name: str, n_modules: int, budget: int, bounds: tuple[float, float], seed: int, population: int):
+    """A seeded nevergrad optimiser over w ∈ [lo, hi]^N starting at 0 ("CMA-ES" is nevergrad's "CMA")."""
+    import nevergrad as ng
+    import numpy as np
+
+    name = {"CMA-ES": "CMA", "CMAES": "CMA"}.get(name.upper(), name)
+    if name not in ng.optimizers.registry:
+        raise LoraConfigError(f"{name!r} is not a nevergrad optimiser; try 'NGOpt', 'CMA', 'OnePlusOne' or 'TwoPointsDE'.")
+    parametrization = ng.p.Array(init=np.zeros(n_modules), lower=bounds[0], upper=bounds[1])
+    parametrization.random_state = np.random.RandomState(seed)
+    return ng.optimizers.registry[name](parametrization=parametrization, budget=budget, num_workers=population)
+
+
+def learn(model: nn.Module, modules: Sequence, examples: Sequence[Example], tokenizer, *, budget: int = 40,
+          lam: float = 0.05, optimizer: str = "NGOpt", bounds: tuple[float, float] = (-1.5, 1.5), seed: int = 0,
+          population: int | None = None, merge: bool = False, batch_rows: int = 64, max_length: int = 256,
+          progress: bool = True) -> HubResult:
+    """Find weights w for `modules` minimising the few-shot loss on `examples` + ``lam·mean|w|``.
+
+    Defaults are the paper's code (NGOpt, budget 40, λ = 0.05, w ∈ [-1.5, 1.5] starting at 0). A
+    population (default: CMA's own size, else 1) is evaluated in one batched forward. The model comes
+    back unchanged, or with the composed update merged when ``merge=True`` (then in ``result.model``)."""
+    modules = load_modules(modules)
+    population = population or default_population(optimizer, len(modules))
+    search = make_optimizer(optimizer, len(modules), budget, bounds, seed, population)
+    objective = HubObjective(model, modules, examples, tokenizer, population, batch_rows, max_length)
+    losses, started = [], time.perf_counter()
+    try:
+        with tqdm(total=budget, desc=f"LoraHub ({optimizer})", disable=not progress) as bar:
+            while len(losses) < budget:
+                candidates = [search.ask() for _ in range(min(population, budget - len(losses)))]
+                weights = torch.tensor([list(c.value) for c in candidates], dtype=torch.float32)  # (P, N)
+                fits = objective.population_loss(weights)
+                for candidate, fit in zip(candidates, fits):
+                    value = fit + lam * float(abs(candidate.value).mean())
+                    search.tell(candidate, value)
+                    losses.append(value)
+                bar.update(len(candidates))
+                bar.set_postfix(best=f"{min(losses):.4f}")
+        best = [float(x) for x in search.provide_recommendation().value]
+    finally:
+        base = objective.close()
+    module = compose(modules, best)
+    result = HubResult(best, losses, module, time.perf_counter() - started, best_losses=_running_min(losses))
+    if merge:
+        from .io import apply_adapter
+
+        wrapped = LoraModel(base)
+        apply_adapter(wrapped, "lorahub", module.config, module.tensors, is_trainable=False)
+        wrapped.set_adapter("lorahub")
+        result.model = wrapped.merge_and_unload()
+    return result
+
+
+def _running_min(values: list[float]) -> list[float]:
+    out, best = [], math.inf
+    for value in values:
+        best = min(best, value)
+        out.append(best)
+    return out
+
+
+def plot_result(result: HubResult, names: Sequence[str], path: str | os.PathLike) -> None:
+    """Loss curve (every evaluation and the running best) and the final weights, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (curve, bars) = plt.subplots(1, 2, figsize=(12, 4.2))
+    steps = range(1, len(result.losses) + 1)
+    curve.plot(steps, result.losses, ".", alpha=0.5, label="evaluated")
+    curve.plot(steps, result.best_losses, "-", label="best so far")
+    curve.set(xlabel="evaluation", ylabel="few-shot loss + λ·mean|w|", title="LoraHub search")
+    curve.legend()
+    bars.bar(range(len(names)), result.weights)
+    bars.set_xticks(range(len(names)), [Path(n).name for n in names], rotation=60, ha="right", fontsize=7)
+    bars.set(ylabel="weight", title="final weights")
+    for axis in (curve, bars):
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

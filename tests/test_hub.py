@@ -1,0 +1,196 @@
+"""LoraHub: composition against dense maths, batched population loss == one-by-one loss (the official
+code's way: write the composed state dict, one full forward per candidate), bounds, L1, seeds, causal
+and seq2seq, mismatched modules, merge, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from transformers import T5Config, T5ForConditionalGeneration
+
+from lorakit import LoraConfig, LoraConfigError, LoraLayer, LoraModel, get_lora_model, hub, models
+from lorakit.data import IGNORE_INDEX, Example, collate, tokenize_example
+from lorakit.io import apply_adapter
+
+from tiny_hub import tiny_tokenizer, write_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = [Example(f"{a} plus {b}?", str(a + b)) for a, b in [(1, 2), (3, 4), (2, 2), (5, 1), (0, 3)]]
+
+
+def _modules(model_factory, targets, n=4, r=2, seed=0) -> list[hub.HubModule]:
+    """n modules with random (non-zero) factors on fresh copies of the model."""
+    modules = []
+    for i in range(n):
+        torch.manual_seed(seed + i)
+        lora = get_lora_model(model_factory(), LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False))
+        with torch.no_grad():
+            for _, layer in lora.lora_layers():
+                layer.lora_B["default"].mul_(0.3)
+        modules.append(hub._as_module((lora, "default")))
+    return modules
+
+
+@pytest.fixture(scope="module")
+def causal(tmp_path_factory):
+    directory = write_tiny_model(tmp_path_factory.mktemp("hub") / "model")
+    factory = lambda: models.load(directory)[0]  # noqa: E731
+    return factory, models.load(directory)[1], _modules(factory, ["q_proj", "v_proj", "up_proj"]), directory
+
+
+def _tiny_t5():
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(T5Config(vocab_size=len(tiny_tokenizer()), d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                                               num_decoder_layers=2, num_heads=4, decoder_start_token_id=0, pad_token_id=0)).eval()
+
+
+def _reference_loss(model_factory, modules, weights, tokenizer, seq2seq=False) -> float:
+    """The official code's way: a fresh model, the composed state dict written in, one full forward."""
+    composed = hub.compose(modules, weights)
+    lora = LoraModel(model_factory())
+    apply_adapter(lora, "composed", composed.config, composed.tensors, is_trainable=False)
+    lora.set_adapter("composed")
+    losses = []
+    with torch.no_grad():
+        for example in EXAMPLES:
+            if seq2seq:
+                ids = torch.tensor([tokenizer(example.prompt)["input_ids"]])
+                labels = torch.tensor([tokenizer(example.target)["input_ids"]])
+                losses.append(float(lora(input_ids=ids, labels=labels).loss))
+                continue
+            batch = collate([tokenize_example(tokenizer, example.prompt, example.target, 256)], tokenizer.pad_token_id)
+            logits = lora(input_ids=batch["input_ids"]).logits[0, :-1]  # all positions
+            labels = batch["labels"][0, 1:]
+            losses.append(float(torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)))
+    return sum(losses) / len(losses)
+
+
+def test_compose_is_the_factor_wise_weighted_sum(causal):
+    _, _, modules, _ = causal
+    weights = [0.7, -1.2, 0.0, 0.4]
+    composed = hub.compose(modules, weights)
+    for key, tensor in composed.tensors.items():
+        expected = sum(w * m.tensors[key] for w, m in zip(weights, modules))
+        torch.testing.assert_close(tensor, expected, atol=1e-6, rtol=0)
+    key_A = next(k for k in composed.tensors if k.endswith("lora_A.weight"))
+    key_B = key_A.replace("lora_A", "lora_B")
+    delta = composed.tensors[key_B] @ composed.tensors[key_A]
+    cross = sum(wi * wj * mi.tensors[key_B] @ mj.tensors[key_A]
+                for wi, mi in zip(weights, modules) for wj, mj in zip(weights, modules))
+    torch.testing.assert_close(delta, cross, atol=1e-5, rtol=0)  # B@A includes every cross term B_i@A_j
+    assert not torch.allclose(delta, sum(w * m.tensors[key_B] @ m.tensors[key_A] for w, m in zip(weights, modules)), atol=1e-3)
+
+
+def test_population_loss_equals_one_by_one_causal(causal):
+    factory, tokenizer, modules, _ = causal
+    model = factory()
+    candidates = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, -0.5, 0.3, 0.0], [-1.5, 1.5, 0.2, 0.9]])
+    objective = hub.HubObjective(model, modules, EXAMPLES, tokenizer, population=3, batch_rows=7)  # chunks cross candidates
+    batched = objective.population_loss(candidates)
+    objective.close()
+    for w, loss in zip(candidates.tolist(), batched):
+        assert loss == pytest.approx(_reference_loss(factory, modules, w, tokenizer), abs=1e-5)
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())  # the candidates are gone
+
+
+def test_population_loss_equals_one_by_one_seq2seq():
+    tokenizer = tiny_tokenizer()
+    modules = _modules(_tiny_t5, ["q", "v"], n=3)
+    candidates = torch.tensor([[0.5, 0.5, -0.5], [1.0, 0.0, 0.2]])
+    objective = hub.HubObjective(_tiny_t5(), modules, EXAMPLES, tokenizer, population=2)
+    batched = objective.population_loss(candidates)
+    objective.close()
+    for w, loss in zip(candidates.tolist(), batched):
+        assert loss == pytest.approx(_reference_loss(_tiny_t5, modules, w, tokenizer, seq2seq=True), abs=1e-5)
+
+
+def test_learn_matches_the_one_by_one_search(causal):
+    factory, tokenizer, modules, _ = causal
+    result = hub.learn(factory(), modules, EXAMPLES, tokenizer, budget=12, optimizer="CMA", seed=3, progress=False)
+    search = hub.make_optimizer("CMA", len(modules), 12, (-1.5, 1.5), 3, hub.default_population("CMA", len(modules)))
+    reference = []
+    while len(reference) < 12:  # ask a population, evaluate one by one with state-dict writes, tell
+        asked = [search.ask() for _ in range(min(search.num_workers, 12 - len(reference)))]
+        for candidate in asked:
+            value = _reference_loss(factory, modules, list(candidate.value), tokenizer) + 0.05 * float(abs(candidate.value).mean())
+            search.tell(candidate, value)
+            reference.append(value)
+    assert result.losses == pytest.approx(reference, abs=1e-5)
+    assert result.weights == pytest.approx(list(search.provide_recommendation().value), abs=1e-6)
+
+
+def test_bounds_l1_and_seeds(causal, monkeypatch):
+    factory, tokenizer, modules, _ = causal
+    asked = []
+    original = hub.HubObjective.population_loss
+    monkeypatch.setattr(hub.HubObjective, "population_loss", lambda self, w: asked.append(w.clone()) or original(self, w))
+    run = lambda **kw: hub.learn(factory(), modules, EXAMPLES, tokenizer, budget=10, progress=False, **kw)  # noqa: E731
+    bounded = run(bounds=(-0.2, 0.3), optimizer="CMA", seed=0)
+    assert all(float(w.min()) >= -0.2 and float(w.max()) <= 0.3 for w in asked)
+    assert min(bounded.weights) >= -0.2 and max(bounded.weights) <= 0.3
+    again = run(bounds=(-0.2, 0.3), optimizer="CMA", seed=0)
+    assert again.weights == bounded.weights and again.losses == bounded.losses
+    assert run(bounds=(-0.2, 0.3), optimizer="CMA", seed=1).weights != bounded.weights
+    heavy = run(lam=100.0, seed=0)  # the L1 term dominates: w = 0 (the start) wins
+    assert max(abs(w) for w in heavy.weights) < 1e-3
+    free = run(lam=0.0, seed=0)
+    assert max(abs(w) for w in free.weights) > 1e-3
+    assert bounded.best_losses == sorted(bounded.best_losses, reverse=True)
+
+
+def test_merge_folds_the_composition_in(causal):
+    factory, tokenizer, modules, _ = causal
+    result = hub.learn(factory(), modules, EXAMPLES, tokenizer, budget=6, merge=True, progress=False)
+    reference = LoraModel(factory())
+    apply_adapter(reference, "x", result.module.config, result.module.tensors, is_trainable=False)
+    reference.set_adapter("x")
+    ids = torch.randint(3, 20, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5, rtol=0)
+    assert not any(isinstance(m, LoraLayer) for m in result.model.modules())
+
+
+def test_mismatched_modules_are_named(causal):
+    factory, _, modules, _ = causal
+    other_rank = _modules(factory, ["q_proj", "v_proj", "up_proj"], n=1, r=3)[0]
+    with pytest.raises(LoraConfigError, match=r"does not fit .*lora_A.weight'? is \(3, 32\), not \(2, 32\)"):
+        hub.compose([modules[0], other_rank], [1.0, 1.0])
+    other_targets = _modules(factory, ["q_proj", "v_proj"], n=1)[0]
+    with pytest.raises(LoraConfigError, match="has no .*up_proj"):
+        hub.compose([modules[0], other_targets], [1.0, 1.0])
+    with pytest.raises(LoraConfigError, match="one weight per module"):
+        hub.compose(modules, [1.0])
+    with pytest.raises(LoraConfigError, match="not a nevergrad optimiser"):
+        hub.make_optimizer("NoSuchOpt", 3, 10, (-1, 1), 0, 1)
+
+
+def test_hub_cli_learns_and_writes_a_peft_adapter(causal, tmp_path):
+    factory, _, modules, model_dir = causal
+    dirs = []
+    for i, module in enumerate(modules):
+        module.save(tmp_path / f"module{i}")
+        dirs.append(str(tmp_path / f"module{i}"))
+    examples = tmp_path / "few.jsonl"
+    examples.write_text("".join(json.dumps({"prompt": e.prompt, "completion": e.target}) + "\n" for e in EXAMPLES))
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "lorakit.cli", "hub", "learn", "--modules", *dirs, "--examples", str(examples),
+                          "--model", str(model_dir), "--budget", "8", "--optimizer", "CMA", "--out", str(tmp_path / "composed")],
+                         check=True, env=env, capture_output=True, text=True).stdout
+    assert "weights:" in out
+    record = json.loads((tmp_path / "composed" / "lorahub.json").read_text())
+    assert len(record["weights"]) == 4 and len(record["losses"]) == 8 and (tmp_path / "composed" / "lorahub.png").is_file()
+    composed = hub.compose(dirs, record["weights"])
+    peft_model = peft.PeftModel.from_pretrained(factory(), tmp_path / "composed")
+    ours = LoraModel(factory())
+    apply_adapter(ours, "x", composed.config, composed.tensors, is_trainable=False)
+    ours.set_adapter("x")
+    ids = torch.randint(3, 20, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5, rtol=0)
