@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
-import tempfile
 from pathlib import Path
 
+from lorakit.models import cache_dir
 from lorakit.plora_export import effective_rank, plot_diagnostics, run_update
 from lorakit.recipe import load_run_config, run
 
@@ -39,24 +40,32 @@ def variants(rank: int) -> dict[str, list[str]]:
 
 
 def one_run(args, name: str, overrides: list[str], seed: int, folder: Path) -> dict:
+    """Train one variant (unless `folder` already holds its finished run) and collect its numbers."""
     out = folder / f"{name.replace(' ', '_').replace(',', '').replace('=', '')}-seed{seed}"
+    if (out / "summary.md").is_file():
+        return collect(out, name, seed)
+    shutil.rmtree(out, ignore_errors=True)  # an unfinished run starts again
     common = [
         f"data.source={args.task}", f"data.seed={seed}", f"data.test_size={args.test_size}", "data.validation_size=50",
         f"training.output_dir={out}", f"training.steps={args.steps}", "training.batch_size=8", f"training.lr={args.lr}",
         f"training.seed={seed}", "training.eval_every=0", f"training.save_every={args.steps}", "training.warmup_steps=5",
         f"plora.unload_every={args.unload_every}", "training.max_length=192",
     ]
-    result = run(load_run_config(None, common + overrides))
+    run(load_run_config(None, common + overrides))
+    return collect(out, name, seed)
+
+
+def collect(out: Path, name: str, seed: int) -> dict:
+    """The numbers of a finished run directory (summary.md, metrics.jsonl, adapter and PLoRA stages)."""
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     _, _, total, stages = run_update(out)
     ranks = sorted(effective_rank(update.singular_values()) for update in total.values())
-    summary = (out / "summary.md").read_text()
-    unload = next((line.split("|")[2].strip() for line in summary.splitlines() if "PLoRA unloads" in line), "-")
+    summary = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in (out / "summary.md").read_text().splitlines()[2:]}
     return {
         "variant": name, "seed": seed, "run": str(out), "final_loss": statistics.mean(m["loss"] for m in history[-10:]),
-        "accuracy": result["after"]["accuracy"], "zero_shot": result["before"]["accuracy"], "seconds": result["seconds"],
-        "effective_rank": ranks[len(ranks) // 2], "stages": len(stages), "unload": unload,
-        "losses": [m["loss"] for m in history],
+        "accuracy": float(summary["fine-tuned accuracy"]), "zero_shot": float(summary["zero-shot accuracy"]),
+        "seconds": float(summary["training time"].split()[0]), "effective_rank": ranks[len(ranks) // 2],
+        "stages": len(stages), "unload": summary.get("PLoRA unloads", "-"), "losses": [m["loss"] for m in history],
     }
 
 
@@ -120,17 +129,18 @@ def main() -> None:
     parser.add_argument("--test-size", type=int, default=150)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--work", default=str(cache_dir() / "bench" / "plora_vs_lora"),
+                        help="run directories; finished runs found here are reused, so the study can grow seed by seed")
     args = parser.parse_args()
-    out = Path(args.out)
+    out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    with tempfile.TemporaryDirectory() as folder:
-        for seed in args.seeds:
-            for name, overrides in variants(args.rank).items():
-                rows.append(one_run(args, name, overrides, seed, Path(folder)))
-                print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
-        first = {r["variant"]: r["run"] for r in rows if r["seed"] == args.seeds[0]}
-        plot_diagnostics(first, out / "plora_update_diagnostics.png")
+    for seed in args.seeds:
+        for name, overrides in variants(args.rank).items():
+            rows.append(one_run(args, name, overrides, seed, work))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
+    first = {r["variant"]: r["run"] for r in rows if r["seed"] == args.seeds[0]}
+    plot_diagnostics(first, out / "plora_update_diagnostics.png")
     text = table(rows, args)
     (out / "plora_vs_lora.md").write_text(text + "\n")
     (out / "plora_vs_lora.json").write_text(json.dumps(rows, indent=1) + "\n")

@@ -45,7 +45,7 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
-    from .io import read_adapter
+    from .io import is_a_key, read_adapter
 
     if (Path(args.adapter) / "adapter").is_dir():  # a training run directory
         _run_info(Path(args.adapter))
@@ -53,7 +53,7 @@ def _info(args: argparse.Namespace) -> None:
     config, tensors = read_adapter(args.adapter)
     ranks = {}
     for key, tensor in tensors.items():
-        if key.endswith(("lora_A.weight", "lora_embedding_A")):
+        if is_a_key(key):
             ranks[tensor.shape[0]] = ranks.get(tensor.shape[0], 0) + 1
     print(f"adapter: {args.adapter}")
     print(json.dumps({k: v for k, v in config.to_peft_dict().items() if v not in (None, False, {}, [])}, indent=2))

@@ -45,6 +45,21 @@ def factor_keys(path: str, is_embedding: bool) -> tuple[str, str]:
     return f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
 
 
+A_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")
+
+
+def is_a_key(key: str) -> bool:
+    """Whether a saved key holds an A factor (of a Linear/Conv1D or of an embedding)."""
+    return key.endswith(A_SUFFIXES)
+
+
+def b_key(key_A: str) -> str:
+    """The saved key of the B factor that goes with A factor `key_A`."""
+    if key_A.endswith(".lora_embedding_A"):
+        return key_A[: -len("A")] + "B"
+    return key_A[: -len("lora_A.weight")] + "lora_B.weight"
+
+
 def bias_parameters(model: nn.Module, mode: str, lora_paths: set[str]) -> dict[str, nn.Parameter]:
     """Saved key -> bias parameter for bias mode `mode` ("all" or "lora_only").
 

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .errors import LoraConfigError
 from .init import SVD_INITS, get_init, init_name
-from .io import factor_keys
+from .io import b_key, factor_keys
 from .layers import LoraEmbedding, LoraLayer
 from .model import LoraModel
 
@@ -237,7 +237,7 @@ def write_stage(directory: Path, stage: Stage) -> None:
     tensors = {}
     for key_A, (A, B) in stage.factors.items():
         tensors[key_A] = A.detach().to("cpu").contiguous()
-        tensors[_b_key(key_A)] = B.detach().to("cpu").contiguous()
+        tensors[b_key(key_A)] = B.detach().to("cpu").contiguous()
     metadata = {"index": str(stage.index), "step": str(stage.step), "samples": str(stage.samples),
                 "coefficient": repr(stage.coefficient), "scales": json.dumps(stage.scales)}
     target = directory / _stage_file(stage.index)
@@ -254,12 +254,8 @@ def read_stages(directory: str | os.PathLike, device: torch.device | str = "cpu"
         with safe_open(str(path), framework="pt", device=str(device)) as handle:
             meta = handle.metadata()
             scales = json.loads(meta["scales"])
-            factors = {key: (handle.get_tensor(key), handle.get_tensor(_b_key(key))) for key in scales}
+            factors = {key: (handle.get_tensor(key), handle.get_tensor(b_key(key))) for key in scales}
         stages.append(Stage(int(meta["index"]), int(meta["step"]), int(meta["samples"]), float(meta["coefficient"]), factors, scales))
     if [s.index for s in stages] != list(range(1, len(stages) + 1)):
         raise LoraConfigError(f"{folder} has gaps in its stage files ({[s.index for s in stages]}): it was edited by hand.")
     return stages
-
-
-def _b_key(key_A: str) -> str:
-    return key_A.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")

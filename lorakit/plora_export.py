@@ -21,13 +21,11 @@ import torch
 from torch import Tensor
 
 from .errors import LoraError
-from .io import PREFIX, read_adapter, write_adapter
-from .plora import STAGES_DIR, Stage, _b_key, read_stages
+from .io import PREFIX, b_key, is_a_key, read_adapter, write_adapter
+from .plora import STAGES_DIR, Stage, read_stages
 from .targeting import pattern_value
 
 __all__ = ["UpdateFactors", "total_factors", "compress", "effective_rank", "export_plora", "run_update", "plot_diagnostics"]
-
-_A_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")
 
 
 @dataclass
@@ -51,9 +49,9 @@ def live_factors(config, tensors: dict[str, Tensor]) -> dict[str, tuple[Tensor, 
     """A key -> (A, B, s) of a saved adapter, s from its config (alpha_pattern and rsLoRA included)."""
     live = {}
     for key, A in tensors.items():
-        if key.endswith(_A_SUFFIXES):
+        if is_a_key(key):
             alpha = pattern_value(config.alpha_pattern, _module_path(key), config.lora_alpha)
-            live[key] = (A.float(), tensors[_b_key(key)].float(), config.scale_for(A.shape[0], alpha))
+            live[key] = (A.float(), tensors[b_key(key)].float(), config.scale_for(A.shape[0], alpha))
     return live
 
 
@@ -115,7 +113,7 @@ def export_plora(run_dir: str | os.PathLike, directory: str | os.PathLike, rank:
     for key, update in total.items():
         if rank is not None:
             update, errors[key] = compress(update, rank)
-        out[key], out[_b_key(key)] = update.A.contiguous(), update.B.contiguous()
+        out[key], out[b_key(key)] = update.A.contiguous(), update.B.contiguous()
         ranks[_module_path(key)] = update.A.shape[0]
     r = max(ranks.values())
     rank_pattern = {path: value for path, value in ranks.items() if value != r}

@@ -19,12 +19,11 @@ import torch
 from safetensors.torch import load_file
 
 from .errors import LoraError
-from .io import INITIAL_NAME, adapter_state_dict, initial_factors, read_adapter, write_adapter
+from .io import INITIAL_NAME, adapter_state_dict, is_a_key, initial_factors, read_adapter, write_adapter
 from .model import LoraModel
 
 __all__ = ["export_plain_lora", "export_plain_lora_files", "plain_lora_tensors", "save_residual_model", "save_residual_model_files"]
 
-_A_KEYS = (".lora_A.weight", ".lora_embedding_A")
 
 
 def _doubled(config):
@@ -39,7 +38,7 @@ def _doubled(config):
 
 def plain_lora_tensors(tensors: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Saved adapter tensors -> plain LoRA tensors for the original base: ``A' = [A; A0]``, ``B' = [B, -B0]``."""
-    missing = [k for k in tensors if k.endswith(_A_KEYS) and k not in initial]
+    missing = [k for k in tensors if is_a_key(k) and k not in initial]
     if missing:
         raise LoraError(
             f"{missing[0]!r} has no initial factors: only adapters initialised with PiSSA/MiLoRA (and saved "
@@ -47,7 +46,7 @@ def plain_lora_tensors(tensors: dict[str, torch.Tensor], initial: dict[str, torc
         )
     plain = dict(tensors)
     for key, start in initial.items():  # start: A0 under an A key, B0 under a B key
-        if key.endswith(_A_KEYS):
+        if is_a_key(key):
             plain[key] = torch.cat([tensors[key], start.to(tensors[key].dtype)], dim=0)  # (2r, in)
         else:
             plain[key] = torch.cat([tensors[key], -start.to(tensors[key].dtype)], dim=1)  # (out, 2r)
