@@ -7,7 +7,9 @@ Timings are interleaved (base, PEFT mixed, lorakit mixed, lorakit single, ...) a
 
 * base: the frozen model, no adapter (the floor)
 * PEFT mixed: ``peft_model(input_ids, adapter_names=[...])``
-* lorakit mixed: ``lora_model(input_ids, adapter_names=[...])`` (per-row gathered low-rank product)
+* lorakit mixed: ``lora_model(input_ids, adapter_names=[...])`` (per-row gathered low-rank product; under
+  no_grad the gathered factors are kept while the same layout comes again, as in generation)
+* lorakit mixed, cold: the same with the gathered factors rebuilt on every call (a new layout each time)
 * lorakit single: the same batch, one adapter for every row (the fused path)
 
 Outputs of PEFT and lorakit mixed batches must agree (atol 1e-5 on the logits).
@@ -62,6 +64,12 @@ def timed(fn, store: list[float]) -> torch.Tensor:
     return out
 
 
+def cold(model, ids, names) -> torch.Tensor:
+    """A mixed batch as if its layout were new: no per-row factors kept from the previous call."""
+    model._last_rows = None
+    return model(input_ids=ids, adapter_names=names).logits
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
@@ -87,6 +95,7 @@ def main() -> None:
         "base model (floor)": lambda: floor(input_ids=ids).logits,
         "PEFT mixed batch": lambda: peft_model(input_ids=ids, adapter_names=names).logits,
         "lorakit mixed batch": lambda: ours(input_ids=ids, adapter_names=names).logits,
+        "lorakit mixed batch, cold (factors gathered again)": lambda: cold(ours, ids, names),
         "lorakit one adapter for all rows": lambda: ours(input_ids=ids).logits,
     }
     times = {name: [] for name in runs}

@@ -48,6 +48,7 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.row_adapters: RowAdapters | None = None
+        self._row_cache: tuple | None = None  # (rows, factor versions, per-row A, per-row s·B), no-grad only
         self._unmerged_weight: Tensor | None = None  # exact copy kept while a low-precision weight is merged
         self.initial_factors: dict[str, tuple[Tensor, Tensor]] = {}  # (A0, B0) of inits that moved W (PiSSA, MiLoRA)
 
@@ -80,6 +81,7 @@ class LoraLayer(nn.Module):
     # -- adapters ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, rank: int, scale: float, dropout: float, init: InitFn | None) -> None:
         """Create adapter `name`. ``init=None`` allocates zeros (to be filled from a file)."""
+        self._row_cache = None
         weight = self.weight_view()
         if init is None:
             A, B = weight.new_zeros(rank, self.in_features), weight.new_zeros(self.out_features, rank)
@@ -115,6 +117,7 @@ class LoraLayer(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter `name`, giving the base weight back what its init took."""
+        self._row_cache = None
         self.restore_base(name)
         for table in (self.lora_A, self.lora_B):
             del table[name]
@@ -198,6 +201,19 @@ class LoraLayer(nn.Module):
                 B[slot, :, :rank] = self.scaling[name] * self.lora_B[name]
         return A, B
 
+    def _row_factors(self, rows: RowAdapters) -> tuple[Tensor, Tensor]:
+        """Per-row A (batch, r, in) and s·B (batch, out, r) of a mixed batch. Under no_grad they are kept
+        while the same batch layout comes again and no factor changed (tensor versions): generation and
+        repeated scoring pay the gather once."""
+        versions = tuple((self.lora_A[n]._version, self.lora_B[n]._version, self.scaling[n]) for n in rows.names if n in self.lora_A)
+        cache = self._row_cache
+        if cache is not None and cache[0] is rows and cache[1] == versions:
+            return cache[2], cache[3]
+        A, sB = self._stacked_factors(rows)
+        A_rows, sB_rows = A[rows.row_slot], sB[rows.row_slot]
+        self._row_cache = None if torch.is_grad_enabled() else (rows, versions, A_rows, sB_rows)
+        return A_rows, sB_rows
+
     def _mixed_rows_output(self, x: Tensor, rows: RowAdapters) -> Tensor:
         raise NotImplementedError
 
@@ -257,10 +273,10 @@ class LoraLinear(LoraLayer):
 
     def _mixed_rows_output(self, x: Tensor, rows: RowAdapters) -> Tensor:
         _check_rows(x, rows)
-        A, sB = self._stacked_factors(rows)  # (slots, r, in), (slots, out, r)
+        A, sB = self._row_factors(rows)  # (batch, r, in), (batch, out, r)
         x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)  # (batch, seq, in)
-        xa = torch.bmm(x3, A[rows.row_slot].transpose(1, 2))  # (batch, seq, r)
-        out = torch.bmm(xa, sB[rows.row_slot].transpose(1, 2))  # (batch, seq, out)
+        xa = torch.bmm(x3, A.transpose(1, 2))  # (batch, seq, r)
+        out = torch.bmm(xa, sB.transpose(1, 2))  # (batch, seq, out)
         return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
 
 

@@ -31,6 +31,7 @@ class LoraModel(nn.Module):
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
+        self._last_rows: tuple | None = None  # ((adapter_names, device), RowAdapters) of the last mixed batch
         self.training = model.training
         unfrozen = [p for p in model.parameters() if p.requires_grad]
         for param in unfrozen:
@@ -263,9 +264,12 @@ class LoraModel(nn.Module):
         self._check_names(unique)
         if any(layer.merged_adapters for _, layer in self.lora_layers()):
             raise LoraError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
-        slot = {name: i for i, name in enumerate(unique)} | {BASE_ROW: len(unique)}
         device = next(self.model.parameters()).device
-        rows = RowAdapters(tuple(unique), torch.tensor([slot[n] for n in adapter_names], device=device))
+        layout = (tuple(adapter_names), device)
+        if self._last_rows is None or self._last_rows[0] != layout:  # the same layout reuses its RowAdapters (layer caches)
+            slot = {name: i for i, name in enumerate(unique)} | {BASE_ROW: len(unique)}
+            self._last_rows = (layout, RowAdapters(tuple(unique), torch.tensor([slot[n] for n in adapter_names], device=device)))
+        rows = self._last_rows[1]
         for _, layer in self.lora_layers():
             layer.row_adapters = rows
         try:
