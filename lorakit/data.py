@@ -14,6 +14,7 @@ import random
 import subprocess
 import sys
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -96,9 +97,10 @@ def _bigbench_examples(task: str) -> list[Example]:
     for item in spec.get("examples", []):
         prompt = prefix + item["input"]
         if "target_scores" in item:
-            options = tuple(item["target_scores"])
-            scores = list(item["target_scores"].values())
-            label = max(range(len(options)), key=scores.__getitem__)
+            options = list(item["target_scores"])
+            random.Random(zlib.crc32(item["input"].encode())).shuffle(options)  # the answer's position gives nothing away
+            options = tuple(options)
+            label = max(range(len(options)), key=lambda k: item["target_scores"][options[k]])
             if append_choices:
                 prompt += "".join(f"\n  choice: {option}" for option in options)
             examples.append(Example(prompt, options[label], options, label))

@@ -23,13 +23,18 @@ def test_bigbench_multiple_choice_generative_and_subtask(cache):
         "parity": multiple_choice_task(10),
         "sum": {"task_prefix": "Add. ", "examples": [{"input": "1+1", "target": ["2", "two"]}, {"input": "2+2", "target": "4"}]},
         "deduce/three": {"examples": [{"input": "pick", "target_scores": {"x": 0, "y": 0.5, "z": 1}}]},
+        "last": {"examples": [{"input": f"{i} times 3?", "target_scores": {str(i + 1): 0, str(i * 3): 1}} for i in range(40)]},
     })
     parity = data.load_examples("bigbench:parity")
-    assert parity[3] == Example("3 even?", "no", ("yes", "no"), 1)
+    assert parity[3].prompt == "3 even?" and parity[3].target == "no" and set(parity[3].options) == {"yes", "no"}
+    assert parity[3].options[parity[3].label] == "no"
     generative = data.load_examples("bigbench:sum")
     assert generative[0] == Example("Add. 1+1", "2", targets=("2", "two"))
     deduce = data.load_examples("bigbench:deduce/three")[0]
-    assert deduce.label == 2 and deduce.prompt == "pick\n  choice: x\n  choice: y\n  choice: z"  # append_choices_to_input default
+    assert set(deduce.options) == {"x", "y", "z"} and deduce.options[deduce.label] == "z" == deduce.target
+    assert deduce.prompt == "pick" + "".join(f"\n  choice: {o}" for o in deduce.options)  # append_choices_to_input default
+    last = data.load_examples("bigbench:last")  # the file lists the right answer last every time
+    assert {ex.label for ex in last} == {0, 1} and last == data.load_examples("bigbench:last")  # shuffled, deterministically
     assert (cache / "bigbench" / "tasks" / "parity" / "task.json").is_file()  # read from the archive once
     with pytest.raises(DataError, match="no task 'navigat'"):
         data.load_examples("bigbench:navigat")
