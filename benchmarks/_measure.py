@@ -34,3 +34,12 @@ class PeakRSS:
     @property
     def mib(self) -> float:
         return (self.peak - self.start) / 2**20
+
+
+def mean_sd(values: list[float], digits: int) -> str:
+    """``mean ± sd`` of a table cell (the value alone for a single run)."""
+    import statistics
+
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -32,6 +34,9 @@ from lorakit.data import Example, format_prompt, load_examples
 from lorakit.evaluate import evaluate
 from lorakit.models import cache_dir
 from lorakit.recipe import load_run_config, run
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _measure import mean_sd  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 UPSTREAM = [
@@ -102,10 +107,6 @@ def held_out_task(task: str, library: list[Path], args) -> dict:
     return row
 
 
-def _cell(values: list[float]) -> str:
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
-
-
 def table(rows: list[dict], args) -> str:
     lines = [
         f"`python benchmarks/lorahub_bigbench.py`: SmolLM2-135M-Instruct, a library of {len(UPSTREAM)} modules (r=16, q/v, "
@@ -116,7 +117,7 @@ def table(rows: list[dict], args) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        lines.append(f"| {row['task']} | {row['zero_shot']:.3f} | {_cell(row['lorahub'])} | {_cell(row['single'])} | {_cell(row['icl'])} | "
+        lines.append(f"| {row['task']} | {row['zero_shot']:.3f} | {mean_sd(row['lorahub'], 3)} | {mean_sd(row['single'], 3)} | {mean_sd(row['icl'], 3)} | "
                      f"{row['zero_shot_tokens']:.0f} | {row['icl_tokens']:.0f} |")
     mean = lambda key: statistics.mean(statistics.mean(r[key]) if isinstance(r[key], list) else r[key] for r in rows)  # noqa: E731
     lines.append(f"| **mean** | {mean('zero_shot'):.3f} | {mean('lorahub'):.3f} | {mean('single'):.3f} | {mean('icl'):.3f} | "

@@ -19,13 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
+import sys
 from pathlib import Path
 
 from lorakit.models import cache_dir
 from lorakit.plora_export import effective_rank, plot_diagnostics, run_update
 from lorakit.recipe import load_run_config, run
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _measure import mean_sd  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -69,12 +74,6 @@ def collect(out: Path, name: str, seed: int) -> dict:
     }
 
 
-def _mean_spread(values: list[float], digits: int) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def table(rows: list[dict], args) -> str:
     lines = [
         f"`python benchmarks/plora_vs_lora.py`: SmolLM2-135M-Instruct, {args.task}, all linear layers, {args.steps} steps of 8, "
@@ -87,8 +86,8 @@ def table(rows: list[dict], args) -> str:
     for name in dict.fromkeys(r["variant"] for r in rows):
         group = [r for r in rows if r["variant"] == name]
         lines.append(
-            f"| {name} | {_mean_spread([r['final_loss'] for r in group], 3)} | {_mean_spread([r['accuracy'] for r in group], 3)} | "
-            f"{_mean_spread([r['effective_rank'] for r in group], 1)} | {_mean_spread([r['seconds'] for r in group], 0)} | {group[0]['unload']} |"
+            f"| {name} | {mean_sd([r['final_loss'] for r in group], 3)} | {mean_sd([r['accuracy'] for r in group], 3)} | "
+            f"{mean_sd([r['effective_rank'] for r in group], 1)} | {mean_sd([r['seconds'] for r in group], 0)} | {group[0]['unload']} |"
         )
     return "\n".join(lines)
 
@@ -126,7 +125,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--unload-every", type=int, default=120, help="samples per PLoRA stage")
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--test-size", type=int, default=150)
+    parser.add_argument("--test-size", type=int, default=100)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--work", default=str(cache_dir() / "bench" / "plora_vs_lora"),
