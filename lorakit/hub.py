@@ -15,6 +15,7 @@ one set of factors per candidate, never a merged copy of the model.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -146,6 +147,10 @@ class HubObjective:
             raise
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.items = [self._tokenize(tokenizer, ex, max_length) for ex in examples]
+        self.prefix = 0 if self.seq2seq else _shared_prefix(self.items)  # e.g. the chat template's system turn
+        self.shared_ids = self.items[0]["input_ids"][: self.prefix]
+        if self.prefix:  # run once per candidate, its keys/values reused by every example
+            self.items = [{k: v[self.prefix :] for k, v in item.items()} for item in self.items]
         self.lengths = [len(item["input_ids"]) + len(item["labels"]) * self.seq2seq for item in self.items]
 
     def _stack_factors(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -183,10 +188,15 @@ class HubObjective:
         if weights.shape[0] > self.population:
             raise LoraError(f"{weights.shape[0]} candidates for an objective built for a population of {self.population}.")
         self.compose_into(weights)
+        prefix = self._prefix_cache(weights.shape[0]) if self.prefix else None
         losses = torch.zeros(weights.shape[0], len(self.items))  # (P, E)
         for chunk in self._chunks(weights.shape[0]):
             names = [_CANDIDATE.format(p) for p, _ in chunk]
-            values = self._example_losses([self.items[e] for _, e in chunk], names)
+            cache = None
+            if prefix is not None:  # each row continues its own candidate's prefix
+                cache = copy.deepcopy(prefix)
+                cache.batch_select_indices(torch.tensor([p for p, _ in chunk], device=self._device()))
+            values = self._example_losses([self.items[e] for _, e in chunk], names, cache)
             for (p, e), value in zip(chunk, values.tolist()):
                 losses[p, e] = value
         return losses.mean(dim=1).tolist()
@@ -205,15 +215,30 @@ class HubObjective:
             real += length
         return chunks + [current] if current else chunks
 
-    def _example_losses(self, items: list[dict], names: list[str]) -> Tensor:
-        device = next(self.lora.parameters()).device
+    def _device(self) -> torch.device:
+        return next(self.lora.parameters()).device
+
+    def _forward(self, names: list[str]):
         if len(set(names)) == 1:  # one candidate: the plain (fused) adapter path
             self.lora.set_adapter(names[0])
-            forward = self.lora
-        else:  # each row its candidate's factors
-            forward = lambda **inputs: self.lora(**inputs, adapter_names=names)  # noqa: E731
+            return self.lora
+        return lambda **inputs: self.lora(**inputs, adapter_names=names)  # each row its candidate's factors
+
+    def _prefix_cache(self, candidates: int):
+        """Keys/values of the shared prompt prefix, one row per candidate."""
+        ids = torch.tensor([self.shared_ids] * candidates, device=self._device())  # (P, prefix)
+        names = [_CANDIDATE.format(p) for p in range(candidates)]
+        return self._forward(names)(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+
+    def _example_losses(self, items: list[dict], names: list[str], cache=None) -> Tensor:
+        device, forward = self._device(), self._forward(names)
         if not self.seq2seq:
             batch = {k: v.to(device) for k, v in collate(items, self.pad_id).items()}
+            if cache is not None:  # after the cached prefix: mask it in, positions continue from it
+                prefix_mask = torch.ones(len(items), self.prefix, dtype=batch["attention_mask"].dtype, device=device)
+                batch["attention_mask"] = torch.cat([prefix_mask, batch["attention_mask"]], dim=1)
+                batch["position_ids"] = batch["position_ids"] + self.prefix
+                batch["past_key_values"] = cache
             logprobs, mask = completion_logprobs(forward, batch)
             return -logprobs.sum(-1) / mask.sum(-1)  # (rows,)
         batch = _collate_seq2seq(items, self.pad_id, device)
@@ -226,6 +251,20 @@ class HubObjective:
     def close(self) -> nn.Module:
         """Remove the candidate adapters: the base model as it was."""
         return self.lora.unload()
+
+
+def _shared_prefix(items: list[dict], minimum: int = 4) -> int:
+    """Tokens every example starts with, ending before the first position whose logits are needed
+    (0 when fewer than `minimum`: not worth a second forward)."""
+    first = items[0]["input_ids"]
+    length = min(len(item["input_ids"]) for item in items)
+    for item in items:
+        common = 0
+        while common < length and item["input_ids"][common] == first[common]:
+            common += 1
+        first_label = next(i for i, label in enumerate(item["labels"]) if label != IGNORE_INDEX)
+        length = min(common, first_label - 1)
+    return length if length >= minimum else 0
 
 
 def _collate_seq2seq(items: list[dict], pad_id: int, device) -> dict[str, Tensor]:

@@ -23,6 +23,7 @@ from tiny_hub import tiny_tokenizer, write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = [Example(f"{a} plus {b}?", str(a + b)) for a, b in [(1, 2), (3, 4), (2, 2), (5, 1), (0, 3)]]
+SHARED_START = [Example(f"Compute the sum, please: {ex.prompt}", ex.target) for ex in EXAMPLES]  # a prefix run once
 
 
 def _modules(model_factory, targets, n=4, r=2, seed=0) -> list[hub.HubModule]:
@@ -51,7 +52,7 @@ def _tiny_t5():
                                                num_decoder_layers=2, num_heads=4, decoder_start_token_id=0, pad_token_id=0)).eval()
 
 
-def _reference_loss(model_factory, modules, weights, tokenizer, seq2seq=False) -> float:
+def _reference_loss(model_factory, modules, weights, tokenizer, seq2seq=False, examples=EXAMPLES) -> float:
     """The official code's way: a fresh model, the composed state dict written in, one full forward."""
     composed = hub.compose(modules, weights)
     lora = LoraModel(model_factory())
@@ -59,7 +60,7 @@ def _reference_loss(model_factory, modules, weights, tokenizer, seq2seq=False) -
     lora.set_adapter("composed")
     losses = []
     with torch.no_grad():
-        for example in EXAMPLES:
+        for example in examples:
             if seq2seq:
                 ids = torch.tensor([tokenizer(example.prompt)["input_ids"]])
                 labels = torch.tensor([tokenizer(example.target)["input_ids"]])
@@ -88,15 +89,18 @@ def test_compose_is_the_factor_wise_weighted_sum(causal):
     assert not torch.allclose(delta, sum(w * m.tensors[key_B] @ m.tensors[key_A] for w, m in zip(weights, modules)), atol=1e-3)
 
 
-def test_population_loss_equals_one_by_one_causal(causal):
+@pytest.mark.parametrize("examples", [EXAMPLES, SHARED_START], ids=["distinct", "shared-prefix"])
+@pytest.mark.parametrize("population", [1, 3])
+def test_population_loss_equals_one_by_one_causal(causal, examples, population):
     factory, tokenizer, modules, _ = causal
     model = factory()
-    candidates = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, -0.5, 0.3, 0.0], [-1.5, 1.5, 0.2, 0.9]])
-    objective = hub.HubObjective(model, modules, EXAMPLES, tokenizer, population=3, batch_rows=7)  # chunks cross candidates
+    candidates = torch.tensor([[1.0, -0.5, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0], [-1.5, 1.5, 0.2, 0.9]])[:population]
+    objective = hub.HubObjective(model, modules, examples, tokenizer, population=population, batch_rows=7)  # chunks cross candidates
+    assert (objective.prefix > 0) == (examples is SHARED_START)
     batched = objective.population_loss(candidates)
     objective.close()
     for w, loss in zip(candidates.tolist(), batched):
-        assert loss == pytest.approx(_reference_loss(factory, modules, w, tokenizer), abs=1e-5)
+        assert loss == pytest.approx(_reference_loss(factory, modules, w, tokenizer, examples=examples), abs=1e-5)
     assert not any(isinstance(m, LoraLayer) for m in model.modules())  # the candidates are gone
 
 
