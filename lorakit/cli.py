@@ -48,7 +48,7 @@ def _info(args: argparse.Namespace) -> None:
     from .io import is_a_key, read_adapter
 
     if (Path(args.adapter) / "adapter").is_dir():  # a training run directory
-        _run_info(Path(args.adapter))
+        _run_info(Path(args.adapter), [Path(other) for other in args.compare])
         return
     config, tensors = read_adapter(args.adapter)
     ranks = {}
@@ -61,8 +61,8 @@ def _info(args: argparse.Namespace) -> None:
     print(f"parameters: {sum(t.numel() for t in tensors.values()):,d} in {len(tensors)} tensors")
 
 
-def _run_info(run_dir: Path) -> None:
-    """A run's adapter, and for every run the rank structure of its total update plus a diagnostics plot."""
+def _run_info(run_dir: Path, others: list[Path]) -> None:
+    """The rank structure of a run's total update, and a diagnostics plot (with `others` beside it)."""
     from .plora_export import effective_rank, plot_diagnostics, run_update
 
     _, _, total, stages = run_update(run_dir)
@@ -72,7 +72,7 @@ def _run_info(run_dir: Path) -> None:
     print(f"total update rank (stored factors): {stored[0]}..{stored[-1]}")
     print(f"effective rank per layer: min {ranks[0]:.1f}  median {ranks[len(ranks) // 2]:.1f}  max {ranks[-1]:.1f}")
     plot = run_dir / "update_diagnostics.png"
-    plot_diagnostics({run_dir.name: run_dir}, plot)
+    plot_diagnostics({path.name: path for path in [run_dir, *others]}, plot)
     print(f"plot: {plot}")
 
 
@@ -184,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="an adapter's config, ranks and size; for a run directory the update's rank structure and a plot")
     info.add_argument("adapter", help="adapter directory or training run directory")
+    info.add_argument("--compare", nargs="*", default=[], help="more run directories to plot beside it (e.g. plain LoRA)")
     info.set_defaults(func=_info)
     return parser
 

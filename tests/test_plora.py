@@ -250,5 +250,5 @@ def test_recipe_and_cli_for_a_plora_run(tmp_path):
     assert (run / "adapter_for_original_base" / "adapter_config.json").is_file()
     out = subprocess.run([*cli, "export-plora", str(run), "--rank", "2"], check=True, env=env, capture_output=True, text=True).stdout
     assert "relative error" in out and (run / "adapter_total_r2" / "adapter_model.safetensors").is_file()
-    info = subprocess.run([*cli, "info", str(run)], check=True, env=env, capture_output=True, text=True).stdout
+    info = subprocess.run([*cli, "info", str(run), "--compare", str(run)], check=True, env=env, capture_output=True, text=True).stdout
     assert "PLoRA stages: 3" in info and (run / "update_diagnostics.png").is_file()
