@@ -63,16 +63,14 @@ def _info(args: argparse.Namespace) -> None:
 
 def _run_info(run_dir: Path, others: list[Path]) -> None:
     """The rank structure of a run's total update, and a diagnostics plot (with `others` beside it)."""
-    from .plora_export import effective_rank, plot_diagnostics, run_update
+    from .plora_export import plot_diagnostics
 
-    _, _, total, stages = run_update(run_dir)
-    ranks = sorted(effective_rank(update.singular_values()) for update in total.values())
-    stored = sorted(update.A.shape[0] for update in total.values())
-    print(f"run: {run_dir}  PLoRA stages: {len(stages)}  layers: {len(total)}")
+    plot = run_dir / "update_diagnostics.png"
+    summary = plot_diagnostics({path.name: path for path in [run_dir, *others]}, plot)[run_dir.name]
+    ranks, stored = sorted(summary["effective_ranks"]), sorted(summary["stored_ranks"])
+    print(f"run: {run_dir}  PLoRA stages: {summary['stages']}  layers: {len(ranks)}")
     print(f"total update rank (stored factors): {stored[0]}..{stored[-1]}")
     print(f"effective rank per layer: min {ranks[0]:.1f}  median {ranks[len(ranks) // 2]:.1f}  max {ranks[-1]:.1f}")
-    plot = run_dir / "update_diagnostics.png"
-    plot_diagnostics({path.name: path for path in [run_dir, *others]}, plot)
     print(f"plot: {plot}")
 
 

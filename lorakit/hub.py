@@ -30,7 +30,8 @@ from tqdm import tqdm
 from .config import LoraConfig
 from .data import IGNORE_INDEX, Example, collate, completion_logprobs, tokenize_example
 from .errors import LoraConfigError, LoraError
-from .io import PREFIX, b_key, check_adapter_fits, is_a_key, read_adapter, write_adapter
+from .io import check_adapter_fits, factor_keys, read_adapter, write_adapter
+from .layers import LoraEmbedding
 from .model import LoraModel
 
 __all__ = ["HubModule", "HubResult", "HubObjective", "load_modules", "compose", "learn", "DEFAULTS"]
@@ -157,8 +158,7 @@ class HubObjective:
         """Layer path -> (A (N, r, in), B (N, out, r)) of the modules, on the model's device and dtype."""
         stacks = {}
         for path, layer in self.lora.lora_layers():
-            key_A = next(k for k in self.modules[0].tensors if k.startswith(f"{PREFIX}{path}.") and is_a_key(k))
-            key_B = b_key(key_A)
+            key_A, key_B = factor_keys(path, isinstance(layer, LoraEmbedding))
             like = layer.lora_A[_CANDIDATE.format(0)]
             stacks[path] = tuple(torch.stack([m.tensors[k] for m in self.modules]).to(like.device, like.dtype) for k in (key_A, key_B))
         return stacks

@@ -22,7 +22,7 @@ from .ops import lora_linear
 __all__ = ["LoraLayer", "LoraLinear", "LoraEmbedding", "ModulesToSave", "RowAdapters", "wrap_module", "SUPPORTED_TYPES"]
 
 SUPPORTED_TYPES = (nn.Linear, Conv1D, nn.Embedding)
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ class LoraLayer(nn.Module):
         if not names:
             return
         weight = self.weight_view()
-        if weight.dtype in _LOW_PRECISION and self._unmerged_weight is None:
+        if weight.dtype in LOW_PRECISION and self._unmerged_weight is None:
             self._unmerged_weight = weight.detach().clone()
         with torch.no_grad():
             merged = weight.float() + sum(self.delta_weight(n) for n in names)

@@ -36,13 +36,12 @@ from torch import Tensor
 from .errors import LoraConfigError
 from .init import SVD_INITS, get_init, init_name
 from .io import b_key, factor_keys
-from .layers import LoraEmbedding, LoraLayer
+from .layers import LOW_PRECISION, LoraEmbedding, LoraLayer
 from .model import LoraModel
 
-__all__ = ["PLoRAConfig", "PeriodicLoRA", "Stage", "read_stages", "stage_lr_lambda", "STAGES_DIR"]
+__all__ = ["PLoRAConfig", "PeriodicLoRA", "Stage", "read_stages", "stage_factors", "stage_lr_lambda", "STAGES_DIR"]
 
 STAGES_DIR = "plora"
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -91,6 +90,14 @@ class Stage:
     scales: dict[str, float] = field(default_factory=dict)  # A key -> s
 
 
+def stage_factors(stages: list[Stage], key: str) -> tuple[Tensor, Tensor]:
+    """The stages of one layer side by side: ``A_all`` (T·r, in) and ``B_all`` (out, T·r) with each
+    coefficient and scale folded into B, so ``B_all @ A_all = Σ_t c_t·s·B_t@A_t``."""
+    A_all = torch.cat([stage.factors[key][0] for stage in stages], dim=0)
+    B_all = torch.cat([stage.coefficient * stage.scales[key] * stage.factors[key][1] for stage in stages], dim=1)
+    return A_all, B_all
+
+
 def stage_lr_lambda(factor: Callable[[int], float], stage_steps: int) -> Callable[[int], float]:
     """A schedule over one stage, restarted every `stage_steps` steps (``lr_schedule="per_stage"``)."""
     return lambda step: factor(step % stage_steps)
@@ -123,7 +130,7 @@ class PeriodicLoRA:
         }
         self.originals = {  # low-precision bases: the original weight, so the base is rounded once from W0 + Σ
             key: layer.weight_view().detach().clone()
-            for key, layer in self.layers.items() if layer.weight_view().dtype in _LOW_PRECISION
+            for key, layer in self.layers.items() if layer.weight_view().dtype in LOW_PRECISION
         }
         self.history_dir = Path(history_dir) if history_dir is not None else None
         self.stages: list[Stage] = []
@@ -197,8 +204,7 @@ class PeriodicLoRA:
     # -- totals ---------------------------------------------------------------------------------
     def total_delta(self, key: str) -> Tensor:
         """``Σ_t c_t·s·B_t@A_t`` unloaded so far into the layer saved under `key`, (out, in), float32."""
-        B_all = torch.cat([stage.coefficient * stage.scales[key] * stage.factors[key][1] for stage in self.stages], dim=1)
-        A_all = torch.cat([stage.factors[key][0] for stage in self.stages], dim=0)
+        A_all, B_all = stage_factors(self.stages, key)
         return B_all @ A_all  # (out, T·r) @ (T·r, in)
 
     # -- resume ---------------------------------------------------------------------------------
@@ -217,10 +223,10 @@ class PeriodicLoRA:
             raise LoraConfigError(f"the checkpoint has {count} PLoRA stages but {self.history_dir} holds {len(stages)}.")
         for extra in stages[count:]:
             (self.history_dir / _stage_file(extra.index)).unlink(missing_ok=True)
+        self.stages = stages[:count]
         with torch.no_grad():
-            for stage in stages[:count]:
-                self.stages.append(stage)
-                for key, layer in self.layers.items():
+            for key, layer in self.layers.items():  # a low-precision base is rounded once from the whole total
+                for stage in self.stages[-1:] if key in self.originals else self.stages:
                     self._move_into_base(key, layer, stage)
         self.samples, self.steps, self.unload_seconds = state["samples"], state["steps"], state["unload_seconds"]
 

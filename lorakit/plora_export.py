@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .errors import LoraError
 from .io import PREFIX, b_key, is_a_key, read_adapter, write_adapter
-from .plora import STAGES_DIR, Stage, read_stages
+from .plora import STAGES_DIR, Stage, read_stages, stage_factors
 from .targeting import pattern_value
 
 __all__ = ["UpdateFactors", "total_factors", "compress", "effective_rank", "export_plora", "run_update", "plot_diagnostics"]
@@ -59,9 +59,11 @@ def total_factors(stages: list[Stage], live: dict[str, tuple[Tensor, Tensor, flo
     """Per layer, the stages and the live adapter side by side (coefficients and scales folded into B)."""
     total = {}
     for key, (A, B, scale) in live.items():
-        As = [stage.factors[key][0].to(A.device) for stage in stages] + [A]
-        Bs = [stage.coefficient * stage.scales[key] * stage.factors[key][1].to(B.device) for stage in stages] + [scale * B]
-        total[key] = UpdateFactors(torch.cat(As, dim=0), torch.cat(Bs, dim=1))  # (R, in), (out, R)
+        if not stages:
+            total[key] = UpdateFactors(A, scale * B)
+            continue
+        A_stages, B_stages = stage_factors(stages, key)
+        total[key] = UpdateFactors(torch.cat([A_stages.to(A.device), A]), torch.cat([B_stages.to(B.device), scale * B], dim=1))  # (R, in), (out, R)
     return total
 
 
@@ -130,10 +132,10 @@ def export_plora(run_dir: str | os.PathLike, directory: str | os.PathLike, rank:
 
 
 # -- diagnostics ----------------------------------------------------------------------------------
-def plot_diagnostics(runs: dict[str, str | os.PathLike], path: str | os.PathLike) -> dict[str, list[float]]:
+def plot_diagnostics(runs: dict[str, str | os.PathLike], path: str | os.PathLike) -> dict[str, dict]:
     """One PNG for runs labelled ``{label: run_dir}``: per-layer effective rank of the total update, the
     mean normalised singular-value spectrum, and the training loss with the unload points marked.
-    Returns each run's per-layer effective ranks."""
+    Returns per label: the stage count and, per layer, the stored and the effective rank of ΔW."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,8 +146,9 @@ def plot_diagnostics(runs: dict[str, str | os.PathLike], path: str | os.PathLike
     for label, run_dir in runs.items():
         _, _, total, stages = run_update(run_dir)
         spectra = [update.singular_values() for update in total.values()]
-        ranks[label] = [effective_rank(S) for S in spectra]
-        rank_axis.plot(ranks[label], label=label)
+        ranks[label] = {"stages": len(stages), "stored_ranks": [update.A.shape[0] for update in total.values()],
+                         "effective_ranks": [effective_rank(S) for S in spectra]}
+        rank_axis.plot(ranks[label]["effective_ranks"], label=label)
         length = max(S.shape[0] for S in spectra)
         padded = torch.stack([torch.nn.functional.pad(S / S[0], (0, length - S.shape[0])) for S in spectra])
         spectrum_axis.semilogy(padded.mean(0).clamp(min=1e-8).numpy(), label=label)

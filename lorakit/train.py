@@ -32,6 +32,7 @@ from .data import IGNORE_INDEX, collate, collate_classification, completion_logp
 from .errors import LoraError
 from .io import adapter_parameters, read_adapter
 from .model import LoraModel
+from .plora import STAGES_DIR, stage_lr_lambda
 
 __all__ = ["TrainingConfig", "Trainer", "CompletionObjective", "ClassificationObjective", "TrainingDivergedError", "latest_checkpoint"]
 
@@ -138,7 +139,7 @@ class ClassificationObjective:
 def check_output_dir(config: "TrainingConfig") -> None:
     """A fresh run must not mix its checkpoints and metrics with an earlier run's."""
     output = Path(config.output_dir)
-    earlier = latest_checkpoint(output) or (output / "metrics.jsonl").exists() or any(output.glob("plora/stage-*"))
+    earlier = latest_checkpoint(output) or (output / "metrics.jsonl").exists() or any(output.glob(f"{STAGES_DIR}/stage-*"))
     if not config.resume and earlier:
         raise TrainingOutputError(
             f"{output} holds an earlier run (checkpoints, metrics.jsonl or PLoRA stages): pass --resume (training.resume=true) "
@@ -192,11 +193,9 @@ class Trainer:
     def _lr_factor(self) -> Callable[[int], float]:
         if self.plora is None:
             return lr_lambda(self.config)
-        stage_steps = self.plora.config.stage_steps(self.config.batch_size)
+        stage_steps = self.plora.config.stage_steps(self.config.batch_size)  # also checks stages end on a step
         if self.plora.config.lr_schedule == "global":
             return lr_lambda(self.config)
-        from .plora import stage_lr_lambda
-
         return stage_lr_lambda(lr_lambda(self.config, stage_steps), stage_steps)
 
     # -- batches ----------------------------------------------------------------------------------

@@ -94,10 +94,10 @@ def test_optimizer_state_reset_or_kept():
         assert all((p in optimizer.state) == (policy == "keep") for p in adapter_params)
 
 
-def test_bf16_base_loses_no_update():
+def test_bf16_base_loses_no_update(tmp_path):
     model, lora = _lora(torch.bfloat16)
     original = _weights(lora)
-    plora = PeriodicLoRA(lora, PLoRAConfig(unload_every=1, unit="steps"))
+    plora = PeriodicLoRA(lora, PLoRAConfig(unload_every=1, unit="steps"), history_dir=tmp_path)
     naive = {path: layer.weight_view().detach().clone() for path, layer in lora.lora_layers()}
     generator = torch.Generator().manual_seed(0)
     for _ in range(6):
@@ -114,6 +114,10 @@ def test_bf16_base_loses_no_update():
         torch.testing.assert_close(layer.weight_view(), exact.to(torch.bfloat16), atol=0, rtol=0)  # one rounding
         lost += int((naive[path] != layer.weight_view()).sum())
     assert lost > 0  # stage-by-stage rounding would have lost updates that the exact total keeps
+    _, fresh = _lora(torch.bfloat16)  # resuming: the recorded stages replayed onto the original base
+    PeriodicLoRA(fresh, PLoRAConfig(unload_every=1, unit="steps"), history_dir=tmp_path).load_state_dict(plora.state_dict())
+    for (_, a), (_, b) in zip(lora.lora_layers(), fresh.lora_layers()):
+        torch.testing.assert_close(b.weight_view(), a.weight_view(), atol=0, rtol=0)
 
 
 def _items(tokenizer, n=32):
