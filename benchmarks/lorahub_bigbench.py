@@ -92,7 +92,7 @@ def held_out_task(task: str, library: list[Path], args) -> dict:
     test, pool = order[:test_size], order[test_size:]
     base, tokenizer = models.load("smollm2-135m-instruct")
     row = {"task": task, "test_items": len(test), "zero_shot": evaluate(base, tokenizer, test)["accuracy"],
-           "zero_shot_tokens": prompt_tokens(tokenizer, test), "lorahub": [], "single": [], "icl": []}
+           "zero_shot_tokens": prompt_tokens(tokenizer, test), "lorahub": [], "single": [], "icl": [], "icl_tokens": []}
     for seed in args.seeds:
         rng = random.Random(seed)
         shots = rng.sample(pool, 5)
@@ -104,7 +104,7 @@ def held_out_task(task: str, library: list[Path], args) -> dict:
         row["single"].append(evaluate(single, tokenizer, test)["accuracy"])
         icl = icl_examples(shots, test)
         row["icl"].append(evaluate(base, tokenizer, icl)["accuracy"])
-        row["icl_tokens"] = prompt_tokens(tokenizer, icl)
+        row["icl_tokens"].append(prompt_tokens(tokenizer, icl))
         print(json.dumps(row), flush=True)
     return row
 
@@ -121,18 +121,31 @@ def cached_row(task: str, library: list[Path], args) -> dict:
     return row
 
 
+def library_accuracy(work: Path) -> str:
+    """The modules' own-task test accuracy before and after training, from their runs' summary.md."""
+    pairs = []
+    for task in UPSTREAM:
+        cells = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in (work / "modules" / task / "summary.md").read_text().splitlines()
+                 if line.count("|") >= 3}
+        pairs.append((float(cells["zero-shot accuracy"]), float(cells["fine-tuned accuracy"])))
+    gained = sum(after - before >= 0.1 for before, after in pairs)
+    return (f"The modules on their own tasks (50 test items each): mean accuracy {statistics.mean(p[0] for p in pairs):.3f} zero-shot, "
+            f"{statistics.mean(p[1] for p in pairs):.3f} after training; {gained} of {len(pairs)} gained at least 0.1.")
+
+
 def table(rows: list[dict], args) -> str:
     lines = [
         f"`python benchmarks/lorahub_bigbench.py`: SmolLM2-135M-Instruct, a library of {len(UPSTREAM)} modules (r=16, q/v, "
         f"{args.steps} steps each), {args.hub_modules} sampled per run, 5 examples, NGOpt budget 40; seeds {args.seeds} "
         f"(mean ± sd over example choice and module sampling); up to {args.test_size} test items per task (small tasks keep {SHOT_POOL} items for the examples).",
+        library_accuracy(Path(args.work)),
         "",
         "| held-out task | test items | zero-shot | LoraHub | best single module (by few-shot loss) | 5-shot ICL | tokens/example (zero-shot, LoraHub) | tokens/example (ICL) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(f"| {row['task']} | {row['test_items']} | {row['zero_shot']:.3f} | {mean_sd(row['lorahub'], 3)} | {mean_sd(row['single'], 3)} | {mean_sd(row['icl'], 3)} | "
-                     f"{row['zero_shot_tokens']:.0f} | {row['icl_tokens']:.0f} |")
+                     f"{row['zero_shot_tokens']:.0f} | {statistics.mean(row['icl_tokens']):.0f} |")
     mean = lambda key: statistics.mean(statistics.mean(r[key]) if isinstance(r[key], list) else r[key] for r in rows)  # noqa: E731
     lines.append(f"| **mean** | | {mean('zero_shot'):.3f} | {mean('lorahub'):.3f} | {mean('single'):.3f} | {mean('icl'):.3f} | "
                  f"{mean('zero_shot_tokens'):.0f} | {mean('icl_tokens'):.0f} |")

@@ -19,6 +19,7 @@ import copy
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -314,7 +315,9 @@ def learn(model: nn.Module, modules: Sequence, examples: Sequence[Example], toke
     objective = HubObjective(model, modules, examples, tokenizer, population, batch_rows, max_length)
     losses, started = [], time.perf_counter()
     try:
-        with tqdm(total=budget, desc=f"LoraHub ({optimizer})", disable=not progress) as bar:
+        with tqdm(total=budget, desc=f"LoraHub ({optimizer})", disable=not progress) as bar, warnings.catch_warnings():
+            # NGOpt's small-budget choice, Cobyla, passes SciPy's COBYLA a stopping radius it then resets: noise
+            warnings.filterwarnings("ignore", message=r"COBYLA: Invalid RHO(BEG|END)")
             while len(losses) < budget:
                 candidates = [search.ask() for _ in range(min(population, budget - len(losses)))]
                 weights = torch.tensor([list(c.value) for c in candidates], dtype=torch.float32)  # (P, N)
