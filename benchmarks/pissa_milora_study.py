@@ -162,12 +162,13 @@ def main() -> None:
     settings = {"task": args.task, "test_items": args.test_items, "steps": args.steps, "rank": args.rank, "lr": args.lr, "held_out_items": args.held_out_items,
                 "text_windows": args.text_windows}
     base = cached(args.out / "base.json", settings, lambda: forgetting_losses(*models.load("smollm2-135m-instruct"), sets, windows))
-    rows = {}
-    for method in METHODS:
-        rows[method] = [cached(args.out / f"{method}-seed{seed}.json", settings, lambda: run(method, seed, args, sets, windows))
-                        for seed in args.seeds]
-        for r in rows[method]:
-            r["forgetting_tasks"], r["forgetting_text"] = r["after"]["tasks"] - base["tasks"], r["after"]["text"] - base["text"]
+    rows = {method: [] for method in METHODS}
+    for seed in args.seeds:  # seed-major, so an interrupted study leaves whole seeds behind
+        for method in METHODS:
+            result = cached(args.out / f"{method}-seed{seed}.json", settings, lambda: run(method, seed, args, sets, windows))
+            result["forgetting_tasks"] = result["after"]["tasks"] - base["tasks"]
+            result["forgetting_text"] = result["after"]["text"] - base["text"]
+            rows[method].append(result)
     text = table(rows, base, args)
     print("\n" + text)
     RESULTS.mkdir(exist_ok=True)
