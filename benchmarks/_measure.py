@@ -1,10 +1,13 @@
-"""Shared by the benchmark scripts: peak resident memory of a block of code."""
+"""Shared by the benchmark scripts: peak resident memory, table cells, finished results kept on disk."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
+from pathlib import Path
+from typing import Callable
 
 
 def _rss() -> int:
@@ -43,3 +46,21 @@ def mean_sd(values: list[float], digits: int) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def cached_json(path: Path, settings: dict, compute: Callable[[], dict]) -> dict:
+    """`compute()`'s result, kept as JSON in `path` (written atomically) and reused while `settings` are unchanged."""
+    if path.is_file() and (kept := json.loads(path.read_text())).get("settings") == settings:
+        return kept
+    result = compute() | {"settings": settings}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(result, indent=1))
+    os.replace(temporary, path)
+    return result
+
+
+def read_summary(run_dir: Path) -> dict[str, str]:
+    """The `| what | value |` rows of a `lorakit train` run's summary.md, as {what: value}."""
+    rows = [line.split("|") for line in (Path(run_dir) / "summary.md").read_text().splitlines()[2:]]
+    return {cells[1].strip(): cells[2].strip() for cells in rows if len(cells) >= 4}

@@ -36,7 +36,7 @@ from lorakit.models import cache_dir
 from lorakit.recipe import load_run_config, run
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _measure import mean_sd  # noqa: E402
+from _measure import cached_json, mean_sd, read_summary  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 UPSTREAM = [
@@ -111,23 +111,14 @@ def held_out_task(task: str, library: list[Path], args) -> dict:
 
 def cached_row(task: str, library: list[Path], args) -> dict:
     """A held-out task's row, reused from `--work` when it was measured with the same settings."""
-    path = Path(args.work) / "held_out" / f"{task}.json"
     settings = {"steps": args.steps, "seeds": args.seeds, "test_size": args.test_size, "hub_modules": args.hub_modules}
-    if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
-        return json.loads(path.read_text())
-    row = held_out_task(task, library, args) | {"settings": settings}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(row, indent=1))
-    return row
+    return cached_json(Path(args.work) / "held_out" / f"{task}.json", settings, lambda: held_out_task(task, library, args))
 
 
 def library_accuracy(work: Path) -> str:
     """The modules' own-task test accuracy before and after training, from their runs' summary.md."""
-    pairs = []
-    for task in UPSTREAM:
-        cells = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in (work / "modules" / task / "summary.md").read_text().splitlines()
-                 if line.count("|") >= 3}
-        pairs.append((float(cells["zero-shot accuracy"]), float(cells["fine-tuned accuracy"])))
+    summaries = [read_summary(work / "modules" / task) for task in UPSTREAM]
+    pairs = [(float(summary["zero-shot accuracy"]), float(summary["fine-tuned accuracy"])) for summary in summaries]
     gained = sum(after - before >= 0.1 for before, after in pairs)
     return (f"The modules on their own tasks (50 test items each): mean accuracy {statistics.mean(p[0] for p in pairs):.3f} zero-shot, "
             f"{statistics.mean(p[1] for p in pairs):.3f} after training; {gained} of {len(pairs)} gained at least 0.1.")

@@ -20,7 +20,6 @@ Writes benchmarks/results/pissa_milora_study.md and .png (mean ± sd over seeds)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -34,7 +33,7 @@ from lorakit import LoraConfig, data, evaluate, get_lora_model, models
 from lorakit.train import Trainer, TrainingConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _measure import mean_sd  # noqa: E402
+from _measure import cached_json, mean_sd  # noqa: E402
 
 HELD_OUT = ("bigbench:navigate", "bigbench:sports_understanding", "bigbench:date_understanding", "bigbench:snarks")
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -61,11 +60,8 @@ def general_text_windows(tokenizer, count: int, length: int = 128) -> torch.Tens
 @torch.no_grad()
 def general_text_loss(model, windows: torch.Tensor, batch_size: int = 8) -> float:
     """Mean next-token cross-entropy over the windows, in eval mode."""
-    was_training = model.training
-    model.eval()
-    losses = [model(input_ids=chunk, labels=chunk).loss.item() for chunk in windows.split(batch_size)]
-    model.train(was_training)
-    return statistics.mean(losses)
+    with evaluate.eval_mode(model):
+        return statistics.mean(model(input_ids=chunk, labels=chunk).loss.item() for chunk in windows.split(batch_size))
 
 
 def forgetting_losses(model, tokenizer, sets, windows) -> dict[str, float]:
@@ -91,18 +87,6 @@ def run(method: str, seed: int, args, sets, windows) -> dict:
     return {"method": method, "seed": seed, "accuracy": evaluate.evaluate(lora, tokenizer, splits.test, 32)["accuracy"],
             "majority": evaluate.majority_rate(splits.test), "after": forgetting_losses(lora, tokenizer, sets, windows),
             "final_train_loss": statistics.mean(m["loss"] for m in history[-10:]), "seconds": seconds}
-
-
-def cached(path: Path, settings: dict, compute) -> dict:
-    """`compute()`'s result, kept as JSON in `path` and reused while `settings` are unchanged."""
-    if path.is_file() and (kept := json.loads(path.read_text())).get("settings") == settings:
-        return kept
-    result = compute() | {"settings": settings}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(result, indent=1))
-    os.replace(temporary, path)
-    return result
 
 
 def plot(rows: dict[str, list[dict]], path: Path) -> None:
@@ -161,11 +145,11 @@ def main() -> None:
     windows = general_text_windows(models.load("smollm2-135m-instruct")[1], args.text_windows)
     settings = {"task": args.task, "test_items": args.test_items, "steps": args.steps, "rank": args.rank, "lr": args.lr, "held_out_items": args.held_out_items,
                 "text_windows": args.text_windows}
-    base = cached(args.out / "base.json", settings, lambda: forgetting_losses(*models.load("smollm2-135m-instruct"), sets, windows))
+    base = cached_json(args.out / "base.json", settings, lambda: forgetting_losses(*models.load("smollm2-135m-instruct"), sets, windows))
     rows = {method: [] for method in METHODS}
     for seed in args.seeds:  # seed-major, so an interrupted study leaves whole seeds behind
         for method in METHODS:
-            result = cached(args.out / f"{method}-seed{seed}.json", settings, lambda: run(method, seed, args, sets, windows))
+            result = cached_json(args.out / f"{method}-seed{seed}.json", settings, lambda: run(method, seed, args, sets, windows))
             result["forgetting_tasks"] = result["after"]["tasks"] - base["tasks"]
             result["forgetting_text"] = result["after"]["text"] - base["text"]
             rows[method].append(result)

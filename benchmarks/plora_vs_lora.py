@@ -30,7 +30,7 @@ from lorakit.plora_export import effective_rank, plot_diagnostics, run_update
 from lorakit.recipe import load_run_config, run
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _measure import mean_sd  # noqa: E402
+from _measure import mean_sd, read_summary  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -65,7 +65,7 @@ def collect(out: Path, name: str, seed: int) -> dict:
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     _, _, total, stages = run_update(out)
     ranks = sorted(effective_rank(update.singular_values()) for update in total.values())
-    summary = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in (out / "summary.md").read_text().splitlines()[2:]}
+    summary = read_summary(out)
     return {
         "variant": name, "seed": seed, "run": str(out), "final_loss": statistics.mean(m["loss"] for m in history[-10:]),
         "accuracy": float(summary["fine-tuned accuracy"]), "zero_shot": float(summary["zero-shot accuracy"]),
