@@ -65,8 +65,11 @@ def _run_info(run_dir: Path, others: list[Path]) -> None:
     """The rank structure of a run's total update, and a diagnostics plot (with `others` beside it)."""
     from .plora_export import plot_diagnostics
 
+    runs = {run_dir.name: run_dir}
+    for other in others:  # labelled by folder name, by full path where two names are equal
+        runs[str(other) if other.name in runs else other.name] = other
     plot = run_dir / "update_diagnostics.png"
-    summary = plot_diagnostics({path.name: path for path in [run_dir, *others]}, plot)[run_dir.name]
+    summary = plot_diagnostics(runs, plot)[run_dir.name]
     ranks, stored = sorted(summary["effective_ranks"]), sorted(summary["stored_ranks"])
     print(f"run: {run_dir}  PLoRA stages: {summary['stages']}  layers: {len(ranks)}")
     print(f"total update rank (stored factors): {stored[0]}..{stored[-1]}")
