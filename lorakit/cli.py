@@ -50,7 +50,8 @@ def _info(args: argparse.Namespace) -> None:
     if (Path(args.adapter) / "adapter").is_dir():  # a training run directory
         _run_info(Path(args.adapter), [Path(other) for other in args.compare])
         return
-    config, tensors = read_adapter(args.adapter)
+    adapter = read_adapter(args.adapter)
+    config, tensors = adapter.config, adapter.tensors
     ranks = {}
     for key, tensor in tensors.items():
         if is_a_key(key):

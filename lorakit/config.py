@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 from .errors import LoraConfigError
+from .validation import check_regex, check_types
 
 __all__ = ["LoraConfig", "BIAS_MODES", "ALL_LINEAR"]
 
@@ -99,46 +99,52 @@ class LoraConfig:
     base_model_name_or_path: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.exclude_modules, (set, tuple)):
-            self.exclude_modules = sorted(self.exclude_modules)
-        self.rank_pattern = dict(self.rank_pattern or {})
-        self.alpha_pattern = dict(self.alpha_pattern or {})
+        for name in ("target_modules", "exclude_modules"):  # PEFT takes sets; keep a stable order
+            value = getattr(self, name)
+            if isinstance(value, (set, frozenset, tuple)) and all(isinstance(v, str) for v in value):
+                setattr(self, name, sorted(value))
+        if self.rank_pattern is None:
+            self.rank_pattern = {}
+        if self.alpha_pattern is None:
+            self.alpha_pattern = {}
         self._validate()
 
     def _validate(self) -> None:
         from .init import INIT_STRATEGIES, init_name  # the registry lives with the strategies
+        from .svd import SOLVER_NAMES
 
         _check_rank(self.r, "r")
         _check_alpha(self.lora_alpha, "lora_alpha")
-        for key, rank in self.rank_pattern.items():
+        for key, rank in (self.rank_pattern.items() if isinstance(self.rank_pattern, dict) else ()):
             _check_rank(rank, f"rank_pattern[{key!r}]")
-        for key, alpha in self.alpha_pattern.items():
+        for key, alpha in (self.alpha_pattern.items() if isinstance(self.alpha_pattern, dict) else ()):
             _check_alpha(alpha, f"alpha_pattern[{key!r}]")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise LoraConfigError(f"lora_dropout={self.lora_dropout} is out of range: use 0 <= lora_dropout < 1.")
-        if self.bias not in BIAS_MODES:
-            raise LoraConfigError(f"bias={self.bias!r} is not a bias mode: use one of {list(BIAS_MODES)}.")
-        if init_name(self.init_lora_weights) not in INIT_STRATEGIES:
-            raise LoraConfigError(
-                f"init_lora_weights={self.init_lora_weights!r} is not a known init: use True, False or one of "
-                f"{sorted(INIT_STRATEGIES)}."
-            )
-        from .svd import SOLVER_NAMES
-
-        if self.svd_solver not in SOLVER_NAMES:
-            raise LoraConfigError(f"svd_solver={self.svd_solver!r} is not a solver: use one of {list(SOLVER_NAMES)}.")
         if self.target_modules is None:
             raise LoraConfigError(
                 "target_modules is not set: name the modules to adapt, e.g. ['q_proj', 'v_proj'], a regex string, "
                 f"or {ALL_LINEAR!r}."
             )
-        for pattern in _regexes(self):
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise LoraConfigError(f"{pattern!r} is not a valid regular expression: {err}.") from None
+        check_types(self)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise LoraConfigError(f"lora_dropout={self.lora_dropout} is out of range: use 0 <= lora_dropout < 1.")
+        if init_name(self.init_lora_weights) not in INIT_STRATEGIES:
+            raise LoraConfigError(
+                f"init_lora_weights={self.init_lora_weights!r} is not a known init: use True, False or one of "
+                f"{sorted(INIT_STRATEGIES)}."
+            )
+        if self.svd_solver not in SOLVER_NAMES:
+            raise LoraConfigError(f"svd_solver={self.svd_solver!r} is not a solver: use one of {list(SOLVER_NAMES)}.")
+        if isinstance(self.svd_cache, str) and not self.svd_cache.strip():
+            raise LoraConfigError("svd_cache='' names no folder: use true (the default cache), false, or a folder path.")
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+            value = getattr(self, name)
+            if value == "" or (isinstance(value, list) and any(not item for item in value)):
+                raise LoraConfigError(f"{name}={value!r} holds an empty name: give module names, e.g. ['q_proj'].")
+        layers = self.layers_to_transform
+        if any(index < 0 for index in ([layers] if isinstance(layers, int) else layers or [])):
+            raise LoraConfigError(f"layers_to_transform={layers!r} holds a negative layer index: indices start at 0.")
+        for name, pattern, template in _regexes(self):
+            check_regex(pattern, name, template)
 
     def scale_for(self, rank: int, alpha: float) -> float:
         """``s = alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
@@ -173,22 +179,32 @@ class LoraConfig:
         return dataclasses.replace(self, **changes)
 
 
+MAX_RANK = 65_536  # far beyond any layer's width; guards against typos allocating terabytes
+
+
 def _check_rank(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise LoraConfigError(f"{name}={value!r} is not a valid rank: use an integer >= 1.")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RANK:
+        raise LoraConfigError(f"{name}={value!r} is not a valid rank: use an integer from 1 to {MAX_RANK}.")
 
 
 def _check_alpha(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise LoraConfigError(f"{name}={value!r} is not a valid alpha: use a number > 0.")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise LoraConfigError(f"{name}={value!r} is not a valid alpha: use a finite number > 0.")
 
 
-def _regexes(config: LoraConfig) -> list[str]:
-    patterns = list(config.rank_pattern) + list(config.alpha_pattern)
-    for value in (config.target_modules, config.exclude_modules):
+def _regexes(config: LoraConfig) -> list[tuple[str, str, str]]:
+    """(field, pattern, the regex it is embedded in) for every user pattern, as `targeting` uses them."""
+    found = [("rank_pattern key", key, r"(.*\.)?({})$") for key in config.rank_pattern]
+    found += [("alpha_pattern key", key, r"(.*\.)?({})$") for key in config.alpha_pattern]
+    for name in ("target_modules", "exclude_modules"):
+        value = getattr(config, name)
         if isinstance(value, str) and value != ALL_LINEAR:
-            patterns.append(value)
-    return patterns
+            found.append((name, value, "{}"))
+    found += [("modules_to_save", name, r"(^|.*\.){}($|\..*)") for name in config.modules_to_save or []]
+    patterns = config.layers_pattern
+    for pattern in [patterns] if isinstance(patterns, str) else patterns or []:
+        found.append(("layers_pattern", pattern, r"(?:^|.*?\.){}\.(?P<idx>\d+)\."))
+    return found
 
 
 def _field_default(name: str) -> Any:

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from .errors import LoraError
+from .errors import DataError
 from .models import cache_dir
 
 __all__ = [
@@ -32,10 +32,6 @@ __all__ = [
 BIGBENCH_VERSION = "1.0.0"
 BIGBENCH_PREFIX = "bigbench:"
 IGNORE_INDEX = -100
-
-
-class DataError(LoraError, ValueError):
-    """Data that cannot be read or used, with what to do about it."""
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ from tqdm import tqdm
 from .config import LoraConfig
 from .data import IGNORE_INDEX, Example, collate, completion_logprobs, tokenize_example
 from .errors import LoraConfigError, LoraError
-from .io import check_adapter_fits, factor_keys, read_adapter, write_adapter
+from .io import SavedAdapter, check_adapter_fits, factor_keys, read_adapter, write_adapter
+from .init import SVD_INITS, init_name
 from .layers import LoraEmbedding
 from .model import LoraModel
 
@@ -62,8 +63,16 @@ def _as_module(item) -> HubModule:
 
         model, name = item
         return HubModule(model.peft_config[name], adapter_state_dict(model, name), f"adapter {name!r}")
-    config, tensors = read_adapter(item)
-    return HubModule(config, tensors, str(item))
+    adapter = read_adapter(item)
+    if adapter.initial:
+        raise LoraConfigError(_RESIDUAL_MODULE.format(item))
+    return HubModule(adapter.config, adapter.tensors, str(item))
+
+
+_RESIDUAL_MODULE = (
+    "{} is a PiSSA/MiLoRA adapter: its factors belong to a residual base, not the original model LoraHub composes on. "
+    "Export it first (`lorakit export ADAPTER --out DIR`) and use the exported plain LoRA."
+)
 
 
 def load_modules(items: Sequence) -> list[HubModule]:
@@ -76,6 +85,9 @@ def load_modules(items: Sequence) -> list[HubModule]:
 def _check_compatible(modules: list[HubModule]) -> None:
     if not modules:
         raise LoraConfigError("LoraHub needs at least one module.")
+    for module in modules:
+        if init_name(module.config.init_lora_weights) in SVD_INITS:
+            raise LoraConfigError(_RESIDUAL_MODULE.format(module.source))
     first = modules[0]
     extra = [k for k in first.tensors if ".lora_" not in k]
     if extra:
@@ -106,6 +118,8 @@ def compose(modules: Sequence, weights: Sequence[float]) -> HubModule:
     modules = load_modules(modules)
     if len(weights) != len(modules):
         raise LoraConfigError(f"{len(weights)} weights for {len(modules)} modules: give one weight per module.")
+    if not all(_finite_number(x) for x in weights):
+        raise LoraConfigError(f"weights {list(weights)} must be finite numbers (no NaN or infinity).")
     w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
     tensors = {}
     for key, first in modules[0].tensors.items():
@@ -134,10 +148,18 @@ class HubObjective:
                  population: int = 1, batch_rows: int = 64, max_length: int = 256) -> None:
         if isinstance(model, LoraModel):
             raise LoraConfigError("pass the base model to LoraHub, not a LoraModel: it adds its own candidate adapters.")
-        check_adapter_fits(model, modules[0].config, modules[0].tensors, modules[0].source)
+        check_adapter_fits(model, SavedAdapter(modules[0].config, modules[0].tensors), modules[0].source)
         self.modules, self.population, self.batch_rows = modules, population, batch_rows
         self.seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.items = [self._tokenize(tokenizer, ex, max_length) for ex in examples]  # before the model is wrapped
+        self.prefix = 0 if self.seq2seq else _shared_prefix(self.items)  # e.g. the chat template's system turn
+        self.shared_ids = self.items[0]["input_ids"][: self.prefix]
+        if self.prefix:  # run once per candidate, its keys/values reused by every example
+            self.items = [{k: v[self.prefix :] for k, v in item.items()} for item in self.items]
+        self.lengths = [len(item["input_ids"]) + len(item["labels"]) * self.seq2seq for item in self.items]
         config = modules[0].config.replace(lora_dropout=0.0, init_lora_weights=True)
+        self.modes = [(module, module.training) for module in model.modules()]  # given back by close()
         self.lora = LoraModel(model, config, adapter_name=_CANDIDATE.format(0))
         try:
             for p in range(1, population):
@@ -145,15 +167,8 @@ class HubObjective:
             self.lora.eval()
             self.stacks = self._stack_factors()
         except BaseException:
-            self.lora.unload()
+            self.close()
             raise
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.items = [self._tokenize(tokenizer, ex, max_length) for ex in examples]
-        self.prefix = 0 if self.seq2seq else _shared_prefix(self.items)  # e.g. the chat template's system turn
-        self.shared_ids = self.items[0]["input_ids"][: self.prefix]
-        if self.prefix:  # run once per candidate, its keys/values reused by every example
-            self.items = [{k: v[self.prefix :] for k, v in item.items()} for item in self.items]
-        self.lengths = [len(item["input_ids"]) + len(item["labels"]) * self.seq2seq for item in self.items]
 
     def _stack_factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Layer path -> (A (N, r, in), B (N, out, r)) of the modules, on the model's device and dtype."""
@@ -250,8 +265,11 @@ class HubObjective:
         return (token_loss * mask).sum(-1) / mask.sum(-1)
 
     def close(self) -> nn.Module:
-        """Remove the candidate adapters: the base model as it was."""
-        return self.lora.unload()
+        """Remove the candidate adapters: the base model as it was (parameters, flags, train/eval modes)."""
+        base = self.lora.unload()
+        for module, training in self.modes:
+            module.training = training
+        return base
 
 
 def _shared_prefix(items: list[dict], minimum: int = 4) -> int:
@@ -308,7 +326,12 @@ def learn(model: nn.Module, modules: Sequence, examples: Sequence[Example], toke
 
     Defaults are the paper's code (NGOpt, budget 40, λ = 0.05, w ∈ [-1.5, 1.5] starting at 0). A
     population (default: CMA's own size, else 1) is evaluated in one batched forward. The model comes
-    back unchanged, or with the composed update merged when ``merge=True`` (then in ``result.model``)."""
+    back unchanged, or with the composed update merged when ``merge=True`` (then in ``result.model``).
+
+    Raises:
+        LoraConfigError: a setting is out of range, there are no examples, or the modules do not fit together.
+    """
+    _check_search_settings(examples, budget, lam, bounds, population, batch_rows, max_length)
     modules = load_modules(modules)
     population = population or default_population(optimizer, len(modules))
     search = make_optimizer(optimizer, len(modules), budget, bounds, seed, population)
@@ -341,6 +364,25 @@ def learn(model: nn.Module, modules: Sequence, examples: Sequence[Example], toke
         wrapped.set_adapter("lorahub")
         result.model = wrapped.merge_and_unload()
     return result
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_search_settings(examples, budget, lam, bounds, population, batch_rows, max_length) -> None:
+    """Every LoraHub setting, checked before the model is touched."""
+    if len(examples) == 0:
+        raise LoraConfigError("LoraHub needs at least one example of the new task; pass a few (the paper uses 5).")
+    for name, value in (("budget", budget), ("batch_rows", batch_rows), ("max_length", max_length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise LoraConfigError(f"{name}={value!r}: use an integer >= 1.")
+    if population is not None and (isinstance(population, bool) or not isinstance(population, int) or population < 1):
+        raise LoraConfigError(f"population={population!r}: use an integer >= 1 (or leave it unset).")
+    if not _finite_number(lam) or lam < 0:
+        raise LoraConfigError(f"lam={lam!r}: use a finite number >= 0 (the paper's 0.05).")
+    if len(bounds) != 2 or not all(_finite_number(b) for b in bounds) or not bounds[0] < bounds[1]:
+        raise LoraConfigError(f"bounds={bounds!r}: use two finite numbers (low, high) with low < high, e.g. (-1.5, 1.5).")
 
 
 def _running_min(values: list[float]) -> list[float]:

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -20,15 +19,21 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .atomic import staged_directory
 from .config import LoraConfig
-from .errors import AdapterLoadError, LoraConfigError
+from .errors import AdapterLoadError, AdapterSaveError, LoraConfigError
 from .layers import LoraEmbedding, LoraLayer, ModulesToSave
 from .targeting import AdapterPlan, module_names, plan_targets
 
 if TYPE_CHECKING:
     from .model import LoraModel
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "INITIAL_NAME", "save_adapter", "write_adapter", "initial_factors", "read_adapter", "check_adapter_fits", "load_adapter", "adapter_state_dict"]
+from .model import check_adapter_name  # noqa: E402  (model imports io lazily, never at import time)
+
+__all__ = [
+    "CONFIG_NAME", "WEIGHTS_NAME", "INITIAL_NAME", "SavedAdapter", "saved_adapter", "save_adapter", "write_adapter",
+    "write_adapters", "initial_factors", "read_adapter", "check_adapter_fits", "load_adapter", "apply_adapter", "adapter_state_dict",
+]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -112,16 +117,31 @@ def adapter_parameters(model: "LoraModel", name: str, with_embedding_bases: bool
 
 
 # -- writing --------------------------------------------------------------------------------------
-def save_adapter(model: "LoraModel", directory: str | os.PathLike, name: str) -> None:
-    """Write adapter `name` to `directory` in PEFT's format (see `write_adapter`). An adapter whose init
-    moved the base (PiSSA, MiLoRA) also gets ``initial_factors.safetensors`` (A0, B0; PEFT ignores it),
-    so it can be exported for the original base after a reload."""
-    model._check_names([name])
+@dataclass
+class SavedAdapter:
+    """An adapter as it is on disk: its config, its tensors under PEFT's keys, and (PiSSA/MiLoRA only)
+    the initial factors A0/B0 under the same keys."""
+
+    config: LoraConfig
+    tensors: dict[str, Tensor]
+    initial: dict[str, Tensor] = field(default_factory=dict)
+
+
+def saved_adapter(model: "LoraModel", name: str) -> SavedAdapter:
+    """Adapter `name` of `model` as it would be written (tensors copied to the CPU)."""
+    model.check_names([name])
     config = model.peft_config[name]
     if config.base_model_name_or_path is None:
         source = getattr(getattr(model.model, "config", None), "_name_or_path", None)
         config = config.replace(base_model_name_or_path=source or None)
-    write_adapter(directory, config, adapter_state_dict(model, name), initial_factors(model, name))
+    return SavedAdapter(config, adapter_state_dict(model, name), initial_factors(model, name))
+
+
+def save_adapter(model: "LoraModel", directory: str | os.PathLike, name: str) -> None:
+    """Write adapter `name` to `directory` in PEFT's format (see `write_adapters`). An adapter whose init
+    moved the base (PiSSA, MiLoRA) also gets ``initial_factors.safetensors`` (A0, B0; PEFT ignores it),
+    so it can be exported for the original base after a reload."""
+    write_adapters(directory, {"": saved_adapter(model, name)})
 
 
 def initial_factors(model: "LoraModel", name: str) -> dict[str, Tensor]:
@@ -134,55 +154,118 @@ def initial_factors(model: "LoraModel", name: str) -> dict[str, Tensor]:
     return tensors
 
 
-def write_adapter(directory: str | os.PathLike, config: LoraConfig, tensors: dict[str, Tensor], initial: dict[str, Tensor] | None = None) -> None:
-    """Write an adapter directory atomically: files go to a temporary folder beside it and are renamed
-    into place (the weights first, the config last), so a crash never leaves a half-written adapter."""
+def _check_replaceable(folder: Path) -> None:
+    """A save replaces its folder whole. Refuse a folder that holds files but no adapter (neither
+    ``adapter_config.json`` nor adapter sub-folders, PEFT's multi-adapter layout), so a save never
+    deletes a folder of other things."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise AdapterSaveError(f"{folder} is a file, not a folder: save the adapter to a folder path.")
+    entries = [entry for entry in folder.iterdir() if not entry.name.startswith(".")]
+    holds_adapter = (folder / CONFIG_NAME).is_file() or any((entry / CONFIG_NAME).is_file() for entry in entries if entry.is_dir())
+    if entries and not holds_adapter:
+        raise AdapterSaveError(
+            f"{folder} holds {sorted(e.name for e in entries)[:5]} but no adapter; a save replaces the whole folder, so "
+            "save into a new folder or an adapter folder."
+        )
+
+
+def write_adapter(directory: str | os.PathLike, config: LoraConfig, tensors: dict[str, Tensor],
+                  initial: dict[str, Tensor] | None = None, extra_files: dict[str, str | bytes] | None = None) -> None:
+    """Write one adapter folder atomically (see `write_adapters`)."""
+    write_adapters(directory, {"": SavedAdapter(config, tensors, initial or {})}, extra_files)
+
+
+def write_adapters(directory: str | os.PathLike, adapters: dict[str, SavedAdapter],
+                   extra_files: dict[str, str | bytes] | None = None) -> None:
+    """Write adapters (sub-folder -> adapter; ``""`` is `directory` itself) as one complete folder built
+    beside `directory` and swapped in whole: the folder always holds exactly one save, never a mix of two
+    and never a stale file of an earlier save (e.g. an old ``initial_factors.safetensors``).
+    `extra_files` (name -> content) go into the same folder in the same step (reports, plots).
+
+    Raises:
+        AdapterSaveError: `directory` is a file, or a folder holding other things than adapters.
+    """
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    names = [WEIGHTS_NAME, CONFIG_NAME]
-    try:
-        save_file(tensors, staging / WEIGHTS_NAME, metadata={"format": "pt"})
-        if initial:
-            save_file(initial, staging / INITIAL_NAME, metadata={"format": "pt"})
-            names.insert(1, INITIAL_NAME)
-        (staging / CONFIG_NAME).write_text(json.dumps(config.to_peft_dict(), indent=2, sort_keys=True) + "\n")
-        if not target.exists():
-            os.replace(staging, target)
-            return
-        for file_name in names:
-            os.replace(staging / file_name, target / file_name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    _check_replaceable(target)
+    with staged_directory(target) as staging:
+        for name, content in (extra_files or {}).items():
+            (staging / name).write_bytes(content.encode() if isinstance(content, str) else content)
+        for sub, adapter in adapters.items():
+            folder = staging / sub if sub else staging
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file(adapter.tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+            if adapter.initial:
+                save_file(adapter.initial, folder / INITIAL_NAME, metadata={"format": "pt"})
+            (folder / CONFIG_NAME).write_text(json.dumps(adapter.config.to_peft_dict(), indent=2, sort_keys=True) + "\n")
 
 
 # -- reading --------------------------------------------------------------------------------------
-def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, Tensor]]:
-    """Config and tensors of a PEFT-format adapter; errors name the file and the reason."""
+def read_adapter(directory: str | os.PathLike) -> SavedAdapter:
+    """Config, tensors and initial factors of a PEFT-format adapter; errors name the file and the reason.
+
+    Raises:
+        AdapterLoadError: a file is missing, corrupt, of the wrong kind, or holds non-float or non-finite values.
+    """
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise AdapterLoadError(f"{config_path} does not exist: {directory} is not an adapter directory.")
     try:
-        config = LoraConfig.from_peft_dict(json.loads(config_path.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise AdapterLoadError(f"{config_path} is not valid JSON ({err}); the file is corrupt.") from None
+    if not isinstance(data, dict):
+        raise AdapterLoadError(f"{config_path} holds a JSON {type(data).__name__}, not an object of config fields; the file is corrupt.")
+    try:
+        config = LoraConfig.from_peft_dict(data)
     except (LoraConfigError, TypeError) as err:
         raise AdapterLoadError(f"{config_path} holds a config lorakit cannot use: {err}") from None
-    return config, _read_tensors(directory)
+    tensors = _read_tensors(directory / WEIGHTS_NAME, directory)
+    return SavedAdapter(config, tensors, _read_initial_factors(directory / INITIAL_NAME, tensors))
 
 
-def _read_tensors(directory: Path) -> dict[str, Tensor]:
-    weights, legacy = directory / WEIGHTS_NAME, directory / LEGACY_WEIGHTS_NAME
+def _load_checked(path: Path) -> dict[str, Tensor]:
+    """A safetensors file's tensors, refusing anything but finite floating-point values."""
     try:
-        if weights.is_file():
-            return load_file(weights, device="cpu")
-        if legacy.is_file():
-            return torch.load(legacy, map_location="cpu", weights_only=True)
-    except Exception as err:  # safetensors and torch raise several types for damaged files
-        path = weights if weights.is_file() else legacy
+        tensors = load_file(path, device="cpu")
+    except Exception as err:  # safetensors raises several types for damaged files
         raise AdapterLoadError(f"{path} could not be read ({type(err).__name__}: {err}); the file is corrupt or truncated.") from None
-    raise AdapterLoadError(f"{directory} has no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}): the adapter weights are missing.")
+    for key, value in tensors.items():
+        if not value.dtype.is_floating_point:
+            raise AdapterLoadError(f"{path}: {key!r} holds {value.dtype} values; adapter tensors are floating point. The file is not an adapter's.")
+        if not torch.isfinite(value).all():
+            raise AdapterLoadError(f"{path}: {key!r} holds NaN or infinite values; the adapter is damaged (retrain or use an earlier checkpoint).")
+    return tensors
+
+
+def _read_tensors(weights: Path, directory: Path) -> dict[str, Tensor]:
+    if weights.is_file():
+        return _load_checked(weights)
+    if (directory / LEGACY_WEIGHTS_NAME).is_file():
+        raise AdapterLoadError(
+            f"{directory} holds only {LEGACY_WEIGHTS_NAME} (a pickle); lorakit loads adapters from safetensors only. Convert it "
+            "where you trust the file: PeftModel.from_pretrained(...).save_pretrained(dir, safe_serialization=True)."
+        )
+    raise AdapterLoadError(f"{directory} has no {WEIGHTS_NAME}: the adapter weights are missing.")
+
+
+def _read_initial_factors(path: Path, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A0/B0 saved beside a PiSSA/MiLoRA adapter, checked against the adapter's own keys and shapes."""
+    if not path.is_file():
+        return {}
+    try:
+        initial = _load_checked(path)
+    except AdapterLoadError as err:
+        raise AdapterLoadError(f"{err} Delete it to load the adapter without it (as a plain adapter on the base it was saved for).") from None
+    for key, value in initial.items():
+        if key not in tensors or tensors[key].shape != value.shape:
+            raise AdapterLoadError(f"{path} does not match the adapter ({key!r}); delete it to load the adapter without it.")
+    unpaired = [k for k in initial if (b_key(k) if is_a_key(k) else None) not in initial and is_a_key(k)]
+    if unpaired or sum(map(is_a_key, initial)) * 2 != len(initial):
+        raise AdapterLoadError(f"{path} holds unpaired A0/B0 factors; the file is damaged. Delete it to load the adapter without it.")
+    return initial
 
 
 def _expected_shapes(model: nn.Module, config: LoraConfig, plan: AdapterPlan) -> tuple[dict, dict]:
@@ -204,14 +287,14 @@ def _expected_shapes(model: nn.Module, config: LoraConfig, plan: AdapterPlan) ->
     return required, optional
 
 
-def check_adapter_fits(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], source) -> AdapterPlan:
+def check_adapter_fits(model: nn.Module, adapter: SavedAdapter, source) -> AdapterPlan:
     """Raise `AdapterLoadError` naming the first module whose key or shape does not fit; change nothing."""
     try:
-        plan = plan_targets(model, config)
+        plan = plan_targets(model, adapter.config)
     except ValueError as err:
         raise AdapterLoadError(f"the adapter in {source} does not fit this model: {err}") from None
-    required, optional = _expected_shapes(model, config, plan)
-    for key, tensor in tensors.items():
+    required, optional = _expected_shapes(model, adapter.config, plan)
+    for key, tensor in adapter.tensors.items():
         shape = required.get(key, optional.get(key))
         if shape is None:
             raise AdapterLoadError(
@@ -223,57 +306,44 @@ def check_adapter_fits(model: nn.Module, config: LoraConfig, tensors: dict[str, 
                 f"shape mismatch for module {key.removeprefix(PREFIX)!r}: the adapter file has {tuple(tensor.shape)}, "
                 f"this model needs {shape}. The adapter was trained on a model of another size or with another rank."
             )
-    missing = [k for k in required if k not in tensors]
+    missing = [k for k in required if k not in adapter.tensors]
     if missing:
         raise AdapterLoadError(f"the adapter in {source} lacks {len(missing)} tensors this model needs, e.g. {missing[0]!r}.")
     return plan
 
 
-def apply_adapter(model: "LoraModel", name: str, config: LoraConfig, tensors: dict[str, Tensor], is_trainable: bool) -> None:
-    """Add adapter `name` and fill it with checked `tensors`."""
-    model.add_adapter(name, config, initialize=False)
-    destinations = dict(adapter_parameters(model, name))
-    with torch.no_grad():
-        for key, tensor in tensors.items():
-            param = destinations[key]
-            param.copy_(tensor.to(param.dtype))
+def apply_adapter(model: "LoraModel", name: str, config: LoraConfig, tensors: dict[str, Tensor], is_trainable: bool,
+                  initial: dict[str, Tensor] | None = None) -> None:
+    """Add adapter `name` and fill it with checked `tensors` (and PiSSA/MiLoRA `initial` factors); on any
+    error the model is left exactly as it was."""
+    with model.transaction():
+        model.add_adapter(name, config, initialize=False)
+        destinations = dict(adapter_parameters(model, name))
+        with torch.no_grad():
+            for key, tensor in tensors.items():
+                param = destinations[key]
+                param.copy_(tensor.to(param.dtype))
+        for path, layer in model.lora_layers():
+            key_A, key_B = factor_keys(path, isinstance(layer, LoraEmbedding))
+            if name in layer.adapter_names and key_A in (initial or {}):
+                layer.set_initial_factors(name, initial[key_A], initial[key_B])
+        if not is_trainable:
+            for key in destinations:
+                destinations[key].requires_grad_(False)
     if not is_trainable:
-        for key in destinations:
-            destinations[key].requires_grad_(False)
         model.eval()
-
 
 
 def load_adapter(model: "LoraModel", directory: str | os.PathLike, name: str, is_trainable: bool = False) -> None:
     """Read, check against the model, then add: a bad file leaves the model exactly as it was."""
-    config, tensors = read_adapter(directory)
+    check_adapter_name(name)
     if name in model.peft_config:
         raise AdapterLoadError(f"an adapter named {name!r} is loaded already; pass another adapter_name.")
-    check_adapter_fits(model.model, config, tensors, directory)
-    add_checked_adapter(model, directory, name, config, tensors, is_trainable)
+    adapter = read_adapter(directory)
+    check_adapter_fits(model.model, adapter, directory)
+    add_checked_adapter(model, name, adapter, is_trainable)
 
 
-def add_checked_adapter(model: "LoraModel", directory: str | os.PathLike, name: str, config: LoraConfig,
-                        tensors: dict[str, Tensor], is_trainable: bool) -> None:
-    """Add an adapter already read from `directory` and checked against the model, with its initial factors."""
-    initial = _read_initial_factors(Path(directory), tensors)
-    apply_adapter(model, name, config, tensors, is_trainable)
-    for path, layer in model.lora_layers():
-        key_A, key_B = factor_keys(path, isinstance(layer, LoraEmbedding))
-        if name in layer.adapter_names and key_A in initial:
-            layer.initial_factors[name] = (initial[key_A].to(layer.weight.dtype), initial[key_B].to(layer.weight.dtype))
-
-
-def _read_initial_factors(directory: Path, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A0/B0 saved beside a PiSSA/MiLoRA adapter, checked against the adapter's own shapes."""
-    path = directory / INITIAL_NAME
-    if not path.is_file():
-        return {}
-    try:
-        initial = load_file(path, device="cpu")
-    except Exception as err:
-        raise AdapterLoadError(f"{path} could not be read ({type(err).__name__}: {err}); delete it to load the adapter without it.") from None
-    for key, value in initial.items():
-        if key not in tensors or tensors[key].shape != value.shape:
-            raise AdapterLoadError(f"{path} does not match the adapter ({key!r}); delete it to load the adapter without it.")
-    return initial
+def add_checked_adapter(model: "LoraModel", name: str, adapter: SavedAdapter, is_trainable: bool) -> None:
+    """Add an adapter already read and checked against the model, with its initial factors."""
+    apply_adapter(model, name, adapter.config, adapter.tensors, is_trainable, adapter.initial)

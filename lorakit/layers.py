@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from .errors import MixedBatchError, TargetModuleError
 from .init import InitFn
 from .ops import lora_linear
 
-__all__ = ["LoraLayer", "LoraLinear", "LoraEmbedding", "ModulesToSave", "RowAdapters", "wrap_module", "SUPPORTED_TYPES"]
+__all__ = [
+    "LoraLayer", "LoraLinear", "LoraEmbedding", "ModulesToSave", "RowAdapters", "MixedBatchError", "wrap_module", "SUPPORTED_TYPES",
+]
 
 SUPPORTED_TYPES = (nn.Linear, Conv1D, nn.Embedding)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -79,23 +83,28 @@ class LoraLayer(nn.Module):
         return list(self.lora_A.keys())
 
     # -- adapters ---------------------------------------------------------------------------------
-    def add_adapter(self, name: str, rank: int, scale: float, dropout: float, init: InitFn | None) -> None:
-        """Create adapter `name`. ``init=None`` allocates zeros (to be filled from a file)."""
+    def add_adapter(self, name: str, rank: int, scale: float, dropout: float, init: InitFn | None,
+                    before_base_change: Callable[[Tensor], None] | None = None) -> None:
+        """Create adapter `name`. ``init=None`` allocates zeros (to be filled from a file).
+
+        ``before_base_change(weight)`` is called with the base weight parameter just before an init that
+        moves it (PiSSA, MiLoRA) writes its residual, so a caller can keep an exact copy to roll back to."""
         self._row_cache = None
         weight = self.weight_view()
         if init is None:
             A, B = weight.new_zeros(rank, self.in_features), weight.new_zeros(self.out_features, rank)
         else:
-            A, B, moved = self.init_factors(init, rank, scale)
+            A, B, moved = self.init_factors(init, rank, scale, before_base_change)
             if moved:  # the base now holds a residual: keep (A0, B0) to export for the original base
                 self.initial_factors[name] = (A.detach().to(weight.dtype).clone(), B.detach().to(weight.dtype).clone())
         self.lora_A[name] = nn.Parameter(A.to(weight.dtype))
         self.lora_B[name] = nn.Parameter(B.to(weight.dtype))
         self.scaling[name], self.dropout[name] = scale, dropout
 
-    def init_factors(self, init: InitFn, rank: int, scale: float) -> tuple[Tensor, Tensor, bool]:
+    def init_factors(self, init: InitFn, rank: int, scale: float,
+                     before_base_change: Callable[[Tensor], None] | None = None) -> tuple[Tensor, Tensor, bool]:
         """(A, B, whether the base weight moved) from `init` run on the (out, in) weight."""
-        return _run_init(init, self.weight_view(), rank, scale)
+        return _run_init(init, self.weight_view(), rank, scale, lambda: _notify(before_base_change, self.base_layer.weight))
 
     def _shift_base(self, name: str, sign: float) -> None:
         """``W += sign·s·B0@A0`` in float32 for adapter `name`'s initial factors."""
@@ -115,15 +124,32 @@ class LoraLayer(nn.Module):
         PiSSA/MiLoRA adapter onto the original model)."""
         self._shift_base(name, -1.0)
 
-    def delete_adapter(self, name: str) -> None:
-        """Remove adapter `name`, giving the base weight back what its init took."""
+    def set_initial_factors(self, name: str, A0: Tensor, B0: Tensor) -> None:
+        """Record that adapter `name` was initialised at (A0, B0) with the base holding ``W - s·B0@A0``
+        (a PiSSA/MiLoRA adapter read from disk)."""
+        if name not in self.lora_A or A0.shape != self.lora_A[name].shape or B0.shape != self.lora_B[name].shape:
+            raise ValueError(f"initial factors {tuple(A0.shape)}, {tuple(B0.shape)} do not fit adapter {name!r}.")
+        dtype = self.weight_view().dtype
+        self.initial_factors[name] = (A0.to(dtype), B0.to(dtype))
+
+    def delete_adapter(self, name: str, restore_base: bool = True) -> None:
+        """Remove adapter `name`, giving the base weight back what its init took (``restore_base=False``:
+        leave the base weight alone, for a caller that restores it bit-exactly itself)."""
         self._row_cache = None
-        self.restore_base(name)
+        if restore_base:
+            self.restore_base(name)
+        self.initial_factors.pop(name, None)
         for table in (self.lora_A, self.lora_B):
-            del table[name]
-        self.scaling.pop(name)
-        self.dropout.pop(name)
+            if name in table:
+                del table[name]
+        self.scaling.pop(name, None)
+        self.dropout.pop(name, None)
         self.active_adapters = [n for n in self.active_adapters if n != name]
+        self.merged_adapters = [n for n in self.merged_adapters if n != name]
+
+    def route_rows(self, rows: RowAdapters | None) -> None:
+        """Run each batch row with its own adapter (`rows`) until called with None."""
+        self.row_adapters = rows
 
     def delta_weight(self, name: str) -> Tensor:
         """``s·B@A`` in float32, (out, in)."""
@@ -222,10 +248,15 @@ class LoraLayer(nn.Module):
         return f"adapters(rank)={ranks}, active={self.active_adapters}, merged={self.merged_adapters}"
 
 
-def _run_init(init: InitFn, weight: Tensor, rank: int, scale: float) -> tuple[Tensor, Tensor, bool]:
+def _notify(callback: Callable[[Tensor], None] | None, parameter: Tensor) -> None:
+    if callback is not None:
+        callback(parameter)
+
+
+def _run_init(init: InitFn, weight: Tensor, rank: int, scale: float, before_write: Callable[[], None]) -> tuple[Tensor, Tensor, bool]:
     """Run `init` on a float32 copy of `weight` (a view of the parameter) and write back its residual."""
     if not weight.dtype.is_floating_point:
-        raise TypeError(
+        raise TargetModuleError(
             f"cannot initialise LoRA on a {weight.dtype} weight (quantised or integer): load the model in float32, "
             "bfloat16 or float16 for the init, then quantise."
         )
@@ -233,14 +264,15 @@ def _run_init(init: InitFn, weight: Tensor, rank: int, scale: float) -> tuple[Te
     A, B, W_residual = init(W, rank, scale)
     if W_residual is W:
         return A, B, False
+    before_write()
     with torch.no_grad():
         weight.copy_(W_residual.to(weight.dtype))
     return A, B, True
 
 
 def _check_rows(x: Tensor, rows: RowAdapters) -> None:
-    if x.shape[0] != rows.row_slot.shape[0]:
-        raise ValueError(
+    if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] != rows.row_slot.shape[0]:
+        raise MixedBatchError(
             f"adapter_names has {rows.row_slot.shape[0]} entries but the batch has {x.shape[0]} rows: "
             "pass one adapter name (or '__base__') per row."
         )
@@ -302,10 +334,12 @@ class LoraEmbedding(LoraLayer):
     def padding_idx(self) -> int | None:
         return self.base_layer.padding_idx
 
-    def init_factors(self, init: InitFn, rank: int, scale: float) -> tuple[Tensor, Tensor, bool]:
+    def init_factors(self, init: InitFn, rank: int, scale: float,
+                     before_base_change: Callable[[Tensor], None] | None = None) -> tuple[Tensor, Tensor, bool]:
         """Run the init on the transposed problem ``ΔWᵀ = Aᵀ Bᵀ`` so the zero factor sits on the
         vocabulary side, as PEFT's embedding init (A = 0, B random) does."""
-        A_t, B_t, moved = _run_init(init, self.base_layer.weight, rank, scale)  # (r, dim), (vocab, r)
+        notify = lambda: _notify(before_base_change, self.base_layer.weight)  # noqa: E731
+        A_t, B_t, moved = _run_init(init, self.base_layer.weight, rank, scale, notify)  # (r, dim), (vocab, r)
         return B_t.t().contiguous(), A_t.t().contiguous(), moved
 
     def _lookup(self, ids: Tensor, table: Tensor) -> Tensor:
@@ -326,7 +360,10 @@ class LoraEmbedding(LoraLayer):
 
 
 class ModulesToSave(nn.Module):
-    """A module trained in full: a trainable copy per adapter, the original kept in ``base_layer``."""
+    """A module trained in full: a trainable copy per adapter, the original kept in ``base_layer``.
+
+    In a mixed batch each row goes through its own adapter's copy (the original for rows whose adapter
+    has none, and for ``"__base__"`` rows), as PEFT routes ``modules_to_save``."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -334,6 +371,7 @@ class ModulesToSave(nn.Module):
         self.copies = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.disabled = False
+        self.row_adapters: RowAdapters | None = None
 
     @property
     def adapter_names(self) -> list[str]:
@@ -349,6 +387,10 @@ class ModulesToSave(nn.Module):
         del self.copies[name]
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
+    def route_rows(self, rows: RowAdapters | None) -> None:
+        """Run each batch row through its own adapter's copy (`rows`) until called with None."""
+        self.row_adapters = rows
+
     def current(self) -> nn.Module:
         """The copy of the first active adapter that has one, else the original."""
         if not self.disabled:
@@ -362,7 +404,39 @@ class ModulesToSave(nn.Module):
         return self.current().weight
 
     def forward(self, *args, **kwargs):
-        return self.current()(*args, **kwargs)
+        if self.row_adapters is None or self.disabled:
+            return self.current()(*args, **kwargs)
+        return self._mixed_rows_forward(self.row_adapters, args, kwargs)
+
+    def _mixed_rows_forward(self, rows: RowAdapters, args: tuple, kwargs: dict) -> Tensor:
+        """Rows of each adapter through that adapter's copy, put back in batch order."""
+        batch = rows.row_slot.shape[0]
+        if not args:
+            raise MixedBatchError(f"{type(self.base_layer).__name__} saved with the adapter takes keyword inputs only; "
+                                  "a mixed-adapter batch cannot split them by row. Run one adapter per call.")
+        _check_rows(args[0], rows)
+        output = None
+        for slot, name in enumerate((*rows.names, None)):
+            index = (rows.row_slot == slot).nonzero().squeeze(1)  # (rows of this adapter,)
+            if index.numel() == 0:
+                continue
+            module = self.copies[name] if name in self.copies else self.base_layer
+            part = module(*_select_rows(args, index, batch), **_select_rows(kwargs, index, batch))
+            if not isinstance(part, Tensor) or part.dim() == 0 or part.shape[0] != index.numel():
+                raise MixedBatchError(f"{type(self.base_layer).__name__} does not return one tensor row per input row; "
+                                      "it cannot take part in a mixed-adapter batch. Run one adapter per call.")
+            if output is None:
+                output = part.new_zeros((batch, *part.shape[1:]))
+            output = output.index_copy(0, index, part)
+        return output
+
+
+def _select_rows(values, index: Tensor, batch: int):
+    """`values` (a tuple or dict of arguments) with every batch-first tensor restricted to rows `index`."""
+    pick = lambda v: v.index_select(0, index) if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == batch else v  # noqa: E731
+    if isinstance(values, dict):
+        return {k: pick(v) for k, v in values.items()}
+    return tuple(pick(v) for v in values)
 
 
 def wrap_module(module: nn.Module) -> LoraLayer:
@@ -371,4 +445,4 @@ def wrap_module(module: nn.Module) -> LoraLayer:
         return LoraEmbedding(module)
     if isinstance(module, (nn.Linear, Conv1D)):
         return LoraLinear(module)
-    raise TypeError(f"LoRA supports {[t.__name__ for t in SUPPORTED_TYPES]}, not {type(module).__name__}.")
+    raise TargetModuleError(f"LoRA supports {[t.__name__ for t in SUPPORTED_TYPES]}, not {type(module).__name__}.")

@@ -4,22 +4,78 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from typing import Iterator, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from .config import LoraConfig
-from .errors import AdapterNameError, LoraConfigError, LoraError
+from .errors import AdapterNameError, LoraConfigError, LoraError, MixedBatchError
 from .init import SVD_INITS, get_init, init_name
 from .layers import LoraLayer, ModulesToSave, RowAdapters, wrap_module
 from .svd import single_torch_thread
 from .targeting import AdapterPlan, module_names, plan_targets
 
-__all__ = ["LoraModel", "get_lora_model", "BASE_ROW"]
+__all__ = ["LoraModel", "get_lora_model", "BASE_ROW", "check_adapter_name"]
 
 BASE_ROW = "__base__"  # the adapter name that means "no adapter" in a mixed batch
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def check_adapter_name(name: object) -> None:
+    """Raise `AdapterNameError` unless `name` can name an adapter: 1-64 letters, digits, ``_`` or ``-``,
+    and not an attribute of the wrappers (``training``, ``forward``, ``keys``...), since adapters are
+    kept in module dicts under their names and saved in folders named after them."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise AdapterNameError(
+            f"adapter name {name!r} is not valid: use 1 to 64 letters, digits, '_' or '-' (e.g. 'default', 'task-1')."
+        )
+    if name == BASE_ROW:
+        raise AdapterNameError(f"{BASE_ROW!r} is reserved for base-model rows in mixed batches; pick another name.")
+    if name in _RESERVED_NAMES:
+        raise AdapterNameError(f"adapter name {name!r} is an attribute name of lorakit's wrappers; pick another name.")
+
+
+class _Journal:
+    """What a failing mutation must undo: parameter flags, replaced modules, base weights changed in
+    place (kept as exact copies) and adapters added to existing wrappers. `rollback` restores all of it
+    bit-exactly, newest change first."""
+
+    def __init__(self, model: "LoraModel") -> None:
+        self.lora_model = model
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        self.config, self.active = dict(model.peft_config), list(model.active_adapters)
+        self.wrapper_state = [(w, list(w.active_adapters)) for w in model._wrappers()]
+        self.replaced: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, attribute, previous module)
+        self.weights: list[tuple[Tensor, Tensor]] = []  # (parameter, exact copy before the change)
+        self.added: list[tuple[nn.Module, str]] = []  # (existing wrapper, adapter name added to it)
+
+    def remember_weight(self, parameter: Tensor) -> None:
+        if all(parameter is not seen for seen, _ in self.weights):
+            self.weights.append((parameter, parameter.detach().clone()))
+
+    def rollback(self) -> None:
+        with torch.no_grad():
+            for parameter, original in reversed(self.weights):
+                parameter.copy_(original)
+        for wrapper, name in reversed(self.added):
+            if isinstance(wrapper, LoraLayer):
+                wrapper.delete_adapter(name, restore_base=False)  # the weights came back above
+            elif name in wrapper.adapter_names:
+                wrapper.delete_adapter(name)
+        for parent, attribute, previous in reversed(self.replaced):
+            setattr(parent, attribute, previous)
+        for wrapper, active in self.wrapper_state:
+            wrapper.active_adapters = active
+        model = self.lora_model
+        model.peft_config.clear()
+        model.peft_config.update(self.config)
+        model.active_adapters = self.active
+        model._last_rows = None
+        for parameter, flag in self.flags:
+            parameter.requires_grad_(flag)
 
 
 class LoraModel(nn.Module):
@@ -27,23 +83,48 @@ class LoraModel(nn.Module):
     so ``generate``, ``config``, ``save_pretrained`` of the base etc. work as before."""
 
     def __init__(self, model: nn.Module, config: LoraConfig | None = None, adapter_name: str = "default") -> None:
+        if config is not None:  # validate before touching the model
+            check_adapter_name(adapter_name)
+            if not isinstance(config, LoraConfig):
+                raise LoraConfigError(f"config is a {type(config).__name__}: pass a lorakit.LoraConfig.")
         super().__init__()
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
         self._last_rows: tuple | None = None  # ((adapter_names, device), RowAdapters) of the last mixed batch
+        self._journal: _Journal | None = None
         self.training = model.training
-        unfrozen = [p for p in model.parameters() if p.requires_grad]
-        for param in unfrozen:
+        self._original_flags = [(p, p.requires_grad) for p in model.parameters()]  # given back by unload()
+        for param, _ in self._original_flags:
             param.requires_grad_(False)
         if config is None:
             return
         try:
             self.add_adapter(adapter_name, config)
         except BaseException:
-            for param in unfrozen:  # a failed wrap leaves the model exactly as it was
-                param.requires_grad_(True)
+            self.restore_original_flags()  # a failed wrap leaves the model exactly as it was
             raise
+
+    def restore_original_flags(self) -> None:
+        """Give the wrapped model's parameters back the ``requires_grad`` they had before wrapping."""
+        for param, flag in self._original_flags:
+            param.requires_grad_(flag)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Inside the block, any exception undoes every change made to the model (module types, tensors
+        bit-exactly, ``requires_grad`` flags, adapters) before it propagates. Nested blocks join the outer one."""
+        if self._journal is not None:
+            yield
+            return
+        self._journal = _Journal(self)
+        try:
+            yield
+        except BaseException:
+            self._journal.rollback()
+            raise
+        finally:
+            self._journal = None
 
     def __getattr__(self, name: str):
         try:
@@ -71,31 +152,39 @@ class LoraModel(nn.Module):
 
     def _replace(self, path: str, new: nn.Module) -> None:
         """Put `new` at `path`, in the train/eval mode of the module it replaces."""
-        new.train(self.model.get_submodule(path).training)
+        old = self.model.get_submodule(path)
+        new.train(old.training)
         parent_path, _, child = path.rpartition(".")
-        setattr(self.model.get_submodule(parent_path), child, new)
+        parent = self.model.get_submodule(parent_path)
+        if self._journal is not None:
+            self._journal.replaced.append((parent, child, old))
+        setattr(parent, child, new)
 
     # -- adapters ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: LoraConfig, *, initialize: bool = True) -> None:
         """Add adapter `name` with `config`. It becomes active only if no adapter is active yet.
 
-        ``initialize=False`` allocates zero factors without running the init (used when loading)."""
+        ``initialize=False`` allocates zero factors without running the init (used when loading).
+
+        Raises:
+            AdapterNameError: the name is invalid or taken.
+            LoraConfigError, TargetModuleError: the config does not fit the model.
+        Any failure leaves the model exactly as it was (see `transaction`)."""
+        check_adapter_name(name)
         if name in self.peft_config:
             raise AdapterNameError(f"an adapter named {name!r} exists already; pick another name or delete it first.")
-        if name == BASE_ROW:
-            raise AdapterNameError(f"{BASE_ROW!r} is reserved for base-model rows in mixed batches.")
+        if not isinstance(config, LoraConfig):
+            raise LoraConfigError(f"config is a {type(config).__name__}: pass a lorakit.LoraConfig.")
         plan = plan_targets(self.model, config)
-        if init_name(config.init_lora_weights) in SVD_INITS:
+        if initialize and init_name(config.init_lora_weights) in SVD_INITS:
             self._refuse_shared_weights(plan)
+            _refuse_rank_above_width(plan)
         if any(t.fan_in_fan_out for t in plan.targets) and not config.fan_in_fan_out:
             config = config.replace(fan_in_fan_out=True)  # GPT-2 Conv1D stores weights (in, out)
-        self.peft_config[name] = config
-        try:
+        with self.transaction():
+            self.peft_config[name] = config
             self._inject(name, config, plan, initialize)
-        except BaseException:
-            self.delete_adapter(name)
-            raise
-        self.set_adapter(self.active_adapters or [name])
+            self.set_adapter(self.active_adapters or [name])
 
     def _refuse_shared_weights(self, plan: AdapterPlan) -> None:
         """PiSSA/MiLoRA rewrite the base weight as a residual; a weight shared with another module (tied
@@ -121,18 +210,22 @@ class LoraModel(nn.Module):
                 if not isinstance(layer, LoraLayer):
                     layer = wrap_module(layer)
                     self._replace(target.path, layer)
-                layer.add_adapter(name, target.rank, target.scale, config.lora_dropout, init)
+                else:
+                    self._journal.added.append((layer, name))
+                layer.add_adapter(name, target.rank, target.scale, config.lora_dropout, init, self._journal.remember_weight)
         for path in plan.modules_to_save:
             wrapper = self.model.get_submodule(path)
             if not isinstance(wrapper, ModulesToSave):
                 wrapper = ModulesToSave(wrapper)
                 self._replace(path, wrapper)
+            else:
+                self._journal.added.append((wrapper, name))
             wrapper.add_adapter(name)
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
         """Make these adapters active (their outputs add up); the others are frozen and unused."""
         names = [names] if isinstance(names, str) else list(names)
-        self._check_names(names)
+        self.check_names(names)
         for wrapper in self._wrappers():
             wrapper.active_adapters = [n for n in names if n in wrapper.adapter_names]
         self.active_adapters = names
@@ -140,7 +233,7 @@ class LoraModel(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter everywhere; modules left with no adapter get their original back."""
-        self._check_names([name])
+        self.check_names([name])
         if any(name in layer.merged_adapters for _, layer in self.lora_layers()):
             raise LoraError(f"adapter {name!r} is merged; call unmerge_adapter() before deleting it.")
         for path, wrapper in list(self.lora_layers()) + list(self.saved_modules()):
@@ -154,7 +247,8 @@ class LoraModel(nn.Module):
         if remaining or self.peft_config:
             self.set_adapter(remaining or [next(iter(self.peft_config))])
 
-    def _check_names(self, names: list[str]) -> None:
+    def check_names(self, names: Sequence[str]) -> None:
+        """Raise `AdapterNameError` for the first name that is not an adapter of this model."""
         for name in names:
             if name not in self.peft_config:
                 raise AdapterNameError(f"no adapter named {name!r}; this model has {sorted(self.peft_config)}.")
@@ -202,7 +296,7 @@ class LoraModel(nn.Module):
     def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
         """Fold adapters (default: the active ones) into the base weights, in float32."""
         names = list(adapter_names) if adapter_names is not None else self.active_adapters
-        self._check_names(names)
+        self.check_names(names)
         for _, layer in self.lora_layers():
             layer.merge(names)
 
@@ -232,6 +326,7 @@ class LoraModel(nn.Module):
             self._replace(path, wrapper.current() if keep_trained_copies else wrapper.base_layer)
         self.peft_config.clear()
         self.active_adapters = []
+        self.restore_original_flags()
         return self.model
 
     def train(self, mode: bool = True) -> "LoraModel":
@@ -261,22 +356,22 @@ class LoraModel(nn.Module):
             yield
             return
         unique = [n for n in dict.fromkeys(adapter_names) if n != BASE_ROW]
-        self._check_names(unique)
+        self.check_names(unique)
         if any(layer.merged_adapters for _, layer in self.lora_layers()):
-            raise LoraError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
+            raise MixedBatchError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
         device = next(self.model.parameters()).device
         layout = (tuple(adapter_names), device)
         if self._last_rows is None or self._last_rows[0] != layout:  # the same layout reuses its RowAdapters (layer caches)
             slot = {name: i for i, name in enumerate(unique)} | {BASE_ROW: len(unique)}
             self._last_rows = (layout, RowAdapters(tuple(unique), torch.tensor([slot[n] for n in adapter_names], device=device)))
         rows = self._last_rows[1]
-        for _, layer in self.lora_layers():
-            layer.row_adapters = rows
+        for wrapper in self._wrappers():  # every wrapper kind routes rows: LoRA layers and saved modules
+            wrapper.route_rows(rows)
         try:
             yield
         finally:
-            for _, layer in self.lora_layers():
-                layer.row_adapters = None
+            for wrapper in self._wrappers():
+                wrapper.route_rows(None)
 
     # -- parameters -------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -293,13 +388,14 @@ class LoraModel(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike, adapter_name: str | None = None) -> None:
         """Write adapters in PEFT's format. One named adapter goes to `save_directory` itself; with no
         name, every adapter is written as PEFT does ("default" at the top, others in sub-folders)."""
-        from .io import save_adapter
+        from .io import saved_adapter, write_adapters
 
         if adapter_name is not None:
-            save_adapter(self, save_directory, adapter_name)
+            write_adapters(save_directory, {"": saved_adapter(self, adapter_name)})
             return
-        for name in self.peft_config:
-            save_adapter(self, save_directory if name == "default" else os.path.join(save_directory, name), name)
+        if not self.peft_config:
+            raise AdapterNameError("this model has no adapter to save; add one first.")
+        write_adapters(save_directory, {"" if name == "default" else name: saved_adapter(self, name) for name in self.peft_config})
 
     def load_adapter(self, directory: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
         """Add an adapter from a PEFT-format directory; on any error the model is left unchanged."""
@@ -314,11 +410,31 @@ class LoraModel(nn.Module):
         """Wrap `model` and load the adapter saved in `directory` (by lorakit or PEFT)."""
         from .io import add_checked_adapter, check_adapter_fits, read_adapter
 
-        config, tensors = read_adapter(directory)
-        check_adapter_fits(model, config, tensors, directory)  # before touching the model
+        check_adapter_name(adapter_name)
+        adapter = read_adapter(directory)
+        check_adapter_fits(model, adapter, directory)  # before touching the model
         lora_model = cls(model)
-        add_checked_adapter(lora_model, directory, adapter_name, config, tensors, is_trainable)
+        try:
+            add_checked_adapter(lora_model, adapter_name, adapter, is_trainable)
+        except BaseException:
+            lora_model.restore_original_flags()
+            raise
         return lora_model
+
+
+def _refuse_rank_above_width(plan: AdapterPlan) -> None:
+    """An SVD init takes r singular components: there are only min(out, in)."""
+    for target in plan.targets:
+        if target.rank > min(target.out_features, target.in_features):
+            raise LoraConfigError(
+                f"rank {target.rank} for {target.path!r} exceeds its {min(target.out_features, target.in_features)} singular "
+                "values (min(out, in)); PiSSA/MiLoRA need r <= min(out, in). Lower r or use rank_pattern for this module."
+            )
+
+
+_RESERVED_NAMES = frozenset(
+    name for cls in (LoraModel, LoraLayer, ModulesToSave, nn.ModuleDict, nn.ParameterDict) for name in dir(cls)
+) | {"model", "base_layer", "copies", "lora_A", "lora_B"}
 
 
 def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:

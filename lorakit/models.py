@@ -21,13 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import LoraError
+from .errors import ModelNotFoundError
 
 __all__ = ["EMBEDDED_MODELS", "load", "cache_dir", "ModelNotFoundError"]
-
-
-class ModelNotFoundError(LoraError, FileNotFoundError):
-    """A model name is neither an embedded default nor a local directory, or its package is missing."""
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,8 @@ def run_update(run_dir: str | os.PathLike) -> tuple[object, dict[str, Tensor], d
     run = Path(run_dir)
     if not (run / "adapter").is_dir():
         raise LoraError(f"{run} is not a lorakit run directory: it has no adapter/ folder (write one with `lorakit train`).")
-    config, tensors = read_adapter(run / "adapter")
+    adapter = read_adapter(run / "adapter")
+    config, tensors = adapter.config, adapter.tensors
     stages = read_stages(run / STAGES_DIR)
     return config, tensors, total_factors(stages, live_factors(config, tensors)), stages
 
@@ -123,11 +124,11 @@ def export_plora(run_dir: str | os.PathLike, directory: str | os.PathLike, rank:
         r=r, lora_alpha=r, use_rslora=False, init_lora_weights=True, rank_pattern=rank_pattern,
         alpha_pattern=dict(rank_pattern),  # alpha = rank everywhere: scale 1
     )
-    write_adapter(directory, exported, out)
     report = {"stages": len(stages), "rank": r, "layers": len(total)}
     if errors:
         report |= {"max_relative_error": max(errors.values()), "mean_relative_error": sum(errors.values()) / len(errors)}
-    Path(directory, "export_report.json").write_text(json.dumps(report | {"relative_errors": errors}, indent=2) + "\n")
+    report_text = json.dumps(report | {"relative_errors": errors}, indent=2) + "\n"
+    write_adapter(directory, exported, out, extra_files={"export_report.json": report_text})
     return report
 
 

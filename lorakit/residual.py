@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from .errors import LoraError
 from .io import INITIAL_NAME, adapter_state_dict, is_a_key, initial_factors, read_adapter, write_adapter
@@ -55,18 +54,18 @@ def plain_lora_tensors(tensors: dict[str, torch.Tensor], initial: dict[str, torc
 
 def export_plain_lora(model: LoraModel, directory: str | os.PathLike, adapter_name: str = "default") -> None:
     """Write adapter `adapter_name` as a plain LoRA (PEFT format) for the original, un-residualised base."""
-    model._check_names([adapter_name])
+    model.check_names([adapter_name])
     plain = plain_lora_tensors(adapter_state_dict(model, adapter_name), initial_factors(model, adapter_name))
     write_adapter(directory, _doubled(model.peft_config[adapter_name]), plain)
 
 
 def export_plain_lora_files(adapter_dir: str | os.PathLike, directory: str | os.PathLike) -> None:
     """The same from a saved PiSSA/MiLoRA adapter directory alone (no model needed)."""
-    config, tensors = read_adapter(adapter_dir)
-    path = Path(adapter_dir) / INITIAL_NAME
-    if not path.is_file():
+    adapter = read_adapter(adapter_dir)
+    if not adapter.initial:
+        path = Path(adapter_dir) / INITIAL_NAME
         raise LoraError(f"{path} does not exist: {adapter_dir} is not a PiSSA/MiLoRA adapter saved by lorakit.")
-    write_adapter(directory, _doubled(config), plain_lora_tensors(tensors, load_file(path)))
+    write_adapter(directory, _doubled(adapter.config), plain_lora_tensors(adapter.tensors, adapter.initial))
 
 
 def save_residual_model(model: LoraModel, directory: str | os.PathLike) -> None:

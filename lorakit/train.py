@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .data import IGNORE_INDEX, collate, collate_classification, completion_logprobs
-from .errors import LoraError
+from .errors import LoraConfigError, ResumeError, TrainingDivergedError, TrainingOutputError
 from .io import adapter_parameters, read_adapter
 from .model import LoraModel
 from .plora import STAGES_DIR, stage_lr_lambda
@@ -39,14 +39,6 @@ __all__ = ["TrainingConfig", "Trainer", "CompletionObjective", "ClassificationOb
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.pt"
 TRAINABLE_FILE = "trainable.safetensors"
-
-
-class TrainingDivergedError(LoraError, RuntimeError):
-    """The loss became NaN or infinite."""
-
-
-class TrainingOutputError(LoraError, FileExistsError):
-    """The output directory belongs to another run."""
 
 
 @dataclass
@@ -331,7 +323,7 @@ class Trainer:
 
     def _trainable_tensors(self, checkpoint: Path) -> dict[str, torch.Tensor]:
         if isinstance(self.module, LoraModel):
-            return read_adapter(checkpoint / "adapter")[1]
+            return read_adapter(checkpoint / "adapter").tensors
         return load_file(checkpoint / TRAINABLE_FILE)
 
     def _truncate_metrics(self) -> None:

@@ -171,22 +171,20 @@ def test_unsupported_peft_feature_is_refused(tmp_path):
         LoraModel.from_pretrained(make_model("llama"), tmp_path)
 
 
-def test_legacy_bin_loads_with_weights_only(tmp_path, monkeypatch):
+def test_legacy_bin_is_refused_without_unpickling(tmp_path, monkeypatch):
+    """Adapters load from safetensors only: a .bin (a pickle) is never opened, and the message says how to convert."""
     _saved(tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     torch.save(tensors, tmp_path / "adapter_model.bin")
     (tmp_path / "adapter_model.safetensors").unlink()
-    seen = {}
-    real_load = torch.load
-
-    def spy(*args, **kwargs):
-        seen.update(kwargs)
-        return real_load(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", spy)
-    model = LoraModel.from_pretrained(make_model("llama"), tmp_path)
-    assert seen["weights_only"] is True
-    assert len(list(model.lora_layers())) == 4
+    opened = []
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: opened.append(args))
+    model = make_model("llama")
+    snapshot = _snapshot(model)
+    with pytest.raises(AdapterLoadError, match="safetensors only.*safe_serialization=True"):
+        LoraModel.from_pretrained(model, tmp_path)
+    assert opened == []
+    _assert_unchanged(model, snapshot)
 
 
 def test_failed_save_leaves_previous_adapter_intact(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 
-from lorakit import LoraConfig, LoraModel, get_lora_model
+from lorakit import LoraConfig, LoraModel, TargetModuleError, get_lora_model
 from lorakit.residual import export_plain_lora, save_residual_model
 from lorakit.svd import decompose
 
@@ -172,7 +172,7 @@ def test_non_float_weights_are_refused():
     model = make_model("llama")
     layer = model.model.layers[0].self_attn.q_proj
     layer.weight = torch.nn.Parameter(layer.weight.detach().to(torch.int8), requires_grad=False)
-    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+    with pytest.raises(TargetModuleError, match="float32, bfloat16 or float16"):
         get_lora_model(model, LoraConfig(target_modules=["layers.0.self_attn.q_proj"], init_lora_weights="milora"))
 
 
