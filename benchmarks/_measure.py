@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from lorakit.atomic import atomic_write_text
+
 
 def _rss() -> int:
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -53,10 +55,7 @@ def cached_json(path: Path, settings: dict, compute: Callable[[], dict]) -> dict
     if path.is_file() and (kept := json.loads(path.read_text())).get("settings") == settings:
         return kept
     result = compute() | {"settings": settings}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(result, indent=1))
-    os.replace(temporary, path)
+    atomic_write_text(path, json.dumps(result, indent=1))
     return result
 
 

@@ -137,7 +137,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     inf = {k: statistics.median(v) for k, v in inference.items()}
     print(f"\nmedian of {args.repeats} interleaved runs, batch 4x128, r=16 on all linear layers")
-    print(f"| what | seconds | vs floor | vs PEFT |\n|---|---|---|---|")
+    print("| what | seconds | vs floor | vs PEFT |\n|---|---|---|---|")
     for kind in kinds:
         print(f"| {kind} step | {med[kind]:.3f} | {med[kind] / med['floor']:.3f}x | {med[kind] / med['peft']:.3f}x |")
     for kind in inference:

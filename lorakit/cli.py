@@ -23,20 +23,34 @@ def _train(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from . import data, evaluate, models
+    from .io import read_adapter
     from .model import LoraModel
-    from .recipe import _size
+    from .recipe import DataSection, size_of
 
+    section = DataSection(args.data, args.seed, args.test_size, args.validation_size)  # checks the sizes
+    _positive(args.batch_size, "--batch-size")
+    splits = data.split_examples(data.load_examples(args.data), args.seed, size_of(section.test_size), size_of(section.validation_size))
+    if args.adapter:
+        read_adapter(args.adapter)  # a broken adapter fails before the model loads
     model, tokenizer = models.load(args.model)
     if args.adapter:
         model = LoraModel.from_pretrained(model, args.adapter)
-    splits = data.split_examples(data.load_examples(args.data), args.seed, _size(args.test_size), _size(args.validation_size))
     print(json.dumps(evaluate.evaluate(model, tokenizer, splits.test, args.batch_size), indent=2))
+
+
+def _positive(value: int, flag: str) -> None:
+    if value < 1:
+        raise LoraConfigError(f"{flag} {value}: use an integer >= 1.")
 
 
 def _merge(args: argparse.Namespace) -> None:
     from . import models
+    from .io import read_adapter
     from .model import LoraModel
 
+    read_adapter(args.adapter)  # a broken adapter fails before the model loads
+    if Path(args.out).exists() and any(Path(args.out).iterdir()):
+        raise LoraConfigError(f"--out {args.out} exists and is not empty: name a new folder for the merged model.")
     model, tokenizer = models.load(args.model)
     merged = LoraModel.from_pretrained(model, args.adapter).merge_and_unload()
     merged.save_pretrained(args.out, safe_serialization=True)
@@ -89,22 +103,27 @@ def _export_plora(args: argparse.Namespace) -> None:
 
 
 def _hub_learn(args: argparse.Namespace) -> None:
+    import io
     import random
 
     from . import data, hub, models
 
-    model, tokenizer = models.load(args.model)
+    _positive(args.n_examples, "--n-examples")
+    hub.check_search_settings(["-"], args.budget, args.lam, hub.DEFAULTS["bounds"], args.population, 64, 256)
+    hub.make_optimizer(args.optimizer, 1, args.budget, hub.DEFAULTS["bounds"], args.seed, 1)  # a known optimiser name
+    hub.load_modules(args.modules)  # every module read and checked before the model loads
     examples = data.load_examples(args.examples)
     if len(examples) > args.n_examples:
         examples = random.Random(args.seed).sample(examples, args.n_examples)
+    model, tokenizer = models.load(args.model)
     result = hub.learn(model, args.modules, examples, tokenizer, budget=args.budget, lam=args.lam,
                        optimizer=args.optimizer, seed=args.seed, population=args.population)
     out = Path(args.out)
-    result.module.save(out)
     record = {"modules": args.modules, "weights": result.weights, "losses": result.losses, "optimizer": args.optimizer,
               "budget": args.budget, "seed": args.seed, "examples": [ex.prompt for ex in examples], "seconds": result.seconds}
-    (out / "lorahub.json").write_text(json.dumps(record, indent=1) + "\n")
-    hub.plot_result(result, args.modules, out / "lorahub.png")
+    plot = io.BytesIO()
+    hub.plot_result(result, args.modules, plot)
+    result.module.save(out, extra_files={"lorahub.json": json.dumps(record, indent=1) + "\n", "lorahub.png": plot.getvalue()})
     print(f"best objective {min(result.losses):.4f} after {len(result.losses)} evaluations ({result.seconds:.1f} s)")
     print("weights: " + ", ".join(f"{Path(m).name}={w:+.3f}" for m, w in zip(args.modules, result.weights)))
     print(f"composed adapter, lorahub.json and lorahub.png written to {out}")
@@ -202,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # lorakit's own errors carry the fix; show them without a traceback
         from .errors import LoraError
 
-        if isinstance(err, LoraError):
-            print(f"lorakit: error: {err}", file=sys.stderr)
+        if isinstance(err, (LoraError, OSError)):  # OSError: a full disk, a folder without write permission...
+            print(f"lorakit: error: {' '.join(str(err).split())}", file=sys.stderr)
             return 2
         raise
     return 0

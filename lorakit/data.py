@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from .atomic import atomic_write_text
 from .errors import DataError
 from .models import cache_dir
 
@@ -78,10 +79,7 @@ def _bigbench_task_json(task: str) -> dict:
         if member is None:
             raise DataError(f"BIG-bench has no task {task!r} (looked for ...{member_suffix}); names look like 'navigate' or 'logical_deduction/three_objects'.")
         text = tar.extractfile(member).read().decode()
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    temporary = cached.with_suffix(".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, cached)
+    atomic_write_text(cached, text)
     return json.loads(text)
 
 
@@ -112,18 +110,33 @@ def _bigbench_examples(task: str) -> list[Example]:
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def _row_to_example(row: dict, labels: list) -> Example:
+def _text(row: dict, column: str, where: str) -> str:
+    """The row's `column` as text: strings as they are, numbers spelled out; null or nested values refused."""
+    value = row[column]
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    shown = "null" if value is None else type(value).__name__
+    raise DataError(f"{where}: column {column!r} is {shown}; it must hold text. Fix or drop that row.")
+
+
+def _row_to_example(row: dict, labels: list, where: str) -> Example:
     if "messages" in row:
         messages = row["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+            raise DataError(f"{where}: column 'messages' must be a list of {{role, content}} objects with text content.")
         if not messages or messages[-1].get("role") != "assistant":
-            raise DataError("a chat example must end with an assistant message (the completion trained on).")
+            raise DataError(f"{where}: a chat example must end with an assistant message (the completion trained on).")
         prompt = "\n".join(m["content"] for m in messages[:-1])
         return Example(prompt, messages[-1]["content"])
     if "prompt" in row and "completion" in row:
-        return Example(str(row["prompt"]), str(row["completion"]))
+        return Example(_text(row, "prompt", where), _text(row, "completion", where))
     if "text" in row and "label" in row:
-        return Example(str(row["text"]), str(row["label"]), tuple(map(str, labels)), labels.index(row["label"]))
-    raise DataError(f"a row has columns {sorted(row)}; lorakit reads prompt/completion, messages, or text/label.")
+        if row["label"] is None:
+            raise DataError(f"{where}: column 'label' is null; every row needs a label.")
+        return Example(_text(row, "text", where), str(row["label"]), tuple(map(str, labels)), labels.index(row["label"]))
+    raise DataError(f"{where} has columns {sorted(row)}; lorakit reads prompt/completion, messages, or text/label.")
 
 
 def _file_examples(path: Path) -> list[Example]:
@@ -134,9 +147,18 @@ def _file_examples(path: Path) -> list[Example]:
         raise DataError(f"{path} does not exist.")
     from datasets import load_dataset
 
-    rows = list(load_dataset(kind, data_files=str(path), split="train"))
-    labels = sorted({row["label"] for row in rows if "label" in row}, key=str)
-    return [_row_to_example(row, labels) for row in rows]
+    try:
+        rows = list(load_dataset(kind, data_files=str(path), split="train"))
+    except Exception as err:  # datasets raises many types for malformed files
+        cause = err.__cause__ or err
+        raise DataError(
+            f"{path} could not be read as {kind} ({type(cause).__name__}: {' '.join(str(cause).split())[:300]}): "
+            "check that it is complete, UTF-8, and one record per line (JSONL) or row (CSV)."
+        ) from None
+    if not rows:
+        raise DataError(f"{path} holds no rows: add examples (prompt/completion, messages, or text/label).")
+    labels = sorted({row["label"] for row in rows if row.get("label") is not None}, key=str)
+    return [_row_to_example(row, labels, f"{path}, row {number}") for number, row in enumerate(rows, start=1)]
 
 
 def load_examples(source: str | os.PathLike) -> list[Example]:
@@ -156,6 +178,8 @@ def split_examples(
     random.Random(seed).shuffle(order)
     count = lambda size: int(size * len(order)) if isinstance(size, float) else int(size)  # noqa: E731
     n_test, n_validation = count(test_size), count(validation_size)
+    if (test_size and n_test == 0) or (validation_size and n_validation == 0):
+        raise DataError(f"{len(order)} examples give no test or validation item at sizes {test_size}/{validation_size}: use counts or larger fractions.")
     if n_test + n_validation >= len(order):
         raise DataError(f"{len(order)} examples cannot give {n_test} test and {n_validation} validation items and a training set.")
     test, validation = order[:n_test], order[n_test : n_test + n_validation]

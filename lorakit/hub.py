@@ -50,9 +50,9 @@ class HubModule:
     tensors: dict[str, Tensor]
     source: str = "<memory>"
 
-    def save(self, directory: str | os.PathLike) -> None:
-        """PEFT format, atomic."""
-        write_adapter(directory, self.config, {k: v.contiguous() for k, v in self.tensors.items()})
+    def save(self, directory: str | os.PathLike, extra_files: dict[str, str | bytes] | None = None) -> None:
+        """PEFT format, atomic (with `extra_files`, name -> content, in the same folder)."""
+        write_adapter(directory, self.config, {k: v.contiguous() for k, v in self.tensors.items()}, extra_files=extra_files)
 
 
 def _as_module(item) -> HubModule:
@@ -331,7 +331,7 @@ def learn(model: nn.Module, modules: Sequence, examples: Sequence[Example], toke
     Raises:
         LoraConfigError: a setting is out of range, there are no examples, or the modules do not fit together.
     """
-    _check_search_settings(examples, budget, lam, bounds, population, batch_rows, max_length)
+    check_search_settings(examples, budget, lam, bounds, population, batch_rows, max_length)
     modules = load_modules(modules)
     population = population or default_population(optimizer, len(modules))
     search = make_optimizer(optimizer, len(modules), budget, bounds, seed, population)
@@ -370,7 +370,7 @@ def _finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_search_settings(examples, budget, lam, bounds, population, batch_rows, max_length) -> None:
+def check_search_settings(examples, budget, lam, bounds, population, batch_rows, max_length) -> None:
     """Every LoraHub setting, checked before the model is touched."""
     if len(examples) == 0:
         raise LoraConfigError("LoraHub needs at least one example of the new task; pass a few (the paper uses 5).")

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import ModelNotFoundError
+from .atomic import staged_directory
+from .errors import LoraConfigError, ModelNotFoundError
 
 __all__ = ["EMBEDDED_MODELS", "load", "cache_dir", "ModelNotFoundError"]
 
@@ -73,14 +72,9 @@ def _dequantised_copy(name: str, entry: EmbeddedModel) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=entry.gguf_file)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
-    try:
+    with staged_directory(target) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -112,7 +106,7 @@ def load(
     elif task == "classification":
         model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=num_labels or 2, dtype=dtype)
     else:
-        raise ValueError(f"task={task!r} is not a model task: use 'causal-lm' or 'classification'.")
+        raise LoraConfigError(f"task={task!r} is not a model task: use 'causal-lm' or 'classification'.")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

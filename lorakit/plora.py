@@ -26,13 +26,15 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .atomic import atomic_write
+from .validation import check_types
 from .errors import LoraConfigError
 from .init import SVD_INITS, get_init, init_name
 from .io import b_key, factor_keys
@@ -49,18 +51,14 @@ class PLoRAConfig:
     """When and how to unload. ``unload_every`` counts training samples (the paper's unit) or optimizer steps."""
 
     unload_every: int = 4800
-    unit: str = "samples"  # "samples" | "steps"
+    unit: Literal["samples", "steps"] = "samples"
     momentum: float = 0.0
-    momentum_scaling: str = "sqrt"  # "sqrt" (output-preserving) | "linear"
-    optimizer_state: str = "reset"  # "reset": AdamW moments and step count of the adapter zeroed at each unload | "keep"
-    lr_schedule: str = "per_stage"  # "per_stage": warm-up and decay restart each stage | "global"
+    momentum_scaling: Literal["sqrt", "linear"] = "sqrt"  # "sqrt" (output-preserving) | "linear"
+    optimizer_state: Literal["reset", "keep"] = "reset"  # "reset": the adapter's AdamW moments and step count zeroed at each unload
+    lr_schedule: Literal["per_stage", "global"] = "per_stage"  # "per_stage": warm-up and decay restart each stage
 
     def __post_init__(self) -> None:
-        choices = {"unit": ("samples", "steps"), "momentum_scaling": ("sqrt", "linear"),
-                   "optimizer_state": ("reset", "keep"), "lr_schedule": ("per_stage", "global")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise LoraConfigError(f"plora.{name}={getattr(self, name)!r}: use one of {list(allowed)}.")
+        check_types(self, "plora.")
         if self.unload_every < 1:
             raise LoraConfigError(f"plora.unload_every={self.unload_every}: it must be >= 1 ({self.unit}).")
         if not 0 <= self.momentum < 1:
@@ -246,10 +244,7 @@ def write_stage(directory: Path, stage: Stage) -> None:
         tensors[b_key(key_A)] = B.detach().to("cpu").contiguous()
     metadata = {"index": str(stage.index), "step": str(stage.step), "samples": str(stage.samples),
                 "coefficient": repr(stage.coefficient), "scales": json.dumps(stage.scales)}
-    target = directory / _stage_file(stage.index)
-    temporary = directory / f".{target.name}.{os.getpid()}.tmp"
-    save_file(tensors, temporary, metadata=metadata)
-    os.replace(temporary, target)
+    atomic_write(directory / _stage_file(stage.index), lambda temporary: save_file(tensors, temporary, metadata=metadata))
 
 
 def read_stages(directory: str | os.PathLike, device: torch.device | str = "cpu") -> list[Stage]:

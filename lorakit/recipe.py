@@ -11,13 +11,15 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 import yaml
 
 from .config import LoraConfig
+from .atomic import atomic_write_text
 from .errors import LoraConfigError
+from .validation import check_range, check_types, coerce
 from .plora import STAGES_DIR, PLoRAConfig
 from .train import TrainingConfig, check_output_dir
 
@@ -29,7 +31,11 @@ DEFAULT_CONFIG = "defaults.yaml"
 @dataclass
 class ModelSection:
     name: str = "smollm2-135m-instruct"  # an embedded model or a local HF directory
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def __post_init__(self) -> None:
+        check_types(self, "model.")
+        check_range(bool(self.name.strip()), "model.name", self.name, "name an embedded model or a local model folder")
 
 
 @dataclass
@@ -39,6 +45,15 @@ class DataSection:
     test_size: float = 250  # items (int) or a fraction of the data (float < 1)
     validation_size: float = 50
     max_train: int | None = None
+
+    def __post_init__(self) -> None:
+        check_types(self, "data.")
+        check_range(bool(self.source.strip()), "data.source", self.source, "name bigbench:TASK or a data file")
+        for name, least in (("test_size", 1), ("validation_size", 0)):  # no validation set: no validation loss
+            value = getattr(self, name)
+            check_range(0 < value < 1 or (value >= least and float(value).is_integer()), f"data.{name}", value,
+                        f"use a count of items (an integer >= {least}) or a fraction between 0 and 1")
+        check_range(self.max_train is None or self.max_train >= 1, "data.max_train", self.max_train, "use an integer >= 1 or null")
 
 
 @dataclass
@@ -75,20 +90,47 @@ def _apply_override(tree: dict, assignment: str) -> None:
     if not sep or "." not in key:
         raise LoraConfigError(f"override {assignment!r} is not of the form section.key=value (e.g. training.steps=100).")
     section, name = key.split(".", 1)
-    tree.setdefault(section, {})[name] = yaml.safe_load(raw)
+    tree.setdefault(section, {})[name] = _parse_yaml(raw, f"the value of {key}")
+
+
+def _parse_yaml(text: str, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise LoraConfigError(f"{where} is not valid YAML: {' '.join(str(err).split())}") from None
+
+
+def _read_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise LoraConfigError(f"config file {str(path)!r} does not exist (run `lorakit train` with no file for the defaults).")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LoraConfigError(f"{path} is not UTF-8 text: save the config as a UTF-8 YAML file.") from None
+    user = _parse_yaml(text, str(path)) or {}
+    if not isinstance(user, dict):
+        raise LoraConfigError(f"{path} must hold a mapping of sections ({', '.join(SECTIONS)}), not a {type(user).__name__}.")
+    return user
 
 
 def load_run_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """The embedded defaults, updated by the YAML file at `path` and then by ``section.key=value`` overrides."""
+    """The embedded defaults, updated by the YAML file at `path` and then by ``section.key=value`` overrides.
+
+    Text values are converted to each field's type (``training.lr=1e-3`` is a float).
+
+    Raises:
+        LoraConfigError: the file is missing or not YAML, a key is unknown (with the closest valid one), or a value
+            has the wrong type or range (naming the field).
+    """
     tree = yaml.safe_load(resources.files("lorakit").joinpath(DEFAULT_CONFIG).read_text())
-    if path is not None:
-        user = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(user, dict):
-            raise LoraConfigError(f"{path} must hold a mapping of sections (model, data, lora, training).")
-        for section, values in user.items():
-            if section not in SECTIONS:
-                raise _unknown_key_error(str(section))
-            tree.setdefault(section, {}).update(values or {})
+    user = _read_config_file(path) if path is not None else {}
+    for section, values in user.items():
+        if section not in SECTIONS:
+            raise _unknown_key_error(str(section))
+        if values is not None and not isinstance(values, dict):
+            raise LoraConfigError(f"section {section!r} must be a mapping of keys to values, not a {type(values).__name__}.")
+        tree.setdefault(section, {}).update(values or {})
     for assignment in overrides:
         _apply_override(tree, assignment)
     sections = {}
@@ -100,7 +142,11 @@ def load_run_config(path: str | Path | None = None, overrides: Sequence[str] = (
         for key in values:
             if key not in names:
                 raise _unknown_key_error(f"{section}.{key}")
-        sections[section] = cls(**values)
+        try:
+            sections[section] = cls(**coerce(cls, values))
+        except LoraConfigError as err:
+            message = str(err)
+            raise LoraConfigError(message if message.startswith(f"{section}.") else f"{section}.{message}") from None
     return RunConfig(**sections)
 
 
@@ -148,29 +194,41 @@ def _summary(config: RunConfig, before: dict, after: dict, trainable: int, total
 
 
 def run(config: RunConfig) -> dict[str, Any]:
-    """Train and evaluate as `config` says; returns the summary numbers."""
+    """Train and evaluate as `config` says; returns the summary numbers.
+
+    Cheap checks (the output folder, the data and its split) run before the model is loaded."""
     from . import data, evaluate, models
     from .model import get_lora_model
     from .train import Trainer
 
     output = Path(config.training.output_dir)
     check_output_dir(config.training)  # before minutes of loading and zero-shot evaluation
-    model, tokenizer = models.load(config.model.name, dtype=getattr(torch, config.model.dtype))
     splits = data.split_examples(
-        data.load_examples(config.data.source), config.data.seed, _size(config.data.test_size),
-        _size(config.data.validation_size), config.data.max_train,
+        data.load_examples(config.data.source), config.data.seed, size_of(config.data.test_size),
+        size_of(config.data.validation_size), config.data.max_train,
     )
+    if len(splits.train) < config.training.batch_size:
+        raise LoraConfigError(
+            f"the training split has {len(splits.train)} items, fewer than one batch of training.batch_size="
+            f"{config.training.batch_size}: lower the batch size or the test/validation sizes."
+        )
+    model, tokenizer = models.load(config.model.name, dtype=getattr(torch, config.model.dtype))
     before = {} if config.training.resume else evaluate.evaluate(model, tokenizer, splits.test, config.training.eval_batch_size)
     torch.manual_seed(config.training.seed)  # the adapter's init is part of the run: seed it
     lora_model = get_lora_model(model, config.lora)
     items = [data.tokenize_example(tokenizer, ex.prompt, ex.target, config.training.max_length) for ex in splits.train]
-    eval_fn = lambda: {"loss": evaluate.token_loss(lora_model, tokenizer, splits.validation, config.training.eval_batch_size)}  # noqa: E731
+    eval_fn = None
+    if splits.validation:
+        eval_fn = lambda: {"loss": evaluate.token_loss(lora_model, tokenizer, splits.validation, config.training.eval_batch_size)}  # noqa: E731
     plora = None
     if config.training.method == "plora":
         from .plora import PeriodicLoRA
 
         plora = PeriodicLoRA(lora_model, config.plora, history_dir=output / STAGES_DIR, seed=config.training.seed)
-    trainer = Trainer(lora_model, items, config.training, tokenizer.pad_token_id, eval_fn, plora=plora)
+    settings = {"model": dataclasses.asdict(config.model), "data": dataclasses.asdict(config.data)}
+    if plora is not None:
+        settings["plora"] = dataclasses.asdict(config.plora)
+    trainer = Trainer(lora_model, items, config.training, tokenizer.pad_token_id, eval_fn, plora=plora, settings=settings)
     started = time.perf_counter()
     trainer.fit()
     seconds = time.perf_counter() - started
@@ -190,12 +248,12 @@ def run(config: RunConfig) -> dict[str, Any]:
     _plot_losses(history, output / "loss.png")
     trainable, total = lora_model.get_nb_trainable_parameters()
     table = _summary(config, before, after, trainable, total, seconds, plora)
-    (output / "summary.md").write_text(table + "\n")
-    (output / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(output / "summary.md", table + "\n")
+    atomic_write_text(output / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     print("\n" + table)
     return {"before": before, "after": after, "trainable": trainable, "seconds": seconds}
 
 
-def _size(value: float) -> int | float:
+def size_of(value: float) -> int | float:
     """YAML gives 250 or 0.2: counts stay ints, fractions stay floats."""
     return int(value) if float(value) >= 1 else float(value)

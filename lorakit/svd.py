@@ -179,11 +179,10 @@ def _read_entry(path: Path, W: Tensor, r: int) -> Components | None:
 def _write_entry(path: Path, parts: Components) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    from .atomic import atomic_write
+
     tensors = {"U": parts.U.contiguous(), "S": parts.S.contiguous(), "V": parts.V.contiguous()}
-    save_file(tensors, temporary, metadata={"content": _content_hash(parts)})
-    os.replace(temporary, path)
+    atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata={"content": _content_hash(parts)}))
 
 
 def _float64(W: Tensor) -> Tensor:

@@ -13,26 +13,28 @@ world size, since DDP averages gradients), so N processes compute the same updat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import random
-import shutil
-import tempfile
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from .atomic import atomic_write_text, staged_directory
 from .data import IGNORE_INDEX, collate, collate_classification, completion_logprobs
-from .errors import LoraConfigError, ResumeError, TrainingDivergedError, TrainingOutputError
+from .errors import DataError, LoraConfigError, ResumeError, TrainingDivergedError, TrainingOutputError
 from .io import adapter_parameters, read_adapter
 from .model import LoraModel
 from .plora import STAGES_DIR, stage_lr_lambda
+from .validation import check_range, check_types
 
 __all__ = ["TrainingConfig", "Trainer", "CompletionObjective", "ClassificationObjective", "TrainingDivergedError", "latest_checkpoint"]
 
@@ -51,24 +53,34 @@ class TrainingConfig:
     grad_accum: int = 1
     lr: float = 3e-4
     weight_decay: float = 0.0
-    schedule: str = "cosine"  # "cosine" | "linear" | "constant"
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 10
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # 0: no clipping (the norm is still checked for NaN/inf)
     seed: int = 0
     eval_every: int = 50
     save_every: int = 50
     max_length: int = 256
     eval_batch_size: int = 16
     resume: bool = False
-    method: str = "lora"  # "lora" | "plora" (periodic unloading, see the plora section)
+    method: Literal["lora", "plora"] = "lora"  # "plora": periodic unloading, see the plora section
 
     def __post_init__(self) -> None:
-        if self.method not in ("lora", "plora"):
-            raise ValueError(f"method={self.method!r}: use 'lora' or 'plora'.")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"schedule={self.schedule!r}: use 'cosine', 'linear' or 'constant'.")
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("steps, batch_size and grad_accum must be >= 1.")
+        check_types(self, "training.")
+        check_range(bool(self.output_dir.strip()), "training.output_dir", self.output_dir, "name a folder")
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size"):
+            check_range(getattr(self, name) >= 1, f"training.{name}", getattr(self, name), "use an integer >= 1")
+        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+            check_range(getattr(self, name) >= 0, f"training.{name}", getattr(self, name), "use an integer >= 0")
+        check_range(self.lr > 0, "training.lr", self.lr, "use a learning rate > 0, e.g. 2e-4")
+        check_range(self.weight_decay >= 0, "training.weight_decay", self.weight_decay, "use a number >= 0")
+        check_range(self.max_grad_norm >= 0, "training.max_grad_norm", self.max_grad_norm, "use a number >= 0 (0: no clipping)")
+        check_range(self.batch_size % self.grad_accum == 0, "training.grad_accum", self.grad_accum,
+                    f"it must divide training.batch_size={self.batch_size}")
+
+    def math_settings(self) -> dict:
+        """The settings a resumed run must share with the run it continues (everything but bookkeeping)."""
+        bookkeeping = {"output_dir", "eval_every", "save_every", "eval_batch_size", "resume"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in bookkeeping}
 
 
 def lr_lambda(config: TrainingConfig, steps: int | None = None) -> Callable[[int], float]:
@@ -90,7 +102,7 @@ def batch_indices(n_items: int, seed: int, step: int, batch_size: int) -> list[i
     """Items of global batch `step`: consecutive slices of a per-epoch seeded permutation."""
     per_epoch = n_items // batch_size
     if per_epoch == 0:
-        raise ValueError(f"{n_items} training items are fewer than one batch of {batch_size}.")
+        raise DataError(f"{n_items} training items are fewer than one batch of {batch_size}: lower training.batch_size or add data.")
     epoch, offset = divmod(step, per_epoch)
     order = list(range(n_items))
     random.Random(seed * 100_003 + epoch).shuffle(order)
@@ -131,12 +143,24 @@ class ClassificationObjective:
 def check_output_dir(config: "TrainingConfig") -> None:
     """A fresh run must not mix its checkpoints and metrics with an earlier run's."""
     output = Path(config.output_dir)
+    if output.exists() and not output.is_dir():
+        raise TrainingOutputError(f"training.output_dir={str(output)!r} is a file: name a folder for the run.")
     earlier = latest_checkpoint(output) or (output / "metrics.jsonl").exists() or any(output.glob(f"{STAGES_DIR}/stage-*"))
     if not config.resume and earlier:
         raise TrainingOutputError(
             f"{output} holds an earlier run (checkpoints, metrics.jsonl or PLoRA stages): pass --resume (training.resume=true) "
             "to continue it, or set training.output_dir to a new folder."
         )
+
+
+def _differences(recorded, current, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, recorded value, current value) for every leaf that differs."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        found = []
+        for key in sorted(set(recorded) | set(current), key=str):
+            found += _differences(recorded.get(key), current.get(key), f"{prefix}{key}.")
+        return found
+    return [] if recorded == current else [(prefix.rstrip("."), recorded, current)]
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -154,16 +178,18 @@ class Trainer:
     `ClassificationObjective` takes items {input_ids, label}."""
 
     def __init__(self, model: torch.nn.Module, items: Sequence[dict], config: TrainingConfig, pad_id: int,
-                 evaluate: Callable[[], dict] | None = None, objective=None, plora=None) -> None:
+                 evaluate: Callable[[], dict] | None = None, objective=None, plora=None, settings: dict | None = None) -> None:
         from accelerate import Accelerator
 
         self.config, self.items, self.evaluate = config, list(items), evaluate
+        batch_indices(len(self.items), config.seed, 0, config.batch_size)  # enough data for one batch
+        self.settings = self._run_settings(model, settings or {})
         self.objective = objective or CompletionObjective(pad_id)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.world = self.accelerator.num_processes
         micro = config.batch_size // (self.world * config.grad_accum)
         if micro * self.world * config.grad_accum != config.batch_size:
-            raise ValueError(f"batch_size={config.batch_size} must be divisible by processes x grad_accum = {self.world * config.grad_accum}.")
+            raise LoraConfigError(f"batch_size={config.batch_size} must be divisible by processes x grad_accum = {self.world * config.grad_accum}.")
         self.micro_batch = micro
         torch.manual_seed(config.seed)
         self.module = model
@@ -181,6 +207,18 @@ class Trainer:
             self._resume()
         else:
             check_output_dir(config)
+
+    def _run_settings(self, model: torch.nn.Module, extra: dict) -> dict:
+        """What must not change when this run is resumed: the training maths, the adapter's config, the
+        data (a hash of the tokenised items) and whatever the caller adds (e.g. the model)."""
+        import xxhash
+
+        settings = {"training": self.config.math_settings(), **extra}
+        if isinstance(model, LoraModel) and model.active_adapters:
+            settings["adapter"] = model.peft_config[model.active_adapters[0]].to_peft_dict()
+        as_json = lambda value: value.tolist() if hasattr(value, "tolist") else str(value)  # noqa: E731
+        settings["data"] = xxhash.xxh3_128_hexdigest(json.dumps(self.items, sort_keys=True, default=as_json).encode())
+        return json.loads(json.dumps(settings, default=str))
 
     def _lr_factor(self) -> Callable[[int], float]:
         if self.plora is None:
@@ -221,14 +259,21 @@ class Trainer:
                 f"the loss became {loss} at step {self.step + 1}; stopped without saving. The last good checkpoint "
                 f"is {last or 'none'}. Lower training.lr or raise training.warmup_steps, then resume."
             )
-        if self.config.max_grad_norm:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm or math.inf))
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)  # never applied, never saved
+            last = latest_checkpoint(self.output)
+            raise TrainingDivergedError(
+                f"the gradient norm became {grad_norm} at step {self.step + 1} (loss {loss:.4g}); the step was not applied "
+                f"and nothing was saved. The last good checkpoint is {last or 'none'}. Lower training.lr, raise "
+                "training.warmup_steps or use float32, then resume."
+            )
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        metrics = {"step": self.step, "loss": loss, "lr": lr}
+        metrics = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
         if self.plora is not None and self.plora.step(self.optimizer, samples=self.config.batch_size):
             metrics["unloaded"] = len(self.plora.stages)
         return metrics | {"tokens_per_s": seen * self.world / (time.perf_counter() - started)}
@@ -266,39 +311,40 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
-        """Adapter + optimizer + scheduler + RNG + step, written to a temp dir and renamed into place."""
+        """Adapter + optimizer + scheduler + RNG + step + the run's settings, as one folder swapped into place."""
         self.accelerator.wait_for_everyone()
         if not self.is_main:
             return None
-        folder = self.output / CHECKPOINT_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
-        target = folder / f"step-{self.step:06d}"
-        try:
+        target = self.output / CHECKPOINT_DIR / f"step-{self.step:06d}"
+        with staged_directory(target) as staging:
             self._save_trainable(staging)
             state = {
                 "step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "settings": json.dumps(self.settings),
             }
             if self.plora is not None:
                 state["plora"] = self.plora.state_dict()
             torch.save(state, staging / STATE_FILE)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         return target
 
     def _resume(self) -> None:
         checkpoint = latest_checkpoint(self.output)
         if checkpoint is None:
+            if self.is_main:
+                print(f"lorakit: no checkpoint in {self.output / CHECKPOINT_DIR}: --resume starts the run from step 0.", file=sys.stderr)
+            if self.plora is not None:
+                self.plora.load_state_dict({"stages": 0, "samples": 0, "steps": 0, "unload_seconds": 0.0})
+            self._truncate_metrics()
             return
+        state = self._read_state(checkpoint)
+        self._check_same_run(checkpoint, state)
+        trainable = self._trainable_tensors(checkpoint)
         live = self._trainable_live()
+        if set(trainable) != set(live) or any(trainable[k].shape != live[k].shape for k in live):
+            raise ResumeError(f"{checkpoint} holds other trained tensors than this run trains; it belongs to another run.")
         with torch.no_grad():
-            for key, value in self._trainable_tensors(checkpoint).items():
+            for key, value in trainable.items():
                 live[key].copy_(value)
-        state = torch.load(checkpoint / STATE_FILE, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.plora is not None:
@@ -307,6 +353,33 @@ class Trainer:
         random.setstate(state["python_rng"])
         self.step = state["step"]
         self._truncate_metrics()
+
+    @staticmethod
+    def _read_state(checkpoint: Path) -> dict:
+        try:
+            state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+        except Exception as err:  # torch raises many types for damaged files
+            raise ResumeError(
+                f"{checkpoint / STATE_FILE} could not be read ({type(err).__name__}); delete {checkpoint} to resume from the "
+                "checkpoint before it."
+            ) from None
+        needed = {"step", "optimizer", "scheduler", "torch_rng", "python_rng"}
+        if not isinstance(state, dict) or not needed <= set(state):
+            raise ResumeError(f"{checkpoint / STATE_FILE} is not a lorakit trainer state; delete {checkpoint} to resume from an earlier one.")
+        return state
+
+    def _check_same_run(self, checkpoint: Path, state: dict) -> None:
+        """Refuse to resume with other settings or data than the checkpoint's run, listing the differences."""
+        if "settings" not in state:
+            return  # a checkpoint from before settings were recorded
+        recorded = json.loads(state["settings"])
+        differences = _differences(recorded, self.settings)
+        if differences:
+            listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences[:8])
+            raise ResumeError(
+                f"--resume would continue {checkpoint} with other settings ({listed}). Resume with the run's own settings, "
+                "or start a new run in another training.output_dir."
+            )
 
     def _trainable_live(self) -> dict[str, torch.Tensor]:
         """Saved name -> live tensor of what this run trains."""
@@ -322,13 +395,22 @@ class Trainer:
             save_file({k: v.detach().contiguous() for k, v in self._trainable_live().items()}, folder / TRAINABLE_FILE)
 
     def _trainable_tensors(self, checkpoint: Path) -> dict[str, torch.Tensor]:
-        if isinstance(self.module, LoraModel):
-            return read_adapter(checkpoint / "adapter").tensors
-        return load_file(checkpoint / TRAINABLE_FILE)
+        try:
+            if isinstance(self.module, LoraModel):
+                return read_adapter(checkpoint / "adapter").tensors
+            return load_file(checkpoint / TRAINABLE_FILE)
+        except Exception as err:
+            raise ResumeError(f"{checkpoint} is damaged ({err}); delete it to resume from the checkpoint before it.") from None
 
     def _truncate_metrics(self) -> None:
         """Drop metric lines logged after the checkpoint we resume from (they will be redone)."""
         path = self.output / "metrics.jsonl"
         if self.is_main and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= self.step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = []
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= self.step:
+                        kept.append(line)
+                except (json.JSONDecodeError, AttributeError):
+                    continue  # a line cut short by a kill
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
