@@ -198,7 +198,8 @@ def write_adapters(directory: str | os.PathLike, adapters: dict[str, SavedAdapte
             save_file(adapter.tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
             if adapter.initial:
                 save_file(adapter.initial, folder / INITIAL_NAME, metadata={"format": "pt"})
-            (folder / CONFIG_NAME).write_text(json.dumps(adapter.config.to_peft_dict(), indent=2, sort_keys=True) + "\n")
+            config_text = json.dumps(adapter.config.to_peft_dict(), indent=2)  # keys sorted; pattern order kept (first match wins)
+            (folder / CONFIG_NAME).write_text(config_text + "\n")
 
 
 # -- reading --------------------------------------------------------------------------------------

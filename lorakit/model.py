@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 from typing import Iterator, Sequence
@@ -34,7 +35,7 @@ def check_adapter_name(name: object) -> None:
         )
     if name == BASE_ROW:
         raise AdapterNameError(f"{BASE_ROW!r} is reserved for base-model rows in mixed batches; pick another name.")
-    if name in _RESERVED_NAMES:
+    if name in _reserved_names():
         raise AdapterNameError(f"adapter name {name!r} is an attribute name of lorakit's wrappers; pick another name.")
 
 
@@ -432,9 +433,12 @@ def _refuse_rank_above_width(plan: AdapterPlan) -> None:
             )
 
 
-_RESERVED_NAMES = frozenset(
-    name for cls in (LoraModel, LoraLayer, ModulesToSave, nn.ModuleDict, nn.ParameterDict) for name in dir(cls)
-) | {"model", "base_layer", "copies", "lora_A", "lora_B"}
+@functools.cache
+def _reserved_names() -> frozenset[str]:
+    """Attribute names (of classes and of live instances) of the modules that key adapters by name."""
+    probe = nn.Linear(1, 1)
+    instances = (LoraModel(nn.Linear(1, 1)), wrap_module(probe), ModulesToSave(probe), nn.ModuleDict(), nn.ParameterDict())
+    return frozenset(name for instance in instances for name in dir(instance))
 
 
 def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:

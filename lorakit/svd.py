@@ -86,7 +86,7 @@ def _gram(W: Tensor, r: int, largest: bool, niter: int) -> Components:
         gram, lower=False, subset_by_index=wanted, driver="evr", overwrite_a=True, check_finite=False,
     )  # ascending
     S = np.sqrt(np.clip(eigenvalues, 0, None))[::-1].copy()  # descending
-    left = np.asfortranarray(eigenvectors[:, ::-1])  # (m, r): left vectors of M
+    left = eigenvectors[:, ::-1].copy(order="F")  # (m, r): left vectors of M (a copy: positive strides even for r = 1)
     right = _orthonormal_image(weight, not transposed, left, S)  # (n, r): right vectors of M = Mᵀ left / S
     U, V = (right, left) if transposed else (left, right)
     return Components(torch.from_numpy(U), torch.from_numpy(S), torch.from_numpy(V))
@@ -146,7 +146,7 @@ def _key(W: Tensor, method: str, r: int, largest: bool, niter: int) -> str:
     import xxhash
 
     data = W.detach().to("cpu").contiguous()
-    digest = xxhash.xxh3_128(memoryview(data.view(torch.uint8).numpy()))
+    digest = xxhash.xxh3_128(memoryview(data.flatten().view(torch.uint8).numpy()))
     digest.update(f"{tuple(data.shape)}|{data.dtype}|{method}|{niter}|{r}|{'largest' if largest else 'smallest'}".encode())
     return digest.hexdigest()
 
@@ -156,7 +156,7 @@ def _content_hash(parts: Components) -> str:
 
     digest = xxhash.xxh3_128()
     for tensor in (parts.U, parts.S, parts.V):
-        digest.update(memoryview(tensor.contiguous().view(torch.uint8).numpy()))
+        digest.update(memoryview(tensor.flatten().contiguous().view(torch.uint8).numpy()))  # flat: r = 1 has odd strides
     return digest.hexdigest()
 
 

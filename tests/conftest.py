@@ -9,6 +9,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# CI replays the same generated inputs every run (no flaky red from a new random draw); a developer's run
+# explores new ones (HYPOTHESIS_PROFILE=dev). Examples per test are set where each test is defined.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
