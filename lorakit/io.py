@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .atomic import staged_directory
+from .atomic import remove_stale_temporaries, staged_directory
 from .config import LoraConfig
 from .errors import AdapterLoadError, AdapterSaveError, LoraConfigError
 from .layers import LoraEmbedding, LoraLayer, ModulesToSave
@@ -211,6 +211,8 @@ def read_adapter(directory: str | os.PathLike) -> SavedAdapter:
     """
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
+    if not directory.exists():
+        remove_stale_temporaries(directory)  # a save killed mid-swap left the complete previous version aside
     if not config_path.is_file():
         raise AdapterLoadError(f"{config_path} does not exist: {directory} is not an adapter directory.")
     try:
