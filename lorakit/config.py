@@ -134,6 +134,9 @@ class LoraConfig:
             )
         if self.svd_solver not in SOLVER_NAMES:
             raise LoraConfigError(f"svd_solver={self.svd_solver!r} is not a solver: use one of {list(SOLVER_NAMES)}.")
+        if init_name(self.init_lora_weights) == "milora" and self.svd_solver == "randomized":
+            raise LoraConfigError("svd_solver='randomized' finds the largest singular components only; MiLoRA needs the "
+                                  "smallest: use 'gram' (the default) or 'exact'.")
         if isinstance(self.svd_cache, str) and not self.svd_cache.strip():
             raise LoraConfigError("svd_cache='' names no folder: use true (the default cache), false, or a folder path.")
         for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):

@@ -19,6 +19,7 @@ __all__ = [
     "ResumeError",
     "TrainingDivergedError",
     "TrainingOutputError",
+    "UnsupportedModelError",
 ]
 
 
@@ -71,3 +72,7 @@ class TrainingDivergedError(LoraError, RuntimeError):
 
 class TrainingOutputError(LoraError, FileExistsError):
     """The output directory belongs to another run, or is not a directory."""
+
+
+class UnsupportedModelError(LoraError, ValueError):
+    """The model lacks something lorakit needs for this call (e.g. a key/value cache for option scoring)."""

@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from .data import IGNORE_INDEX, Example, collate, completion_logprobs, format_prompt, tokenize_example
+from .errors import UnsupportedModelError
 
 __all__ = ["option_logprobs", "multiple_choice_accuracy", "exact_match", "majority_rate", "evaluate", "token_loss", "classification_accuracy"]
 
@@ -45,7 +46,7 @@ def _score_options(model, tokenizer, chunk: Sequence[Example], max_length: int) 
     out = model(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"], position_ids=prompt["position_ids"],
                 use_cache=True, logits_to_keep=1)
     if out.past_key_values is None:
-        raise ValueError(f"{type(model).__name__} returned no key/value cache; multiple-choice scoring needs use_cache.")
+        raise UnsupportedModelError(f"{type(model).__name__} returned no key/value cache; multiple-choice scoring needs use_cache.")
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (batch, vocab): the first option token
     cache = out.past_key_values
     prompt_lengths = prompt["attention_mask"].sum(-1, keepdim=True)  # (batch, 1)

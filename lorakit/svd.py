@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import LoraConfigError, TargetModuleError
+
 __all__ = ["Components", "SOLVERS", "decompose", "single_torch_thread", "svd_cache_dir"]
 
 
@@ -94,7 +96,7 @@ def _gram(W: Tensor, r: int, largest: bool, niter: int) -> Components:
 
 def _randomized(W: Tensor, r: int, largest: bool, niter: int) -> Components:
     if not largest:
-        raise ValueError("the randomized solver finds the largest singular components only; use 'gram' or 'exact' for MiLoRA.")
+        raise LoraConfigError("the randomized solver finds the largest singular components only; use 'gram' or 'exact' for MiLoRA.")
     q = min(r + max(8, r // 2), min(W.shape)) if niter >= 0 else r  # oversampling sharpens the subspace
     U, S, V = torch.svd_lowrank(W.float(), q=q, niter=abs(niter))  # float32: its error is the iteration's, not rounding
     return Components(U[:, :r].double(), S[:r].double(), V[:, :r].double())
@@ -199,12 +201,12 @@ def decompose(
 
     ``cache``: True for the default folder, a path, or False/None for no cache."""
     if not W.dtype.is_floating_point:
-        raise TypeError(f"SVD initialisation needs a float weight, not {W.dtype}: initialise in float32, bfloat16 or float16.")
+        raise TargetModuleError(f"SVD initialisation needs a float weight, not {W.dtype}: initialise in float32, bfloat16 or float16.")
     if r > min(W.shape):
-        raise ValueError(f"rank {r} exceeds min(out, in) = {min(W.shape)} of a {tuple(W.shape)} weight.")
+        raise LoraConfigError(f"rank {r} exceeds min(out, in) = {min(W.shape)} of a {tuple(W.shape)} weight.")
     method = _choose(solver, W, r, largest)
     if method not in SOLVERS:
-        raise ValueError(f"svd_solver={solver!r} is not a solver: use one of {list(SOLVER_NAMES)}.")
+        raise LoraConfigError(f"svd_solver={solver!r} is not a solver: use one of {list(SOLVER_NAMES)}.")
     folder = None if cache in (None, False) else (svd_cache_dir() if cache is True else Path(cache))
     path = folder / f"{_key(W, method, r, largest, niter)}.safetensors" if folder else None
     if path is not None and (parts := _read_entry(path, W, r)) is not None:

@@ -28,7 +28,7 @@ from conftest import make_model
 
 CONFIG_EXAMPLES = int(os.environ.get("LORAKIT_FUZZ_CONFIGS", 3000))
 PIPELINE_EXAMPLES = int(os.environ.get("LORAKIT_FUZZ_PIPELINE", 1000))
-FILE_EXAMPLES = int(os.environ.get("LORAKIT_FUZZ_FILES", 400))
+FILE_EXAMPLES = int(os.environ.get("LORAKIT_FUZZ_FILES", 1000))
 OVERRIDE_EXAMPLES = int(os.environ.get("LORAKIT_FUZZ_OVERRIDES", 1500))
 
 @pytest.fixture(scope="module", autouse=True)
@@ -168,7 +168,7 @@ NAME_TEXT = st.one_of(
 )
 
 
-@settings(max_examples=400)
+@settings(max_examples=int(os.environ.get("LORAKIT_FUZZ_NAMES", 1000)))
 @given(NAME_TEXT)
 def test_any_adapter_name_is_used_safely_or_refused(name):
     model = make_model("llama")
