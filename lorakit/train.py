@@ -315,6 +315,12 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if not self.is_main:
             return None
+        damaged = [key for key, value in self._trainable_live().items() if not torch.isfinite(value).all()]
+        if damaged:
+            raise TrainingDivergedError(
+                f"{damaged[0]} holds NaN or infinite values at step {self.step}; not saved. The last good checkpoint is "
+                f"{latest_checkpoint(self.output) or 'none'}. Lower training.lr, then resume."
+            )
         target = self.output / CHECKPOINT_DIR / f"step-{self.step:06d}"
         with staged_directory(target) as staging:
             self._save_trainable(staging)

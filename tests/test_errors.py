@@ -53,6 +53,15 @@ def _assert_unchanged(model, snapshot):
         (dict(rank_pattern={"q": 0}), r"rank_pattern\['q'\]"),
         (dict(target_modules=None), "target_modules is not set"),
         (dict(target_modules="q_proj("), "not a valid regular expression"),
+        (dict(use_rslora="false"), r"use_rslora='false' \(str\) is not valid: use true/false"),
+        (dict(merge_weights="no"), "merge_weights='no'"),
+        (dict(lora_dropout="0.1"), "lora_dropout='0.1'"),
+        (dict(lora_alpha=float("inf")), "lora_alpha=inf"),
+        (dict(lora_alpha=float("nan")), "lora_alpha=nan"),
+        (dict(target_modules=5), "target_modules=5"),
+        (dict(modules_to_save={"lm_head"}), "modules_to_save="),
+        (dict(modules_to_save=["lm_head("]), "modules_to_save='lm_head\\('"),
+        (dict(rank_pattern={"q(": 2}), "rank_pattern key"),
     ],
 )
 def test_config_validation(kwargs, message):

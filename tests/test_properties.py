@@ -312,3 +312,24 @@ def test_rates_written_as_yaml_text_are_numbers():
     config = load_run_config(None, ["training.lr=1e-3", "lora.use_rslora=false", "data.test_size=0.2"])
     assert config.training.lr == 0.001 and config.lora.use_rslora is False and config.data.test_size == 0.2
 
+
+
+@settings(max_examples=int(os.environ.get("LORAKIT_FUZZ_CLI", 300)))
+@given(st.lists(st.tuples(st.sampled_from([k for k in valid_keys() if k not in ("training.output_dir", "training.resume")]),
+                          override_text), max_size=3))
+def test_any_train_command_line_is_one_line_and_exit_2_when_refused(assignments):
+    """`lorakit train` with any overrides and an output_dir that is a file: every outcome is exit 2 with one
+    line (the refused override, or the output folder), never a traceback."""
+    import contextlib
+    import io
+
+    from lorakit.cli import main
+
+    with tempfile.NamedTemporaryFile() as blocker:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main(["train", *(f"{key}={value}" for key, value in assignments), f"training.output_dir={blocker.name}"])
+    assert code == 2
+    text = err.getvalue()
+    assert text.startswith("lorakit: error: ") and text.count("\n") == 1, text
+    event("refused: output_dir is a file" if "is a file" in text else "refused: an override")
