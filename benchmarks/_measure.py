@@ -6,10 +6,10 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from lorakit.atomic import atomic_write_text
+from lorakit.core.atomic import atomic_write_text
 
 
 def _rss() -> int:
@@ -20,7 +20,7 @@ class PeakRSS:
     """``with PeakRSS() as peak: ...`` then ``peak.mib``: the peak RSS above the level at entry,
     sampled every millisecond (``ru_maxrss`` would report whatever came before, e.g. model loading)."""
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self.start, self.peak, self._done = _rss(), 0, threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()

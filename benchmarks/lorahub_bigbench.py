@@ -5,7 +5,7 @@
    are reused, so the library is built once and can grow.
 2. For each held-out multiple-choice task (used by no module), on the same test items:
    * zero-shot: the base model;
-   * LoraHub: 5 examples drawn from the rest of the task, `hub.learn` (NGOpt, budget 40, λ = 0.05) over
+   * LoraHub: 5 examples drawn from the rest of the task, `lorahub.learn` (NGOpt, budget 40, λ = 0.05) over
      `--hub-modules` modules sampled from the library, the composition merged, then tested;
    * best single module: the library module with the lowest loss on the same 5 examples (one batched
      population of one-hot weights), tested;
@@ -29,11 +29,12 @@ from pathlib import Path
 
 import torch
 
-from lorakit import LoraModel, hub, models
-from lorakit.data import Example, format_prompt, load_examples
-from lorakit.evaluate import evaluate
-from lorakit.models import cache_dir
-from lorakit.recipe import load_run_config, run
+from lorakit import LoraModel, base_models, lorahub
+from lorakit.core.cache import cache_dir
+from lorakit.core.examples import Example, format_prompt
+from lorakit.training.data import load_examples
+from lorakit.training.evaluate import evaluate
+from lorakit.training.recipe import load_run_config, run
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import cached_json, mean_sd, read_summary  # noqa: E402
@@ -76,8 +77,8 @@ def prompt_tokens(tokenizer, examples: list[Example]) -> float:
 
 def best_single_module(base, modules: list[Path], shots: list[Example], tokenizer) -> int:
     """The module with the lowest few-shot loss: all one-hot weight vectors in one batched population."""
-    loaded = hub.load_modules(modules)
-    objective = hub.HubObjective(base, loaded, shots, tokenizer, population=len(loaded))
+    loaded = lorahub.load_modules(modules)
+    objective = lorahub.HubObjective(base, loaded, shots, tokenizer, population=len(loaded))
     try:
         losses = objective.population_loss(torch.eye(len(loaded)))
     finally:
@@ -90,17 +91,17 @@ def held_out_task(task: str, library: list[Path], args) -> dict:
     order = random.Random(1234).sample(examples, len(examples))
     test_size = min(args.test_size, len(order) - SHOT_POOL)
     test, pool = order[:test_size], order[test_size:]
-    base, tokenizer = models.load("smollm2-135m-instruct")
+    base, tokenizer = base_models.load("smollm2-135m-instruct")
     row = {"task": task, "test_items": len(test), "zero_shot": evaluate(base, tokenizer, test)["accuracy"],
            "zero_shot_tokens": prompt_tokens(tokenizer, test), "lorahub": [], "single": [], "icl": [], "icl_tokens": []}
     for seed in args.seeds:
         rng = random.Random(seed)
         shots = rng.sample(pool, 5)
         modules = rng.sample(library, min(args.hub_modules, len(library)))
-        result = hub.learn(models.load("smollm2-135m-instruct")[0], modules, shots, tokenizer, seed=seed, merge=True, progress=False)
+        result = lorahub.learn(base_models.load("smollm2-135m-instruct")[0], modules, shots, tokenizer, seed=seed, merge=True, progress=False)
         row["lorahub"].append(evaluate(result.model, tokenizer, test)["accuracy"])
-        chosen = best_single_module(models.load("smollm2-135m-instruct")[0], modules, shots, tokenizer)
-        single = LoraModel.from_pretrained(models.load("smollm2-135m-instruct")[0], modules[chosen])
+        chosen = best_single_module(base_models.load("smollm2-135m-instruct")[0], modules, shots, tokenizer)
+        single = LoraModel.from_pretrained(base_models.load("smollm2-135m-instruct")[0], modules[chosen])
         row["single"].append(evaluate(single, tokenizer, test)["accuracy"])
         icl = icl_examples(shots, test)
         row["icl"].append(evaluate(base, tokenizer, icl)["accuracy"])

@@ -7,7 +7,7 @@ optimiser on both sides, for NGOpt (sequential) and CMA-ES (a population of 4 + 
 * reference (the official LoraHub code's way, in PEFT): for every candidate, compose the state dict
   (weighted sum of every module's tensors), ``set_peft_model_state_dict``, tokenise the examples and
   run one full forward (logits at every position);
-* lorakit: `lorakit.hub.learn`: examples tokenised once, candidates composed in place into per-candidate
+* lorakit: `lorakit.lorahub.learn`: examples tokenised once, candidates composed in place into per-candidate
   adapters, a whole population in one batched forward, logits only at target positions.
 
 Both compute the same objective (mean over examples of each example's mean token cross-entropy, plus
@@ -27,14 +27,15 @@ from pathlib import Path
 
 import torch
 
-from lorakit import LoraConfig, get_lora_model, hub, models
-from lorakit.data import IGNORE_INDEX, collate, load_examples, tokenize_example
+from lorakit import LoraConfig, base_models, get_lora_model, lorahub
+from lorakit.core.examples import IGNORE_INDEX, collate, tokenize_example
+from lorakit.training.data import load_examples
 
 N_MODULES = 20
 
 
 def write_modules(folder: Path) -> list[Path]:
-    base, _ = models.load("smollm2-135m-instruct")
+    base, _ = base_models.load("smollm2-135m-instruct")
     config = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     torch.manual_seed(0)
     lora = get_lora_model(base, config, "m0")
@@ -56,10 +57,10 @@ def reference_search(paths, examples, tokenizer, optimizer: str, budget: int, se
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    base, _ = models.load("smollm2-135m-instruct")
+    base, _ = base_models.load("smollm2-135m-instruct")
     peft_model = peft.PeftModel.from_pretrained(base, paths[0]).eval()
     state_dicts = [load_file(Path(p) / "adapter_model.safetensors") for p in paths]
-    search = hub.make_optimizer(optimizer, len(paths), budget, (-1.5, 1.5), seed, hub.default_population(optimizer, len(paths)))
+    search = lorahub.make_optimizer(optimizer, len(paths), budget, (-1.5, 1.5), seed, lorahub.default_population(optimizer, len(paths)))
     losses = []
     while len(losses) < budget:
         asked = [search.ask() for _ in range(min(search.num_workers, budget - len(losses)))]
@@ -89,7 +90,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     examples = random.Random(args.seed).sample(load_examples(args.task), 5)
-    _, tokenizer = models.load("smollm2-135m-instruct")
+    _, tokenizer = base_models.load("smollm2-135m-instruct")
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         paths = write_modules(Path(folder))
@@ -97,13 +98,13 @@ def main() -> None:
             started = time.perf_counter()
             ref_weights, ref_losses = reference_search(paths, examples, tokenizer, optimizer, args.budget, args.seed)
             ref_seconds = time.perf_counter() - started
-            base, _ = models.load("smollm2-135m-instruct")
+            base, _ = base_models.load("smollm2-135m-instruct")
             started = time.perf_counter()
-            result = hub.learn(base, paths, examples, tokenizer, budget=args.budget, optimizer=optimizer, seed=args.seed, progress=False)
+            result = lorahub.learn(base, paths, examples, tokenizer, budget=args.budget, optimizer=optimizer, seed=args.seed, progress=False)
             ours_seconds = time.perf_counter() - started
             same = max(abs(a - b) for a, b in zip(result.weights, ref_weights))
             loss_gap = max(abs(a - b) for a, b in zip(result.losses, ref_losses))
-            rows.append((optimizer, hub.default_population(optimizer, len(paths)), ref_seconds, ours_seconds, same, loss_gap))
+            rows.append((optimizer, lorahub.default_population(optimizer, len(paths)), ref_seconds, ours_seconds, same, loss_gap))
     print(f"\nSmolLM2-135M-Instruct, {N_MODULES} modules (r=16, q/v), 5 examples of {args.task}, budget {args.budget}, "
           f"torch threads {torch.get_num_threads()}\n")
     print("| optimiser | population | reference s | lorakit s | speed-up | max weight difference | max objective difference |")

@@ -29,8 +29,10 @@ from pathlib import Path
 
 import torch
 
-from lorakit import LoraConfig, data, evaluate, get_lora_model, models
-from lorakit.train import Trainer, TrainingConfig
+from lorakit import LoraConfig, base_models, data, evaluate, get_lora_model
+from lorakit.core import examples
+from lorakit.core.cache import cache_dir
+from lorakit.training.trainer import Trainer, TrainingConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import cached_json, mean_sd  # noqa: E402
@@ -42,7 +44,7 @@ COLORS = ["#777", "#c44", "#48c"]
 RESULTS = Path(__file__).parent / "results"
 
 
-def held_out_sets(per_task: int) -> list[list[data.Example]]:
+def held_out_sets(per_task: int) -> list[list[examples.Example]]:
     return [data.split_examples(data.load_examples(t), 0, per_task, 0).test for t in HELD_OUT]
 
 
@@ -71,12 +73,12 @@ def forgetting_losses(model, tokenizer, sets, windows) -> dict[str, float]:
 
 def run(method: str, seed: int, args, sets, windows) -> dict:
     splits = data.split_examples(data.load_examples(args.task), seed, args.test_items, 50)
-    model, tokenizer = models.load("smollm2-135m-instruct")
+    model, tokenizer = base_models.load("smollm2-135m-instruct")
     torch.manual_seed(seed)
     alpha = 2 * args.rank if method == "LoRA" else args.rank
     config = LoraConfig(r=args.rank, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.05, init_lora_weights=METHODS[method])
     lora = get_lora_model(model, config)
-    items = [data.tokenize_example(tokenizer, ex.prompt, ex.target, 128) for ex in splits.train]
+    items = [examples.tokenize_example(tokenizer, ex.prompt, ex.target, 128) for ex in splits.train]
     output = args.out / f"{method}-seed{seed}"
     shutil.rmtree(output, ignore_errors=True)  # an interrupted attempt; finished runs are kept as JSON
     training = TrainingConfig(output_dir=str(output), steps=args.steps, batch_size=8, lr=args.lr,
@@ -138,14 +140,14 @@ def main() -> None:
     parser.add_argument("--test-items", type=int, default=250)
     parser.add_argument("--held-out-items", type=int, default=60)
     parser.add_argument("--text-windows", type=int, default=48)
-    parser.add_argument("--out", type=Path, default=models.cache_dir() / "bench" / "pissa_milora_study")
+    parser.add_argument("--out", type=Path, default=cache_dir() / "bench" / "pissa_milora_study")
     args = parser.parse_args()
 
     sets = held_out_sets(args.held_out_items)
-    windows = general_text_windows(models.load("smollm2-135m-instruct")[1], args.text_windows)
+    windows = general_text_windows(base_models.load("smollm2-135m-instruct")[1], args.text_windows)
     settings = {"task": args.task, "test_items": args.test_items, "steps": args.steps, "rank": args.rank, "lr": args.lr, "held_out_items": args.held_out_items,
                 "text_windows": args.text_windows}
-    base = cached_json(args.out / "base.json", settings, lambda: forgetting_losses(*models.load("smollm2-135m-instruct"), sets, windows))
+    base = cached_json(args.out / "base.json", settings, lambda: forgetting_losses(*base_models.load("smollm2-135m-instruct"), sets, windows))
     rows = {method: [] for method in METHODS}
     for seed in args.seeds:  # seed-major, so an interrupted study leaves whole seeds behind
         for method in METHODS:

@@ -25,9 +25,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from lorakit.models import cache_dir
-from lorakit.plora_export import effective_rank, plot_diagnostics, run_update
-from lorakit.recipe import load_run_config, run
+from lorakit.core.cache import cache_dir
+from lorakit.methods.plora.export import effective_rank, plot_diagnostics, run_update
+from lorakit.training.recipe import load_run_config, run
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import mean_sd, read_summary  # noqa: E402

@@ -31,8 +31,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import PeakRSS  # noqa: E402
 
-from lorakit import LoraConfig, data, evaluate, get_lora_model, models  # noqa: E402
-from lorakit.train import ClassificationObjective, Trainer, TrainingConfig  # noqa: E402
+from lorakit import LoraConfig, base_models, data, evaluate, get_lora_model  # noqa: E402
+from lorakit.core import examples
+from lorakit.training.trainer import ClassificationObjective, Trainer, TrainingConfig  # noqa: E402
 
 LABELS = ("negative", "positive")
 TASK = "bigbench:multiemo/all_text_en"
@@ -46,9 +47,9 @@ def binary_items(tokenizer, max_length: int, seed: int, test_size: int):
         if label is None or example.prompt in seen:
             continue
         seen.add(example.prompt)
-        kept.append(data.Example(example.prompt, LABELS[label], LABELS, label))
+        kept.append(examples.Example(example.prompt, LABELS[label], LABELS, label))
     instruction = os.path.commonprefix([ex.prompt for ex in kept])  # the task's constant preamble
-    kept = [data.Example(ex.prompt[len(instruction):], ex.target, ex.options, ex.label) for ex in kept]
+    kept = [examples.Example(ex.prompt[len(instruction):], ex.target, ex.options, ex.label) for ex in kept]
     splits = data.split_examples(kept, seed=seed, test_size=test_size, validation_size=0)
     tokenize = lambda ex: {"input_ids": tokenizer(ex.prompt, truncation=True, max_length=max_length)["input_ids"], "label": ex.label}  # noqa: E731
     return [tokenize(ex) for ex in splits.train], [tokenize(ex) for ex in splits.test], kept
@@ -72,7 +73,7 @@ VARIANTS = {
 def run_variant(name: str, args, train_items, test_items, pad_id: int) -> dict:
     prepare, lr = VARIANTS[name]
     torch.manual_seed(args.seed)
-    model, _ = models.load("minilm", task="classification", num_labels=2)
+    model, _ = base_models.load("minilm", task="classification", num_labels=2)
     model = prepare(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     config = TrainingConfig(output_dir=str(args.out / name.replace(" ", "_").replace("/", "-")), steps=args.steps,
@@ -105,7 +106,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    _, tokenizer = models.load("minilm", task="classification", num_labels=2)
+    _, tokenizer = base_models.load("minilm", task="classification", num_labels=2)
     train_items, test_items, kept = binary_items(tokenizer, args.max_length, args.seed, args.test_size)
     if args.child:
         print(json.dumps(run_variant(args.child, args, train_items, test_items, tokenizer.pad_token_id)))

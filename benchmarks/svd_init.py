@@ -5,7 +5,7 @@ All 210 linear layers of the decoder (q, k, v, o, gate, up, down x 30), r=16, bo
 * exact reference: full ``torch.linalg.svd`` in float32 per layer (what PEFT's "pissa" and the official
   MiLoRA script do)
 * PEFT's ``pissa_niter_4``: ``torch.svd_lowrank(W, q=r, niter=4)`` (PiSSA only)
-* lorakit cold: ``lorakit.svd.decompose`` with an empty cache (``svd_solver="auto"``), hashing and
+* lorakit cold: ``lorakit.core.svd.decompose`` with an empty cache (``svd_solver="auto"``), hashing and
   writing the cache included
 * lorakit cached: the same call again
 
@@ -28,8 +28,8 @@ import time
 
 import torch
 
-from lorakit import models
-from lorakit.svd import decompose
+from lorakit import base_models
+from lorakit.core.svd import decompose
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     args = parser.parse_args()
     r = args.rank
-    model, _ = models.load("smollm2-135m-instruct")
+    model, _ = base_models.load("smollm2-135m-instruct")
     weights = [m.weight.detach() for n, m in model.named_modules() if n.endswith(TARGETS)]
     print(f"{len(weights)} linear layers of SmolLM2-135M-Instruct, r={r}, torch threads {torch.get_num_threads()}")
 

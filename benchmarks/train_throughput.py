@@ -1,5 +1,5 @@
 """Training throughput of `lorakit train`'s loop on SmolLM2-135M-Instruct: lorakit's LoRA vs PEFT's LoRA
-in the very same loop (lorakit.train.Trainer, same data, batch, rank and targets).
+in the very same loop (lorakit.training.trainer.Trainer, same data, batch, rank and targets).
 
 Each measurement runs in a fresh process (so peak memory is clean), alternating lorakit and PEFT
 `--rounds` times; medians are reported.
@@ -26,14 +26,15 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def measure(kind: str, steps: int, batch_size: int) -> dict:
     """Tokens/s and peak memory above the loaded model for `steps` optimizer steps of `kind`."""
     import torch
-
     from _measure import PeakRSS
-    from lorakit import LoraConfig, data, get_lora_model, models
-    from lorakit.train import Trainer, TrainingConfig
 
-    model, tokenizer = models.load("smollm2-135m-instruct")
+    from lorakit import LoraConfig, base_models, data, get_lora_model
+    from lorakit.core.examples import tokenize_example
+    from lorakit.training.trainer import Trainer, TrainingConfig
+
+    model, tokenizer = base_models.load("smollm2-135m-instruct")
     examples = data.split_examples(data.load_examples("bigbench:hyperbaton"), 0, 250, 50).train
-    items = [data.tokenize_example(tokenizer, ex.prompt, ex.target, 128) for ex in examples[: steps * batch_size]]
+    items = [tokenize_example(tokenizer, ex.prompt, ex.target, 128) for ex in examples[: steps * batch_size]]
     torch.manual_seed(0)
     if kind == "peft":
         import peft

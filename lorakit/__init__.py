@@ -1,32 +1,114 @@
-"""lorakit: low-rank adaptation for PyTorch and Hugging Face models, in HF PEFT's on-disk format."""
+"""lorakit: low-rank adaptation for PyTorch and Hugging Face models, in HF PEFT's on-disk format.
 
-from .config import LoraConfig
-from .errors import AdapterLoadError, AdapterNameError, LoraConfigError, LoraError, TargetModuleError
-from .init import INIT_STRATEGIES, register_init
-from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
-from .model import BASE_ROW, LoraModel, get_lora_model
-from .plora import PeriodicLoRA, PLoRAConfig
-from . import hub
+The package is layered, each layer importing nothing above it (checked by import-linter in CI)::
+
+    lorakit.core       the adapter library: LoraConfig, layers, LoraModel, inits, the PEFT file format
+    lorakit.methods    built on the core: PiSSA/MiLoRA export, PLoRA, LoraHub
+    lorakit.training   the application: base models, data, evaluation, the trainer, YAML recipes
+    lorakit.cli        the `lorakit` command
+
+The names below are the public API. They are imported on first use, so ``import lorakit`` (and
+``lorakit --help``) stays instant and pulls in neither torch nor the training stack until needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# public name -> module that defines it
+_EXPORTS = {
+    "LoraConfig": "lorakit.core.config",
+    "LoraModel": "lorakit.core.lora_model",
+    "get_lora_model": "lorakit.core.lora_model",
+    "BASE_ROW": "lorakit.core.names",
+    "LoraLayer": "lorakit.core.layers",
+    "LoraLinear": "lorakit.core.layers",
+    "LoraEmbedding": "lorakit.core.layers",
+    "ModulesToSave": "lorakit.core.layers",
+    "INIT_STRATEGIES": "lorakit.core.inits",
+    "register_init": "lorakit.core.inits",
+    "PeriodicLoRA": "lorakit.methods.plora.periodic",
+    "PLoRAConfig": "lorakit.methods.plora.config",
+    "export_plora": "lorakit.methods.plora.export",
+    "export_plain_lora": "lorakit.methods.residual",
+    "LoraError": "lorakit.core.errors",
+    "LoraConfigError": "lorakit.core.errors",
+    "TargetModuleError": "lorakit.core.errors",
+    "AdapterLoadError": "lorakit.core.errors",
+    "AdapterSaveError": "lorakit.core.errors",
+    "AdapterNameError": "lorakit.core.errors",
+}
+# public submodules, by short name
+_MODULES = {
+    "lorahub": "lorakit.methods.lorahub.search",
+    "data": "lorakit.training.data",
+    "evaluate": "lorakit.training.evaluate",
+    "base_models": "lorakit.training.base_models",
+}
+
 __all__ = [
-    "LoraConfig",
-    "LoraModel",
-    "get_lora_model",
     "BASE_ROW",
-    "LoraLayer",
-    "LoraLinear",
-    "LoraEmbedding",
-    "ModulesToSave",
-    "PeriodicLoRA",
-    "PLoRAConfig",
-    "hub",
     "INIT_STRATEGIES",
-    "register_init",
-    "LoraError",
-    "LoraConfigError",
-    "TargetModuleError",
     "AdapterLoadError",
     "AdapterNameError",
+    "AdapterSaveError",
+    "LoraConfig",
+    "LoraConfigError",
+    "LoraEmbedding",
+    "LoraError",
+    "LoraLayer",
+    "LoraLinear",
+    "LoraModel",
+    "ModulesToSave",
+    "PLoRAConfig",
+    "PeriodicLoRA",
+    "TargetModuleError",
+    "base_models",
+    "data",
+    "evaluate",
+    "export_plain_lora",
+    "export_plora",
+    "get_lora_model",
+    "lorahub",
+    "register_init",
 ]
+
+if TYPE_CHECKING:
+    from .core.config import LoraConfig
+    from .core.errors import (
+        AdapterLoadError,
+        AdapterNameError,
+        AdapterSaveError,
+        LoraConfigError,
+        LoraError,
+        TargetModuleError,
+    )
+    from .core.inits import INIT_STRATEGIES, register_init
+    from .core.layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+    from .core.lora_model import LoraModel, get_lora_model
+    from .core.names import BASE_ROW
+    from .methods.lorahub import search as lorahub
+    from .methods.plora.config import PLoRAConfig
+    from .methods.plora.export import export_plora
+    from .methods.plora.periodic import PeriodicLoRA
+    from .methods.residual import export_plain_lora
+    from .training import base_models, data, evaluate
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first use (PEP 562)."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _MODULES:
+        value = importlib.import_module(_MODULES[name])
+    else:
+        raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

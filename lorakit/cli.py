@@ -7,13 +7,15 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import LoraConfigError
+from .core.errors import LoraConfigError
+from .methods.lorahub.settings import DEFAULTS
+from .training.settings import DataSection, ModelSection, TrainingConfig
 
 __all__ = ["main"]
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .recipe import load_run_config, run
+    from .training.recipe import load_run_config, run
 
     config = load_run_config(args.config, args.overrides)
     if args.resume:
@@ -22,17 +24,17 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from . import data, evaluate, models
-    from .io import read_adapter
-    from .model import LoraModel
-    from .recipe import DataSection, size_of
+    from .core.lora_model import LoraModel
+    from .core.peft_format import read_adapter
+    from .training import base_models, data, evaluate
+    from .training.settings import size_of
 
     section = DataSection(args.data, args.seed, args.test_size, args.validation_size)  # checks the sizes
     _positive(args.batch_size, "--batch-size")
     splits = data.split_examples(data.load_examples(args.data), args.seed, size_of(section.test_size), size_of(section.validation_size))
     if args.adapter:
         read_adapter(args.adapter)  # a broken adapter fails before the model loads
-    model, tokenizer = models.load(args.model)
+    model, tokenizer = base_models.load(args.model)
     if args.adapter:
         model = LoraModel.from_pretrained(model, args.adapter)
     print(json.dumps(evaluate.evaluate(model, tokenizer, splits.test, args.batch_size), indent=2))
@@ -44,14 +46,14 @@ def _positive(value: int, flag: str) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from . import models
-    from .io import read_adapter
-    from .model import LoraModel
+    from .core.lora_model import LoraModel
+    from .core.peft_format import read_adapter
+    from .training import base_models
 
     read_adapter(args.adapter)  # a broken adapter fails before the model loads
     if Path(args.out).exists() and any(Path(args.out).iterdir()):
         raise LoraConfigError(f"--out {args.out} exists and is not empty: name a new folder for the merged model.")
-    model, tokenizer = models.load(args.model)
+    model, tokenizer = base_models.load(args.model)
     merged = LoraModel.from_pretrained(model, args.adapter).merge_and_unload()
     merged.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
@@ -59,9 +61,10 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
-    from .io import is_a_key, read_adapter
+    from .core.peft_format import is_a_key, read_adapter
+    from .core.run_layout import RunLayout
 
-    if (Path(args.adapter) / "adapter").is_dir():  # a training run directory
+    if RunLayout(args.adapter).is_run():  # a training run directory
         _run_info(Path(args.adapter), [Path(other) for other in args.compare])
         return
     adapter = read_adapter(args.adapter)
@@ -78,12 +81,13 @@ def _info(args: argparse.Namespace) -> None:
 
 def _run_info(run_dir: Path, others: list[Path]) -> None:
     """The rank structure of a run's total update, and a diagnostics plot (with `others` beside it)."""
-    from .plora_export import plot_diagnostics
+    from .core.run_layout import RunLayout
+    from .methods.plora.export import plot_diagnostics
 
     runs = {run_dir.name: run_dir}
     for other in others:  # labelled by folder name, by full path where two names are equal
         runs[str(other) if other.name in runs else other.name] = other
-    plot = run_dir / "update_diagnostics.png"
+    plot = RunLayout(run_dir).diagnostics_plot
     summary = plot_diagnostics(runs, plot)[run_dir.name]
     ranks, stored = sorted(summary["effective_ranks"]), sorted(summary["stored_ranks"])
     print(f"run: {run_dir}  PLoRA stages: {summary['stages']}  layers: {len(ranks)}")
@@ -93,7 +97,7 @@ def _run_info(run_dir: Path, others: list[Path]) -> None:
 
 
 def _export_plora(args: argparse.Namespace) -> None:
-    from .plora_export import export_plora
+    from .methods.plora.export import export_plora
 
     report = export_plora(args.run_dir, args.out, args.rank)
     kind = "exact" if args.rank is None else f"compressed to rank {args.rank}"
@@ -106,23 +110,24 @@ def _hub_learn(args: argparse.Namespace) -> None:
     import io
     import random
 
-    from . import data, hub, models
+    from .methods.lorahub import compose, search, settings
+    from .training import base_models, data
 
     _positive(args.n_examples, "--n-examples")
-    hub.check_search_settings(["-"], args.budget, args.lam, hub.DEFAULTS["bounds"], args.population, 64, 256)
-    hub.make_optimizer(args.optimizer, 1, args.budget, hub.DEFAULTS["bounds"], args.seed, 1)  # a known optimiser name
-    hub.load_modules(args.modules)  # every module read and checked before the model loads
+    search.check_search_settings(["-"], args.budget, args.lam, settings.DEFAULTS["bounds"], args.population, 64, 256)
+    search.make_optimizer(args.optimizer, 1, args.budget, settings.DEFAULTS["bounds"], args.seed, 1)  # a known optimiser name
+    compose.load_modules(args.modules)  # every module read and checked before the model loads
     examples = data.load_examples(args.examples)
     if len(examples) > args.n_examples:
         examples = random.Random(args.seed).sample(examples, args.n_examples)
-    model, tokenizer = models.load(args.model)
-    result = hub.learn(model, args.modules, examples, tokenizer, budget=args.budget, lam=args.lam,
+    model, tokenizer = base_models.load(args.model)
+    result = search.learn(model, args.modules, examples, tokenizer, budget=args.budget, lam=args.lam,
                        optimizer=args.optimizer, seed=args.seed, population=args.population)
     out = Path(args.out)
     record = {"modules": args.modules, "weights": result.weights, "losses": result.losses, "optimizer": args.optimizer,
               "budget": args.budget, "seed": args.seed, "examples": [ex.prompt for ex in examples], "seconds": result.seconds}
     plot = io.BytesIO()
-    hub.plot_result(result, args.modules, plot)
+    search.plot_result(result, args.modules, plot)
     result.module.save(out, extra_files={"lorahub.json": json.dumps(record, indent=1) + "\n", "lorahub.png": plot.getvalue()})
     print(f"best objective {min(result.losses):.4f} after {len(result.losses)} evaluations ({result.seconds:.1f} s)")
     print("weights: " + ", ".join(f"{Path(m).name}={w:+.3f}" for m, w in zip(args.modules, result.weights)))
@@ -130,26 +135,30 @@ def _hub_learn(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from .residual import export_plain_lora_files, save_residual_model_files
+    from .methods.residual import export_plain_lora_files, save_residual_model_files
+    from .training import base_models
 
+    if not (args.out or args.residual_model):
+        raise LoraConfigError("lorakit export needs --out (plain LoRA) and/or --residual-model (residual base).")
     if args.out:
         export_plain_lora_files(args.adapter, args.out)
         print(f"plain LoRA for the original base written to {args.out}")
     if args.residual_model:
-        save_residual_model_files(args.adapter, args.model, args.residual_model)
+        model, tokenizer = base_models.load(args.model)
+        save_residual_model_files(args.adapter, model, args.residual_model)
+        tokenizer.save_pretrained(args.residual_model)
         print(f"residual base model (for the adapter as saved) written to {args.residual_model}")
-    if not (args.out or args.residual_model):
-        raise LoraConfigError("lorakit export needs --out (plain LoRA) and/or --residual-model (residual base).")
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    model, data, training = ModelSection(), DataSection(), TrainingConfig()
+    parser.add_argument("--model", default=model.name)
     parser.add_argument("--adapter")
-    parser.add_argument("--data", default="bigbench:hyperbaton")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--test-size", type=float, default=250)
-    parser.add_argument("--validation-size", type=float, default=50)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--data", default=data.source)
+    parser.add_argument("--seed", type=int, default=data.seed)
+    parser.add_argument("--test-size", type=float, default=data.test_size)
+    parser.add_argument("--validation-size", type=float, default=data.validation_size)
+    parser.add_argument("--batch-size", type=int, default=training.eval_batch_size)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     merge = commands.add_parser("merge", help="write the base model with an adapter folded in")
     merge.add_argument("adapter")
-    merge.add_argument("--model", default="smollm2-135m-instruct")
+    merge.add_argument("--model", default=ModelSection().name)
     merge.add_argument("--out", required=True)
     merge.set_defaults(func=_merge)
 
@@ -176,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("adapter", help="adapter directory saved by lorakit (with initial_factors.safetensors)")
     export.add_argument("--out", help="write the plain rank-2r LoRA for the original base here")
     export.add_argument("--residual-model", help="write the residual base model (W - s·B0@A0) here")
-    export.add_argument("--model", default="smollm2-135m-instruct", help="the original base, for --residual-model")
+    export.add_argument("--model", default=ModelSection().name, help="the original base, for --residual-model")
     export.set_defaults(func=_export)
 
     export_plora = commands.add_parser("export-plora", help="a (PLoRA) run's whole update as one adapter for the original base")
@@ -191,17 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     hub_learn.add_argument("--modules", nargs="+", required=True, help="adapter directories (same targets and rank)")
     hub_learn.add_argument("--examples", required=True, help="a .jsonl/.csv/.parquet file or bigbench:TASK")
     hub_learn.add_argument("--out", required=True, help="where the composed adapter goes")
-    hub_learn.add_argument("--model", default="smollm2-135m-instruct")
-    hub_learn.add_argument("--n-examples", type=int, default=5, help="examples drawn (seeded) when the source has more")
-    hub_learn.add_argument("--budget", type=int, default=40)
-    hub_learn.add_argument("--lam", type=float, default=0.05, help="weight of the L1 term mean|w|")
-    hub_learn.add_argument("--optimizer", default="NGOpt", help="a nevergrad optimiser name, e.g. NGOpt, CMA")
+    hub_learn.add_argument("--model", default=ModelSection().name)
+    hub_learn.add_argument("--n-examples", type=int, default=DEFAULTS["n_examples"], help="examples drawn (seeded) when the source has more")
+    hub_learn.add_argument("--budget", type=int, default=DEFAULTS["budget"])
+    hub_learn.add_argument("--lam", type=float, default=DEFAULTS["lam"], help="weight of the L1 term mean|w|")
+    hub_learn.add_argument("--optimizer", default=DEFAULTS["optimizer"], help="a nevergrad optimiser name, e.g. NGOpt, CMA")
     hub_learn.add_argument("--population", type=int, help="candidates per batched evaluation (default: CMA's size, else 1)")
     hub_learn.add_argument("--seed", type=int, default=0)
     hub_learn.set_defaults(func=_hub_learn)
-    hub_eval = hub_commands.add_parser("eval", help="test accuracy of a composed adapter on a task")
-    _add_eval_arguments(hub_eval)
-    hub_eval.set_defaults(func=_eval)
 
     info = commands.add_parser("info", help="an adapter's config, ranks and size; for a run directory the update's rank structure and a plot")
     info.add_argument("adapter", help="adapter directory or training run directory")
@@ -219,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except Exception as err:  # lorakit's own errors carry the fix; show them without a traceback
-        from .errors import LoraError
+        from .core.errors import LoraError
 
         if isinstance(err, (LoraError, OSError)):  # OSError: a full disk, a folder without write permission...
             print(f"lorakit: error: {' '.join(str(err).split())}", file=sys.stderr)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny_hub import multiple_choice_task, tiny_tokenizer, write_fake_bigbench
 
 from lorakit import data
-from lorakit.data import IGNORE_INDEX, DataError, Example
-
-from tiny_hub import multiple_choice_task, tiny_tokenizer, write_fake_bigbench
+from lorakit.core import examples
+from lorakit.core.errors import DataError
+from lorakit.core.examples import IGNORE_INDEX, Example
 
 
 @pytest.fixture
@@ -56,7 +57,7 @@ def test_chat_and_classification_rows(tmp_path):
     chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
     assert data.load_examples(chat) == [Example("hi", "yo")]
     labelled = tmp_path / "cls.jsonl"
-    labelled.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in [("good", "pos"), ("bad", "neg")]))
+    labelled.write_text("".join(json.dumps({"text": t, "label": label}) + "\n" for t, label in [("good", "pos"), ("bad", "neg")]))
     assert data.load_examples(labelled)[0] == Example("good", "pos", ("neg", "pos"), 1)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "?"}) + "\n")
@@ -74,10 +75,10 @@ def test_splits_are_seeded_disjoint_and_complete():
 
 def test_prompt_uses_chat_template_and_masks_prompt():
     tokenizer = tiny_tokenizer()
-    assert data.format_prompt(tokenizer, "2 even?") == "<user>2 even?<bot>"
-    item = data.tokenize_example(tokenizer, "2 even?", "yes", max_length=64)
+    assert examples.format_prompt(tokenizer, "2 even?") == "<user>2 even?<bot>"
+    item = examples.tokenize_example(tokenizer, "2 even?", "yes", max_length=64)
     n_prompt = len(tokenizer("<user>2 even?<bot>", add_special_tokens=False)["input_ids"])
     assert item["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
     assert tokenizer.decode(item["labels"][n_prompt:]) == "yes<eos>"
-    short = data.tokenize_example(tokenizer, "a long prompt " * 10, "yes", max_length=12)
+    short = examples.tokenize_example(tokenizer, "a long prompt " * 10, "yes", max_length=12)
     assert len(short["input_ids"]) == 12 and tokenizer.decode(short["labels"][-4:]) == "yes<eos>"

@@ -7,9 +7,10 @@ import json
 import peft
 import pytest
 import torch
+from conftest import logits, make_inputs, make_model
 from safetensors.torch import load_file, save_file
 
-import lorakit.io
+import lorakit.core.peft_format
 from lorakit import (
     AdapterLoadError,
     AdapterNameError,
@@ -19,8 +20,6 @@ from lorakit import (
     TargetModuleError,
     get_lora_model,
 )
-
-from conftest import logits, make_inputs, make_model
 
 
 def _snapshot(model: torch.nn.Module):
@@ -99,7 +98,7 @@ def test_failing_init_leaves_model_unchanged(monkeypatch):
             raise RuntimeError("init failed")
         return torch.zeros(r, W.shape[1]), torch.zeros(W.shape[0], r), W
 
-    monkeypatch.setitem(lorakit.init.INIT_STRATEGIES, "kaiming", exploding_init)
+    monkeypatch.setitem(lorakit.core.inits.INIT_STRATEGIES, "kaiming", exploding_init)
     with pytest.raises(RuntimeError, match="init failed"):
         model.add_adapter("second", LoraConfig(target_modules=["q_proj", "v_proj"]))
     _assert_unchanged(model, snapshot)
@@ -206,7 +205,7 @@ def test_failed_save_leaves_previous_adapter_intact(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(lorakit.io, "save_file", crash)
+    monkeypatch.setattr(lorakit.core.peft_format, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path / "adapter")
     assert {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()} == before

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from lorakit import evaluate, models
-from lorakit.data import Example, format_prompt
-
 from tiny_hub import write_tiny_model
+
+from lorakit import base_models, evaluate
+from lorakit.core.examples import Example, format_prompt
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return models.load(write_tiny_model(tmp_path_factory.mktemp("model")))
+    return base_models.load(write_tiny_model(tmp_path_factory.mktemp("model")))
 
 
 def _by_hand(model, tokenizer, prompt: str, option: str) -> float:

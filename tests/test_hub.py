@@ -13,20 +13,27 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from tiny_hub import tiny_tokenizer, write_tiny_model
 from transformers import T5Config, T5ForConditionalGeneration
 
-from lorakit import LoraConfig, LoraConfigError, LoraLayer, LoraModel, get_lora_model, hub, models
-from lorakit.data import IGNORE_INDEX, Example, collate, tokenize_example
-from lorakit.io import apply_adapter
-
-from tiny_hub import tiny_tokenizer, write_tiny_model
+from lorakit import (
+    LoraConfig,
+    LoraConfigError,
+    LoraLayer,
+    LoraModel,
+    base_models,
+    get_lora_model,
+    lorahub,
+)
+from lorakit.core.examples import IGNORE_INDEX, Example, collate, tokenize_example
+from lorakit.core.loading import apply_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = [Example(f"{a} plus {b}?", str(a + b)) for a, b in [(1, 2), (3, 4), (2, 2), (5, 1), (0, 3)]]
 SHARED_START = [Example(f"Compute the sum, please: {ex.prompt}", ex.target) for ex in EXAMPLES]  # a prefix run once
 
 
-def _modules(model_factory, targets, n=4, r=2, seed=0) -> list[hub.HubModule]:
+def _modules(model_factory, targets, n=4, r=2, seed=0) -> list[lorahub.HubModule]:
     """n modules with random (non-zero) factors on fresh copies of the model."""
     modules = []
     for i in range(n):
@@ -35,15 +42,15 @@ def _modules(model_factory, targets, n=4, r=2, seed=0) -> list[hub.HubModule]:
         with torch.no_grad():
             for _, layer in lora.lora_layers():
                 layer.lora_B["default"].mul_(0.3)
-        modules.append(hub._as_module((lora, "default")))
+        modules.append(lorahub.as_module((lora, "default")))
     return modules
 
 
 @pytest.fixture(scope="module")
 def causal(tmp_path_factory):
     directory = write_tiny_model(tmp_path_factory.mktemp("hub") / "model")
-    factory = lambda: models.load(directory)[0]  # noqa: E731
-    return factory, models.load(directory)[1], _modules(factory, ["q_proj", "v_proj", "up_proj"]), directory
+    factory = lambda: base_models.load(directory)[0]  # noqa: E731
+    return factory, base_models.load(directory)[1], _modules(factory, ["q_proj", "v_proj", "up_proj"]), directory
 
 
 def _tiny_t5():
@@ -54,7 +61,7 @@ def _tiny_t5():
 
 def _reference_loss(model_factory, modules, weights, tokenizer, seq2seq=False, examples=EXAMPLES) -> float:
     """The official code's way: a fresh model, the composed state dict written in, one full forward."""
-    composed = hub.compose(modules, weights)
+    composed = lorahub.compose(modules, weights)
     lora = LoraModel(model_factory())
     apply_adapter(lora, "composed", composed.config, composed.tensors, is_trainable=False)
     lora.set_adapter("composed")
@@ -76,7 +83,7 @@ def _reference_loss(model_factory, modules, weights, tokenizer, seq2seq=False, e
 def test_compose_is_the_factor_wise_weighted_sum(causal):
     _, _, modules, _ = causal
     weights = [0.7, -1.2, 0.0, 0.4]
-    composed = hub.compose(modules, weights)
+    composed = lorahub.compose(modules, weights)
     for key, tensor in composed.tensors.items():
         expected = sum(w * m.tensors[key] for w, m in zip(weights, modules))
         torch.testing.assert_close(tensor, expected, atol=1e-6, rtol=0)
@@ -95,7 +102,7 @@ def test_population_loss_equals_one_by_one_causal(causal, examples, population):
     factory, tokenizer, modules, _ = causal
     model = factory()
     candidates = torch.tensor([[1.0, -0.5, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0], [-1.5, 1.5, 0.2, 0.9]])[:population]
-    objective = hub.HubObjective(model, modules, examples, tokenizer, population=population, batch_rows=7)  # chunks cross candidates
+    objective = lorahub.HubObjective(model, modules, examples, tokenizer, population=population, batch_rows=7)  # chunks cross candidates
     assert (objective.prefix > 0) == (examples is SHARED_START)
     batched = objective.population_loss(candidates)
     objective.close()
@@ -108,7 +115,7 @@ def test_population_loss_equals_one_by_one_seq2seq():
     tokenizer = tiny_tokenizer()
     modules = _modules(_tiny_t5, ["q", "v"], n=3)
     candidates = torch.tensor([[0.5, 0.5, -0.5], [1.0, 0.0, 0.2]])
-    objective = hub.HubObjective(_tiny_t5(), modules, EXAMPLES, tokenizer, population=2)
+    objective = lorahub.HubObjective(_tiny_t5(), modules, EXAMPLES, tokenizer, population=2)
     batched = objective.population_loss(candidates)
     objective.close()
     for w, loss in zip(candidates.tolist(), batched):
@@ -117,8 +124,8 @@ def test_population_loss_equals_one_by_one_seq2seq():
 
 def test_learn_matches_the_one_by_one_search(causal):
     factory, tokenizer, modules, _ = causal
-    result = hub.learn(factory(), modules, EXAMPLES, tokenizer, budget=12, optimizer="CMA", seed=3, progress=False)
-    search = hub.make_optimizer("CMA", len(modules), 12, (-1.5, 1.5), 3, hub.default_population("CMA", len(modules)))
+    result = lorahub.learn(factory(), modules, EXAMPLES, tokenizer, budget=12, optimizer="CMA", seed=3, progress=False)
+    search = lorahub.make_optimizer("CMA", len(modules), 12, (-1.5, 1.5), 3, lorahub.default_population("CMA", len(modules)))
     reference = []
     while len(reference) < 12:  # ask a population, evaluate one by one with state-dict writes, tell
         asked = [search.ask() for _ in range(min(search.num_workers, 12 - len(reference)))]
@@ -133,9 +140,9 @@ def test_learn_matches_the_one_by_one_search(causal):
 def test_bounds_l1_and_seeds(causal, monkeypatch):
     factory, tokenizer, modules, _ = causal
     asked = []
-    original = hub.HubObjective.population_loss
-    monkeypatch.setattr(hub.HubObjective, "population_loss", lambda self, w: asked.append(w.clone()) or original(self, w))
-    run = lambda **kw: hub.learn(factory(), modules, EXAMPLES, tokenizer, budget=10, progress=False, **kw)  # noqa: E731
+    original = lorahub.HubObjective.population_loss
+    monkeypatch.setattr(lorahub.HubObjective, "population_loss", lambda self, w: asked.append(w.clone()) or original(self, w))
+    run = lambda **kw: lorahub.learn(factory(), modules, EXAMPLES, tokenizer, budget=10, progress=False, **kw)  # noqa: E731
     bounded = run(bounds=(-0.2, 0.3), optimizer="CMA", seed=0)
     assert all(float(w.min()) >= -0.2 and float(w.max()) <= 0.3 for w in asked)
     assert min(bounded.weights) >= -0.2 and max(bounded.weights) <= 0.3
@@ -151,7 +158,7 @@ def test_bounds_l1_and_seeds(causal, monkeypatch):
 
 def test_merge_folds_the_composition_in(causal):
     factory, tokenizer, modules, _ = causal
-    result = hub.learn(factory(), modules, EXAMPLES, tokenizer, budget=6, merge=True, progress=False)
+    result = lorahub.learn(factory(), modules, EXAMPLES, tokenizer, budget=6, merge=True, progress=False)
     reference = LoraModel(factory())
     apply_adapter(reference, "x", result.module.config, result.module.tensors, is_trainable=False)
     reference.set_adapter("x")
@@ -165,14 +172,14 @@ def test_mismatched_modules_are_named(causal):
     factory, _, modules, _ = causal
     other_rank = _modules(factory, ["q_proj", "v_proj", "up_proj"], n=1, r=3)[0]
     with pytest.raises(LoraConfigError, match=r"does not fit .*lora_A.weight'? is \(3, 32\), not \(2, 32\)"):
-        hub.compose([modules[0], other_rank], [1.0, 1.0])
+        lorahub.compose([modules[0], other_rank], [1.0, 1.0])
     other_targets = _modules(factory, ["q_proj", "v_proj"], n=1)[0]
     with pytest.raises(LoraConfigError, match="has no .*up_proj"):
-        hub.compose([modules[0], other_targets], [1.0, 1.0])
+        lorahub.compose([modules[0], other_targets], [1.0, 1.0])
     with pytest.raises(LoraConfigError, match="one weight per module"):
-        hub.compose(modules, [1.0])
+        lorahub.compose(modules, [1.0])
     with pytest.raises(LoraConfigError, match="not a nevergrad optimiser"):
-        hub.make_optimizer("NoSuchOpt", 3, 10, (-1, 1), 0, 1)
+        lorahub.make_optimizer("NoSuchOpt", 3, 10, (-1, 1), 0, 1)
 
 
 def test_hub_cli_learns_and_writes_a_peft_adapter(causal, tmp_path):
@@ -190,7 +197,7 @@ def test_hub_cli_learns_and_writes_a_peft_adapter(causal, tmp_path):
     assert "weights:" in out
     record = json.loads((tmp_path / "composed" / "lorahub.json").read_text())
     assert len(record["weights"]) == 4 and len(record["losses"]) == 8 and (tmp_path / "composed" / "lorahub.png").is_file()
-    composed = hub.compose(dirs, record["weights"])
+    composed = lorahub.compose(dirs, record["weights"])
     peft_model = peft.PeftModel.from_pretrained(factory(), tmp_path / "composed")
     ours = LoraModel(factory())
     apply_adapter(ours, "x", composed.config, composed.tensors, is_trainable=False)

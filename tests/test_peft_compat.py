@@ -8,12 +8,12 @@ import warnings
 import peft
 import pytest
 import torch
+from conftest import TARGETS, logits, make_inputs, make_model
 from safetensors.torch import load_file
 
 from lorakit import LoraConfig, LoraModel, get_lora_model
-from lorakit.io import PREFIX, adapter_parameters
-
-from conftest import TARGETS, logits, make_inputs, make_model
+from lorakit.core.loading import adapter_parameters
+from lorakit.core.peft_format import PREFIX
 
 ATOL = 1e-5
 

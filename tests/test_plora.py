@@ -15,14 +15,20 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-
-from lorakit import LoraConfig, LoraConfigError, LoraEmbedding, data, get_lora_model, models
-from lorakit.plora import PeriodicLoRA, PLoRAConfig, read_stages
-from lorakit.plora_export import compress, export_plora, run_update
-from lorakit.train import Trainer, TrainingConfig
-
 from conftest import logits, make_inputs, make_model
 from tiny_hub import write_tiny_model
+
+from lorakit import (
+    LoraConfig,
+    LoraConfigError,
+    LoraEmbedding,
+    base_models,
+    get_lora_model,
+)
+from lorakit.core import examples
+from lorakit.methods.plora.export import compress, export_plora, run_update
+from lorakit.methods.plora.periodic import PeriodicLoRA, PLoRAConfig, read_stages
+from lorakit.training.trainer import Trainer, TrainingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
@@ -121,12 +127,12 @@ def test_bf16_base_loses_no_update(tmp_path):
 
 
 def _items(tokenizer, n=32):
-    return [data.tokenize_example(tokenizer, f"{i} is even?", "yes" if i % 2 == 0 else "no", 32) for i in range(n)]
+    return [examples.tokenize_example(tokenizer, f"{i} is even?", "yes" if i % 2 == 0 else "no", 32) for i in range(n)]
 
 
 def _train(root: Path, name: str, steps: int, stop_at: int | None = None, resume: bool = False, **plora_config):
     """Train a tiny local model with PLoRA (a fresh model each call, as a new process would)."""
-    model, tokenizer = models.load(root / "model")
+    model, tokenizer = base_models.load(root / "model")
     torch.manual_seed(0)
     lora = get_lora_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "gate_proj"]))
     config = TrainingConfig(output_dir=str(root / name), steps=steps, batch_size=4, lr=0.02, warmup_steps=1,
@@ -168,7 +174,7 @@ def test_exact_export_loads_in_peft_on_the_original_base(hub, tmp_path):
     trained = logits(lora, inputs)
     report = export_plora(hub / "export", tmp_path / "total")
     assert report["stages"] == 2 and report["rank"] == 3 * 2
-    original, _ = models.load(hub / "model")
+    original, _ = base_models.load(hub / "model")
     peft_model = peft.PeftModel.from_pretrained(original, tmp_path / "total")
     torch.testing.assert_close(logits(peft_model, inputs), trained, atol=1e-5, rtol=0)
 
@@ -206,17 +212,18 @@ def test_resume_mid_stage_matches_an_uninterrupted_run(hub):
 
 
 def test_hf_trainer_callback_unloads(hub, tmp_path):
-    from transformers import Trainer as HFTrainer, TrainingArguments
+    from transformers import Trainer as HFTrainer
+    from transformers import TrainingArguments
 
-    from lorakit.plora_callback import PLoRACallback
+    from lorakit.methods.plora.callback import PLoRACallback
 
-    model, tokenizer = models.load(hub / "model")
+    model, tokenizer = base_models.load(hub / "model")
     lora = get_lora_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     before = _weights(lora)
     plora = PeriodicLoRA(lora, PLoRAConfig(unload_every=8))  # 2 steps of 4
     args = TrainingArguments(str(tmp_path), max_steps=5, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
                              remove_unused_columns=False, use_cpu=True, save_strategy="no", logging_steps=1, warmup_steps=1)
-    collator = lambda batch: {k: v for k, v in data.collate(batch, tokenizer.pad_token_id).items() if k != "position_ids"}  # noqa: E731
+    collator = lambda batch: {k: v for k, v in examples.collate(batch, tokenizer.pad_token_id).items() if k != "position_ids"}  # noqa: E731
     trainer = HFTrainer(model=lora, args=args, train_dataset=_items(tokenizer, 24), data_collator=collator, callbacks=[PLoRACallback(plora)])
     trainer.train()
     assert [s.step for s in plora.stages] == [2, 4]

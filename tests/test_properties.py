@@ -17,14 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_model
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from lorakit import LoraConfig, LoraError, LoraModel, get_lora_model
-from lorakit.recipe import RunConfig, load_run_config, valid_keys
-
-from conftest import make_model
+from lorakit.training.recipe import RunConfig, load_run_config, valid_keys
 
 CONFIG_EXAMPLES = int(os.environ.get("LORAKIT_FUZZ_CONFIGS", 3000))
 PIPELINE_EXAMPLES = int(os.environ.get("LORAKIT_FUZZ_PIPELINE", 1000))

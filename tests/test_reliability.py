@@ -16,30 +16,35 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from conftest import make_model
 from safetensors.torch import load_file
+from test_errors import _assert_unchanged, _snapshot
+from tiny_hub import write_tiny_model
 from torch import nn
 
-import lorakit.atomic
-import lorakit.init
+import lorakit.core.atomic
+import lorakit.core.inits
 from lorakit import (
     AdapterLoadError,
     AdapterNameError,
     LoraConfig,
     LoraConfigError,
     LoraModel,
+    base_models,
     data,
     get_lora_model,
-    hub,
-    models,
+    lorahub,
 )
 from lorakit.cli import main
-from lorakit.errors import DataError, MixedBatchError, ResumeError, TrainingDivergedError
-from lorakit.io import read_adapter
-from lorakit.train import Trainer, TrainingConfig, latest_checkpoint
-
-from conftest import make_model
-from test_errors import _assert_unchanged, _snapshot
-from tiny_hub import write_tiny_model
+from lorakit.core import examples
+from lorakit.core.errors import (
+    DataError,
+    MixedBatchError,
+    ResumeError,
+    TrainingDivergedError,
+)
+from lorakit.core.peft_format import read_adapter
+from lorakit.training.trainer import Trainer, TrainingConfig, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,7 +146,7 @@ def test_plain_save_over_a_pissa_folder_leaves_no_stale_initial_factors(tmp_path
 def test_save_never_replaces_a_folder_of_other_things(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     model = get_lora_model(make_model("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
-    with pytest.raises(lorakit.errors.AdapterSaveError, match="no adapter"):
+    with pytest.raises(lorakit.core.errors.AdapterSaveError, match="no adapter"):
         model.save_pretrained(tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
@@ -204,7 +209,7 @@ def test_swap_without_rename_exchange_recovers_after_a_kill_between_renames(tmp_
     assert not aside.exists()
     after = load_file(folder / "adapter_model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
-    monkeypatch.setattr(lorakit.atomic, "_exchange", lambda first, second: False)
+    monkeypatch.setattr(lorakit.core.atomic, "_exchange", lambda first, second: False)
     model.save_pretrained(folder)  # the fallback path itself
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
@@ -218,7 +223,7 @@ def test_failed_swap_keeps_the_previous_save(tmp_path, monkeypatch):
     def crash(first, second):
         raise OSError("I/O error")
 
-    monkeypatch.setattr(lorakit.atomic, "_exchange", crash)
+    monkeypatch.setattr(lorakit.core.atomic, "_exchange", crash)
     with pytest.raises(OSError):
         get_lora_model(make_model("llama"), LoraConfig(r=4, target_modules=["v_proj"])).save_pretrained(folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
@@ -229,7 +234,7 @@ def test_failed_swap_keeps_the_previous_save(tmp_path, monkeypatch):
 def test_svd_init_failing_part_way_restores_the_base_bit_exactly(monkeypatch):
     model = make_model("llama")
     snapshot = _snapshot(model)
-    real, calls = lorakit.init.INIT_STRATEGIES["milora"], []
+    real, calls = lorakit.core.inits.INIT_STRATEGIES["milora"], []
 
     def failing(W, r, scale, **options):
         calls.append(1)
@@ -237,7 +242,7 @@ def test_svd_init_failing_part_way_restores_the_base_bit_exactly(monkeypatch):
             raise RuntimeError("solver failed")
         return real(W, r, scale, svd_solver="exact", svd_cache=False)
 
-    monkeypatch.setitem(lorakit.init.INIT_STRATEGIES, "milora", failing)
+    monkeypatch.setitem(lorakit.core.inits.INIT_STRATEGIES, "milora", failing)
     with pytest.raises(RuntimeError, match="solver failed"):
         get_lora_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights="milora"))
     assert len(calls) == 4
@@ -284,9 +289,9 @@ def test_empty_svd_cache_path_is_refused():
 
 # -- non-finite gradients ------------------------------------------------------------------------------
 def _trainer(tiny: Path, output: Path, items=None, lora=None, **training) -> Trainer:
-    model, tokenizer = models.load(tiny)
+    model, tokenizer = base_models.load(tiny)
     lora_model = get_lora_model(model, lora or LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    items = items or [data.tokenize_example(tokenizer, f"{i} even?", "yes" if i % 2 == 0 else "no", 32) for i in range(40)]
+    items = items or [examples.tokenize_example(tokenizer, f"{i} even?", "yes" if i % 2 == 0 else "no", 32) for i in range(40)]
     config = TrainingConfig(**({"output_dir": str(output), "steps": 10, "batch_size": 4, "save_every": 2} | training))
     return Trainer(lora_model, items, config, tokenizer.pad_token_id)
 
@@ -318,8 +323,8 @@ def test_resume_with_other_settings_or_data_is_refused_listing_them(tiny, tmp_pa
         _trainer(tiny, tmp_path, resume=True, lr=1e-3, batch_size=8)
     with pytest.raises(ResumeError, match=r"adapter.r: 4 -> 8"):
         _trainer(tiny, tmp_path, resume=True, lora=LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
-    _, tokenizer = models.load(tiny)
-    other = [data.tokenize_example(tokenizer, f"{i} odd?", "no", 32) for i in range(40)]
+    _, tokenizer = base_models.load(tiny)
+    other = [examples.tokenize_example(tokenizer, f"{i} odd?", "no", 32) for i in range(40)]
     with pytest.raises(ResumeError, match=r"data:"):
         _trainer(tiny, tmp_path, items=other, resume=True)
     assert _trainer(tiny, tmp_path, resume=True, eval_every=3).step == 2  # bookkeeping may change
@@ -354,12 +359,12 @@ def test_null_completion_names_row_and_column(tmp_path):
 
 # -- LoraHub -------------------------------------------------------------------------------------------
 def _hub_setup(tiny):
-    model, tokenizer = models.load(tiny)
+    model, tokenizer = base_models.load(tiny)
     modules = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        lora = get_lora_model(models.load(tiny)[0], LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
-        modules.append(hub._as_module((lora, "default")))
+        lora = get_lora_model(base_models.load(tiny)[0], LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+        modules.append(lorahub.as_module((lora, "default")))
     return model, tokenizer, modules
 
 
@@ -367,9 +372,9 @@ def _hub_setup(tiny):
 def test_lorahub_refuses_bad_settings_before_touching_the_model(tiny, bad):
     model, tokenizer, modules = _hub_setup(tiny)
     snapshot = _snapshot(model)
-    examples = bad.pop("examples", [data.Example("1 even?", "no")])
+    few = bad.pop("examples", [examples.Example("1 even?", "no")])
     with pytest.raises(LoraConfigError):
-        hub.learn(model, modules, examples, tokenizer, progress=False, **bad)
+        lorahub.learn(model, modules, few, tokenizer, progress=False, **bad)
     _assert_unchanged(model, snapshot)
 
 
@@ -377,18 +382,18 @@ def test_lorahub_returns_the_model_as_it_was(tiny):
     model, tokenizer, modules = _hub_setup(tiny)
     model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)  # mixed flags come back as they were
     snapshot = _snapshot(model)
-    hub.learn(model, modules, [data.Example("1 even?", "no"), data.Example("2 even?", "yes")], tokenizer, budget=3, progress=False)
+    lorahub.learn(model, modules, [examples.Example("1 even?", "no"), examples.Example("2 even?", "yes")], tokenizer, budget=3, progress=False)
     _assert_unchanged(model, snapshot)
     with pytest.raises(LoraConfigError, match="finite"):
-        hub.compose(modules, [float("nan"), 1.0])
+        lorahub.compose(modules, [float("nan"), 1.0])
 
 
 def test_lorahub_refuses_a_pissa_module(tiny, tmp_path):
     model, tokenizer, modules = _hub_setup(tiny)
-    pissa = get_lora_model(models.load(tiny)[0], LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa", svd_cache=False))
+    pissa = get_lora_model(base_models.load(tiny)[0], LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa", svd_cache=False))
     pissa.save_pretrained(tmp_path / "pissa")
     with pytest.raises(LoraConfigError, match="PiSSA/MiLoRA adapter.*Export it first"):
-        hub.load_modules([modules[0], tmp_path / "pissa"])
+        lorahub.load_modules([modules[0], tmp_path / "pissa"])
 
 
 # -- the command line: one line, exit 2 --------------------------------------------------------------
@@ -448,7 +453,7 @@ def test_garbage_trainer_state_via_cli_is_one_line(tiny, tmp_path, capsys):
     checkpoint = tmp_path / "run" / "checkpoints" / "step-000002"
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.pt").write_bytes(b"garbage")
-    get_lora_model(models.load(tiny)[0], LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(checkpoint / "adapter")
+    get_lora_model(base_models.load(tiny)[0], LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(checkpoint / "adapter")
     argv = ["train", f"model.name={tiny}", f"data.source={data_file}", "data.test_size=4", "data.validation_size=2",
             f"training.output_dir={tmp_path / 'run'}", "training.batch_size=4", "--resume"]
     assert main(argv) == 2

@@ -8,13 +8,12 @@ import json
 import peft
 import pytest
 import torch
-
-from lorakit import LoraConfig, LoraModel, TargetModuleError, get_lora_model
-from lorakit.residual import export_plain_lora, save_residual_model
-from lorakit.svd import decompose
-
 from conftest import logits, make_inputs, make_model
 from tiny_hub import write_tiny_model
+
+from lorakit import LoraConfig, LoraModel, TargetModuleError, get_lora_model
+from lorakit.core.svd import decompose
+from lorakit.methods.residual import export_plain_lora, save_residual_model
 
 SUBSPACE_BAR = 1e-4
 
@@ -148,7 +147,7 @@ def test_export_refuses_plain_lora_adapters(tmp_path):
 
 
 def test_cache_hit_miss_and_corruption(tmp_path, monkeypatch):
-    import lorakit.svd as svd
+    import lorakit.core.svd as svd
 
     W = torch.randn(20, 30)
     calls = []
@@ -217,11 +216,11 @@ def test_removing_an_svd_adapter_restores_the_original_base(remove):
 
 
 def test_residual_model_from_the_command_line(tmp_path):
-    from lorakit import models
+    from lorakit import base_models
     from lorakit.cli import main
 
     base_dir = write_tiny_model(tmp_path / "base")
-    model = get_lora_model(models.load(base_dir)[0], LoraConfig(r=3, target_modules=["q_proj", "up_proj"], init_lora_weights="pissa", svd_cache=False))
+    model = get_lora_model(base_models.load(base_dir)[0], LoraConfig(r=3, target_modules=["q_proj", "up_proj"], init_lora_weights="pissa", svd_cache=False))
     with torch.no_grad():
         for param in model.parameters():
             if param.requires_grad:
@@ -230,5 +229,5 @@ def test_residual_model_from_the_command_line(tmp_path):
     trained = logits(model, {"input_ids": ids})
     model.save_pretrained(tmp_path / "adapter")
     assert main(["export", str(tmp_path / "adapter"), "--residual-model", str(tmp_path / "residual"), "--model", str(base_dir)]) == 0
-    rebuilt = LoraModel.from_pretrained(models.load(tmp_path / "residual")[0], tmp_path / "adapter")
+    rebuilt = LoraModel.from_pretrained(base_models.load(tmp_path / "residual")[0], tmp_path / "adapter")
     torch.testing.assert_close(logits(rebuilt, {"input_ids": ids}), trained, atol=1e-5, rtol=0)

@@ -15,12 +15,19 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-
-from lorakit import LoraConfig, LoraConfigError, data, get_lora_model, models
-from lorakit.recipe import load_run_config
-from lorakit.train import Trainer, TrainingConfig, TrainingDivergedError, batch_indices, latest_checkpoint, lr_lambda
-
 from tiny_hub import multiple_choice_task, write_fake_bigbench, write_tiny_model
+
+from lorakit import LoraConfig, LoraConfigError, base_models, get_lora_model
+from lorakit.core import examples
+from lorakit.training.recipe import load_run_config
+from lorakit.training.trainer import (
+    Trainer,
+    TrainingConfig,
+    TrainingDivergedError,
+    batch_indices,
+    latest_checkpoint,
+    lr_lambda,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +80,7 @@ def test_run_writes_outputs_and_learns(workspace):
     _train_cli(workspace, _config_file(workspace, "full", steps=30))
     run = workspace / "full"
     assert {"metrics.jsonl", "loss.png", "summary.md", "config.yaml", "adapter"} <= {p.name for p in run.iterdir()}
-    lines = [yaml.safe_load(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = [yaml.safe_load(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(1, 31)) and "eval_loss" in lines[3]
     assert lines[-1]["loss"] < lines[0]["loss"]
     summary = (run / "summary.md").read_text()
@@ -86,7 +93,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(workspace):
     # Slow each step down from the outside (the product is untouched) so the kill lands mid-run.
     slow = textwrap.dedent(f"""
         import sys, time
-        from lorakit import train, cli
+        from lorakit import cli, train
         step = train.Trainer.train_step
         def slow_step(self):
             out = step(self)
@@ -125,9 +132,9 @@ def test_two_process_ddp_matches_one_process(workspace, method):
 
 
 def _tiny_trainer(workspace: Path, output: Path, **training) -> Trainer:
-    model, tokenizer = models.load(workspace / "model")
+    model, tokenizer = base_models.load(workspace / "model")
     lora_model = get_lora_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    items = [data.tokenize_example(tokenizer, f"{i} even?", "yes" if i % 2 == 0 else "no", 32) for i in range(40)]
+    items = [examples.tokenize_example(tokenizer, f"{i} even?", "yes" if i % 2 == 0 else "no", 32) for i in range(40)]
     config = TrainingConfig(output_dir=str(output), steps=10, batch_size=4, save_every=2, **training)
     return Trainer(lora_model, items, config, tokenizer.pad_token_id)
 
@@ -174,15 +181,16 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
 
 
 def test_hf_trainer_trains_a_lora_model(workspace, tmp_path):
-    from transformers import Trainer as HFTrainer, TrainingArguments
+    from transformers import Trainer as HFTrainer
+    from transformers import TrainingArguments
 
-    model, tokenizer = models.load(workspace / "model")
+    model, tokenizer = base_models.load(workspace / "model")
     lora_model = get_lora_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    items = [data.tokenize_example(tokenizer, f"{i} even?", "yes" if i % 2 == 0 else "no", 32) for i in range(16)]
+    items = [examples.tokenize_example(tokenizer, f"{i} even?", "yes" if i % 2 == 0 else "no", 32) for i in range(16)]
     before = {k: v.clone() for k, v in lora_model.state_dict().items() if "lora_B" in k}
     args = TrainingArguments(str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
                              remove_unused_columns=False, use_cpu=True, save_strategy="no", logging_steps=1)
-    collator = lambda batch: {k: v for k, v in data.collate(batch, tokenizer.pad_token_id).items() if k != "position_ids"}  # noqa: E731
+    collator = lambda batch: {k: v for k, v in examples.collate(batch, tokenizer.pad_token_id).items() if k != "position_ids"}  # noqa: E731
     HFTrainer(model=lora_model, args=args, train_dataset=items, data_collator=collator).train()
     after = {k: v for k, v in lora_model.state_dict().items() if "lora_B" in k}
     assert any(not torch.equal(before[k], after[k]) for k in before)

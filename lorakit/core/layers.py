@@ -1,0 +1,478 @@
+"""LoRA layers: a frozen base layer plus named low-rank adapters.
+
+Every layer sees its base weight in (out, in) orientation through `weight_view()`; the adapter of name
+``n`` is ``A[n]`` (r, in), ``B[n]`` (out, r) and scale ``s[n]``, so ``ΔW = s·B@A`` (Hu et al. 2021, Eq. 3)
+for Linear, GPT-2 ``Conv1D`` (weight stored (in, out)) and Embedding (weight (vocab, dim), viewed (dim, vocab))
+alike. The algorithms (merging, PiSSA, PLoRA, LoraHub) work on these tensors only.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from .errors import MixedBatchError, TargetModuleError
+from .inits import InitFn
+from .ops import lora_linear
+
+__all__ = [
+    "SUPPORTED_TYPES",
+    "AdapterWrapper",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "MixedBatchError",
+    "ModulesToSave",
+    "RowAdapters",
+    "wrap_module",
+]
+
+SUPPORTED_TYPES = (nn.Linear, Conv1D, nn.Embedding)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class RowAdapters:
+    """Which adapter each batch row uses in a mixed batch: ``names[row_slot[i]]``, or the base model
+    where ``row_slot[i] == len(names)``."""
+
+    names: tuple[str, ...]
+    row_slot: Tensor  # (batch,) int64
+
+
+@runtime_checkable
+class AdapterWrapper(Protocol):
+    """What `LoraModel` needs of every module kind it puts into a model (LoRA layers, saved modules):
+    a wrapped original, adapters keyed by name, and per-row routing for mixed batches.
+
+    A wrapper that cannot route rows must raise `MixedBatchError` from its forward while rows are set,
+    never silently use one adapter for every row.
+    """
+
+    base_layer: nn.Module
+    active_adapters: list[str]
+    disabled: bool
+
+    @property
+    def adapter_names(self) -> list[str]: ...
+
+    def delete_adapter(self, name: str) -> None: ...
+
+    def route_rows(self, rows: RowAdapters | None) -> None: ...
+
+
+class LoraLayer(nn.Module):
+    """A frozen ``base_layer`` and adapters keyed by name. Subclasses say how input meets ``A``."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.ParameterDict()  # name -> (r, in)
+        self.lora_B = nn.ParameterDict()  # name -> (out, r)
+        self.scaling: dict[str, float] = {}
+        self.dropout: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.row_adapters: RowAdapters | None = None
+        self._row_cache: tuple | None = None  # (rows, factor versions, per-row A, per-row s·B), no-grad only
+        self._unmerged_weight: Tensor | None = None  # exact copy kept while a low-precision weight is merged
+        self.initial_factors: dict[str, tuple[Tensor, Tensor]] = {}  # (A0, B0) of inits that moved W (PiSSA, MiLoRA)
+
+    # -- geometry ---------------------------------------------------------------------------------
+    def weight_view(self) -> Tensor:
+        """The base weight as an (out, in) view sharing storage with the parameter."""
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's weight (models read ``layer.weight`` for dtypes and tying)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight_view().shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_view().shape[0]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    # -- adapters ---------------------------------------------------------------------------------
+    def add_adapter(self, name: str, rank: int, scale: float, dropout: float, init: InitFn | None,
+                    before_base_change: Callable[[Tensor], None] | None = None) -> None:
+        """Create adapter `name`. ``init=None`` allocates zeros (to be filled from a file).
+
+        ``before_base_change(weight)`` is called with the base weight parameter just before an init that
+        moves it (PiSSA, MiLoRA) writes its residual, so a caller can keep an exact copy to roll back to."""
+        self._row_cache = None
+        weight = self.weight_view()
+        if init is None:
+            A, B = weight.new_zeros(rank, self.in_features), weight.new_zeros(self.out_features, rank)
+        else:
+            A, B, moved = self.init_factors(init, rank, scale, before_base_change)
+            if moved:  # the base now holds a residual: keep (A0, B0) to export for the original base
+                self.initial_factors[name] = (A.detach().to(weight.dtype).clone(), B.detach().to(weight.dtype).clone())
+        self.lora_A[name] = nn.Parameter(A.to(weight.dtype))
+        self.lora_B[name] = nn.Parameter(B.to(weight.dtype))
+        self.scaling[name], self.dropout[name] = scale, dropout
+
+    def init_factors(self, init: InitFn, rank: int, scale: float,
+                     before_base_change: Callable[[Tensor], None] | None = None) -> tuple[Tensor, Tensor, bool]:
+        """(A, B, whether the base weight moved) from `init` run on the (out, in) weight."""
+        return _run_init(init, self.weight_view(), rank, scale, lambda: _notify(before_base_change, self.base_layer.weight))
+
+    def _shift_base(self, name: str, sign: float) -> None:
+        """``W += sign·s·B0@A0`` in float32 for adapter `name`'s initial factors."""
+        A0, B0 = self.initial_factors[name]
+        weight = self.weight_view()
+        with torch.no_grad():
+            weight.copy_((weight.float() + sign * self.scaling[name] * (B0.float() @ A0.float())).to(weight.dtype))
+
+    def restore_base(self, name: str) -> None:
+        """Undo what adapter `name`'s init did to the base weight (PiSSA/MiLoRA): ``W_res + s·B0@A0``."""
+        if name in self.initial_factors:
+            self._shift_base(name, +1.0)
+            del self.initial_factors[name]
+
+    def residualise(self, name: str) -> None:
+        """Turn the original base weight into adapter `name`'s residual ``W - s·B0@A0`` (after loading a
+        PiSSA/MiLoRA adapter onto the original model)."""
+        self._shift_base(name, -1.0)
+
+    def set_initial_factors(self, name: str, A0: Tensor, B0: Tensor) -> None:
+        """Record that adapter `name` was initialised at (A0, B0) with the base holding ``W - s·B0@A0``
+        (a PiSSA/MiLoRA adapter read from disk)."""
+        if name not in self.lora_A or A0.shape != self.lora_A[name].shape or B0.shape != self.lora_B[name].shape:
+            raise ValueError(f"initial factors {tuple(A0.shape)}, {tuple(B0.shape)} do not fit adapter {name!r}.")
+        dtype = self.weight_view().dtype
+        self.initial_factors[name] = (A0.to(dtype), B0.to(dtype))
+
+    def delete_adapter(self, name: str, restore_base: bool = True) -> None:
+        """Remove adapter `name`, giving the base weight back what its init took (``restore_base=False``:
+        leave the base weight alone, for a caller that restores it bit-exactly itself)."""
+        self._row_cache = None
+        if restore_base:
+            self.restore_base(name)
+        self.initial_factors.pop(name, None)
+        for table in (self.lora_A, self.lora_B):
+            if name in table:
+                del table[name]
+        self.scaling.pop(name, None)
+        self.dropout.pop(name, None)
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+        self.merged_adapters = [n for n in self.merged_adapters if n != name]
+
+    def route_rows(self, rows: RowAdapters | None) -> None:
+        """Run each batch row with its own adapter (`rows`) until called with None."""
+        self.row_adapters = rows
+
+    def delta_weight(self, name: str) -> Tensor:
+        """``s·B@A`` in float32, (out, in)."""
+        return self.scaling[name] * (self.lora_B[name].float() @ self.lora_A[name].float())
+
+    # -- merging ----------------------------------------------------------------------------------
+    def merge(self, names: list[str]) -> None:
+        """Fold adapters into the base weight, in float32, cast back once."""
+        names = [n for n in names if n in self.lora_A and n not in self.merged_adapters]
+        if not names:
+            return
+        weight = self.weight_view()
+        if weight.dtype in LOW_PRECISION and self._unmerged_weight is None:
+            self._unmerged_weight = weight.detach().clone()
+        with torch.no_grad():
+            merged = weight.float() + sum(self.delta_weight(n) for n in names)
+            weight.copy_(merged.to(weight.dtype))
+        self.merged_adapters.extend(names)
+
+    def unmerge(self) -> None:
+        """Take every merged adapter out of the base weight (exactly, for bf16/fp16 weights)."""
+        if not self.merged_adapters:
+            return
+        weight = self.weight_view()
+        with torch.no_grad():
+            if self._unmerged_weight is not None:
+                weight.copy_(self._unmerged_weight)
+            else:
+                weight.copy_(weight.float() - sum(self.delta_weight(n) for n in self.merged_adapters))
+        self._unmerged_weight = None
+        self.merged_adapters = []
+
+    # -- forward ----------------------------------------------------------------------------------
+    def _pending(self) -> list[str]:
+        """Active adapters not already folded into the base weight."""
+        if self.disabled:
+            return []
+        return [n for n in self.active_adapters if n not in self.merged_adapters]
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.row_adapters is not None and not self.disabled:
+            return self.base_layer(x, *args, **kwargs) + self._mixed_rows_output(x, self.row_adapters)
+        pending = self._pending()
+        if len(pending) == 1 and not args and not kwargs:
+            fused = self._fused_forward(x, pending[0])
+            if fused is not None:
+                return fused
+        result = self.base_layer(x, *args, **kwargs)
+        for name in pending:
+            result = result + self.adapter_output(x, name).to(result.dtype)
+        return result
+
+    def _fused_forward(self, x: Tensor, name: str) -> Tensor | None:
+        """One-op forward where the layer allows it; None means "use the generic path"."""
+        return None
+
+    def adapter_output(self, x: Tensor, name: str) -> Tensor:
+        """``s·B(A(dropout(x)))`` for one adapter."""
+        raise NotImplementedError
+
+    def _stacked_factors(self, rows: RowAdapters) -> tuple[Tensor, Tensor]:
+        """A (slots, r_max, in) and s·B (slots, out, r_max), zero-padded; the last slot is the base (zeros).
+
+        Padding to the largest rank is exact: the extra rows/columns are zero.
+        """
+        names = [n for n in rows.names if n in self.lora_A]
+        r_max = max((self.lora_A[n].shape[0] for n in names), default=1)
+        weight = self.weight_view()
+        A = weight.new_zeros(len(rows.names) + 1, r_max, self.in_features)
+        B = weight.new_zeros(len(rows.names) + 1, self.out_features, r_max)
+        for slot, name in enumerate(rows.names):
+            if name in self.lora_A:
+                rank = self.lora_A[name].shape[0]
+                A[slot, :rank] = self.lora_A[name]
+                B[slot, :, :rank] = self.scaling[name] * self.lora_B[name]
+        return A, B
+
+    def _row_factors(self, rows: RowAdapters) -> tuple[Tensor, Tensor]:
+        """Per-row A (batch, r, in) and s·B (batch, out, r) of a mixed batch. Under no_grad they are kept
+        while the same batch layout comes again and no factor changed (tensor versions): generation and
+        repeated scoring pay the gather once."""
+        versions = tuple((self.lora_A[n]._version, self.lora_B[n]._version, self.scaling[n]) for n in rows.names if n in self.lora_A)
+        cache = self._row_cache
+        if cache is not None and cache[0] is rows and cache[1] == versions:
+            return cache[2], cache[3]
+        A, sB = self._stacked_factors(rows)
+        A_rows, sB_rows = A[rows.row_slot], sB[rows.row_slot]
+        self._row_cache = None if torch.is_grad_enabled() else (rows, versions, A_rows, sB_rows)
+        return A_rows, sB_rows
+
+    def _mixed_rows_output(self, x: Tensor, rows: RowAdapters) -> Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        ranks = {n: a.shape[0] for n, a in self.lora_A.items()}
+        return f"adapters(rank)={ranks}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+def _notify(callback: Callable[[Tensor], None] | None, parameter: Tensor) -> None:
+    if callback is not None:
+        callback(parameter)
+
+
+def _run_init(init: InitFn, weight: Tensor, rank: int, scale: float, before_write: Callable[[], None]) -> tuple[Tensor, Tensor, bool]:
+    """Run `init` on a float32 copy of `weight` (a view of the parameter) and write back its residual."""
+    if not weight.dtype.is_floating_point:
+        raise TargetModuleError(
+            f"cannot initialise LoRA on a {weight.dtype} weight (quantised or integer): load the model in float32, "
+            "bfloat16 or float16 for the init, then quantise."
+        )
+    W = weight.detach().float()
+    A, B, W_residual = init(W, rank, scale)
+    if W_residual is W:
+        return A, B, False
+    before_write()
+    with torch.no_grad():
+        weight.copy_(W_residual.to(weight.dtype))
+    return A, B, True
+
+
+def _check_rows(x: Tensor, rows: RowAdapters) -> None:
+    if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] != rows.row_slot.shape[0]:
+        raise MixedBatchError(
+            f"adapter_names has {rows.row_slot.shape[0]} entries but the batch has {x.shape[0]} rows: "
+            "pass one adapter name (or '__base__') per row."
+        )
+
+
+class LoraLinear(LoraLayer):
+    """LoRA around ``nn.Linear`` (weight (out, in)) or GPT-2 ``Conv1D`` (weight (in, out), fan_in_fan_out)."""
+
+    def __init__(self, base_layer: nn.Linear | Conv1D) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+
+    def weight_view(self) -> Tensor:
+        weight = self.base_layer.weight
+        return weight.t() if self.fan_in_fan_out else weight
+
+    def _fused_forward(self, x: Tensor, name: str) -> Tensor | None:
+        A, B, weight = self.lora_A[name], self.lora_B[name], self.base_layer.weight
+        if torch.is_autocast_enabled() or not (x.dtype == weight.dtype == A.dtype == B.dtype):
+            return None
+        return lora_linear(
+            x, weight, self.base_layer.bias, A, B, self.scaling[name],
+            transposed=self.fan_in_fan_out, dropout=self.dropout[name], training=self.training,
+        )
+
+    def adapter_output(self, x: Tensor, name: str) -> Tensor:
+        A = self.lora_A[name]
+        x = F.dropout(x.to(A.dtype), self.dropout[name], training=self.training and self.dropout[name] > 0)
+        return self.scaling[name] * F.linear(F.linear(x, A), self.lora_B[name])  # (..., r) -> (..., out)
+
+    def _mixed_rows_output(self, x: Tensor, rows: RowAdapters) -> Tensor:
+        _check_rows(x, rows)
+        A, sB = self._row_factors(rows)  # (batch, r, in), (batch, out, r)
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)  # (batch, seq, in)
+        xa = torch.bmm(x3, A.transpose(1, 2))  # (batch, seq, r)
+        out = torch.bmm(xa, sB.transpose(1, 2))  # (batch, seq, out)
+        return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA around ``nn.Embedding``: the adapter looks tokens up in ``Aᵀ`` (vocab, r), then applies ``B``.
+
+    PEFT stores ``lora_embedding_A`` (r, vocab) and ``lora_embedding_B`` (dim, r), the same tensors as
+    ``A`` and ``B`` here. No dropout on token ids (as PEFT).
+    """
+
+    def weight_view(self) -> Tensor:
+        return self.base_layer.weight.t()  # (dim, vocab)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.base_layer.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base_layer.embedding_dim
+
+    @property
+    def padding_idx(self) -> int | None:
+        return self.base_layer.padding_idx
+
+    def init_factors(self, init: InitFn, rank: int, scale: float,
+                     before_base_change: Callable[[Tensor], None] | None = None) -> tuple[Tensor, Tensor, bool]:
+        """Run the init on the transposed problem ``ΔWᵀ = Aᵀ Bᵀ`` so the zero factor sits on the
+        vocabulary side, as PEFT's embedding init (A = 0, B random) does."""
+        notify = lambda: _notify(before_base_change, self.base_layer.weight)  # noqa: E731
+        A_t, B_t, moved = _run_init(init, self.base_layer.weight, rank, scale, notify)  # (r, dim), (vocab, r)
+        return B_t.t().contiguous(), A_t.t().contiguous(), moved
+
+    def _lookup(self, ids: Tensor, table: Tensor) -> Tensor:
+        base = self.base_layer
+        return F.embedding(ids, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+
+    def adapter_output(self, x: Tensor, name: str) -> Tensor:
+        after_A = self._lookup(x, self.lora_A[name].t())  # (..., r)
+        return self.scaling[name] * F.linear(after_A, self.lora_B[name])  # (..., dim)
+
+    def _mixed_rows_output(self, x: Tensor, rows: RowAdapters) -> Tensor:
+        _check_rows(x, rows)
+        A, sB = self._stacked_factors(rows)  # (slots, r, vocab), (slots, dim, r)
+        ids = x.reshape(x.shape[0], -1)  # (batch, seq)
+        after_A = A.transpose(1, 2)[rows.row_slot[:, None], ids]  # (batch, seq, r)
+        out = torch.bmm(after_A, sB[rows.row_slot].transpose(1, 2))  # (batch, seq, dim)
+        return out.reshape(*x.shape, out.shape[-1])
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full: a trainable copy per adapter, the original kept in ``base_layer``.
+
+    In a mixed batch each row goes through its own adapter's copy (the original for rows whose adapter
+    has none, and for ``"__base__"`` rows), as PEFT routes ``modules_to_save``."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.copies = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+        self.row_adapters: RowAdapters | None = None
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.copies.keys())
+
+    def add_adapter(self, name: str) -> None:
+        trained = copy.deepcopy(self.base_layer)
+        for param in trained.parameters():
+            param.requires_grad_(True)
+        self.copies[name] = trained
+
+    def delete_adapter(self, name: str) -> None:
+        del self.copies[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def route_rows(self, rows: RowAdapters | None) -> None:
+        """Run each batch row through its own adapter's copy (`rows`) until called with None."""
+        self.row_adapters = rows
+
+    def current(self) -> nn.Module:
+        """The copy of the first active adapter that has one, else the original."""
+        if not self.disabled:
+            for name in self.active_adapters:
+                if name in self.copies:
+                    return self.copies[name]
+        return self.base_layer
+
+    @property
+    def weight(self) -> Tensor:
+        return self.current().weight
+
+    def forward(self, *args, **kwargs):
+        if self.row_adapters is None or self.disabled:
+            return self.current()(*args, **kwargs)
+        return self._mixed_rows_forward(self.row_adapters, args, kwargs)
+
+    def _mixed_rows_forward(self, rows: RowAdapters, args: tuple, kwargs: dict) -> Tensor:
+        """Rows of each adapter through that adapter's copy, put back in batch order."""
+        batch = rows.row_slot.shape[0]
+        if not args:
+            raise MixedBatchError(f"{type(self.base_layer).__name__} saved with the adapter takes keyword inputs only; "
+                                  "a mixed-adapter batch cannot split them by row. Run one adapter per call.")
+        _check_rows(args[0], rows)
+        output = None
+        for slot, name in enumerate((*rows.names, None)):
+            index = (rows.row_slot == slot).nonzero().squeeze(1)  # (rows of this adapter,)
+            if index.numel() == 0:
+                continue
+            module = self.copies[name] if name in self.copies else self.base_layer
+            part = module(*_select_rows(args, index, batch), **_select_rows(kwargs, index, batch))
+            if not isinstance(part, Tensor) or part.dim() == 0 or part.shape[0] != index.numel():
+                raise MixedBatchError(f"{type(self.base_layer).__name__} does not return one tensor row per input row; "
+                                      "it cannot take part in a mixed-adapter batch. Run one adapter per call.")
+            if output is None:
+                output = part.new_zeros((batch, *part.shape[1:]))
+            output = output.index_copy(0, index, part)
+        return output
+
+
+def _select_rows(values, index: Tensor, batch: int):
+    """`values` (a tuple or dict of arguments) with every batch-first tensor restricted to rows `index`."""
+    pick = lambda v: v.index_select(0, index) if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == batch else v  # noqa: E731
+    if isinstance(values, dict):
+        return {k: pick(v) for k, v in values.items()}
+    return tuple(pick(v) for v in values)
+
+
+def wrap_module(module: nn.Module) -> LoraLayer:
+    """The LoRA wrapper for a supported module type."""
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module)
+    if isinstance(module, (nn.Linear, Conv1D)):
+        return LoraLinear(module)
+    raise TargetModuleError(f"LoRA supports {[t.__name__ for t in SUPPORTED_TYPES]}, not {type(module).__name__}.")

@@ -1,0 +1,132 @@
+"""Adapters between a live `LoraModel` and PEFT's on-disk format: which tensors an adapter is (under PEFT's
+keys), and putting checked tensors into a model as one transaction. The files themselves are
+`peft_format`'s business; this module is the bridge."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .config import LoraConfig
+from .errors import AdapterLoadError
+from .layers import LoraEmbedding
+from .names import check_adapter_name
+from .peft_format import (
+    PREFIX,
+    SavedAdapter,
+    bias_parameters,
+    check_adapter_fits,
+    factor_keys,
+    read_adapter,
+    write_adapters,
+)
+
+__all__ = [
+    "adapter_parameters",
+    "adapter_state_dict",
+    "add_checked_adapter",
+    "apply_adapter",
+    "initial_factors",
+    "load_adapter",
+    "save_adapter",
+    "saved_adapter",
+]
+
+# `model` below is a lorakit LoraModel (duck-typed: this module must not import lora_model, which imports it).
+
+
+def adapter_state_dict(model: nn.Module, name: str) -> dict[str, Tensor]:
+    """The tensors PEFT would save for adapter `name`, under PEFT's keys, on the CPU."""
+    return {
+        key: value.detach().to("cpu").contiguous().clone()
+        for key, value in adapter_parameters(model, name, with_embedding_bases=False)
+    }
+
+
+def adapter_parameters(model: nn.Module, name: str, with_embedding_bases: bool = True) -> Iterator[tuple[str, Tensor]]:
+    """(saved key, live tensor) pairs of adapter `name`.
+
+    ``with_embedding_bases`` adds the base weights of adapted embeddings, which PEFT may save
+    (``save_embedding_layers``) and lorakit accepts on load but does not write."""
+    lora_paths = set()
+    for path, layer in model.lora_layers():
+        if name not in layer.adapter_names:
+            continue
+        lora_paths.add(path)
+        key_A, key_B = factor_keys(path, isinstance(layer, LoraEmbedding))
+        yield key_A, layer.lora_A[name]
+        yield key_B, layer.lora_B[name]
+        if with_embedding_bases and isinstance(layer, LoraEmbedding):
+            yield f"{PREFIX}{path}.base_layer.weight", layer.base_layer.weight
+    for path, wrapper in model.saved_modules():
+        if name in wrapper.copies:
+            for key, value in wrapper.copies[name].state_dict(keep_vars=True).items():
+                yield f"{PREFIX}{path}.{key}", value
+    yield from bias_parameters(model.model, model.peft_config[name].bias, lora_paths).items()
+
+
+def saved_adapter(model: nn.Module, name: str) -> SavedAdapter:
+    """Adapter `name` of `model` as it would be written (tensors copied to the CPU)."""
+    model.check_names([name])
+    config = model.peft_config[name]
+    if config.base_model_name_or_path is None:
+        source = getattr(getattr(model.model, "config", None), "_name_or_path", None)
+        config = config.replace(base_model_name_or_path=source or None)
+    return SavedAdapter(config, adapter_state_dict(model, name), initial_factors(model, name))
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str) -> None:
+    """Write adapter `name` to `directory` in PEFT's format (see `write_adapters`). An adapter whose init
+    moved the base (PiSSA, MiLoRA) also gets ``initial_factors.safetensors`` (A0, B0; PEFT ignores it),
+    so it can be exported for the original base after a reload."""
+    write_adapters(directory, {"": saved_adapter(model, name)})
+
+
+def initial_factors(model: nn.Module, name: str) -> dict[str, Tensor]:
+    """A0 and B0 of adapter `name` under the adapter's own keys (empty unless its init moved the base)."""
+    tensors = {}
+    for path, layer in model.lora_layers():
+        if name in layer.initial_factors:
+            key_A, key_B = factor_keys(path, isinstance(layer, LoraEmbedding))
+            tensors[key_A], tensors[key_B] = (t.detach().to("cpu").contiguous() for t in layer.initial_factors[name])
+    return tensors
+
+
+def apply_adapter(model: nn.Module, name: str, config: LoraConfig, tensors: dict[str, Tensor], is_trainable: bool,
+                  initial: dict[str, Tensor] | None = None) -> None:
+    """Add adapter `name` and fill it with checked `tensors` (and PiSSA/MiLoRA `initial` factors); on any
+    error the model is left exactly as it was."""
+    with model.transaction():
+        model.add_adapter(name, config, initialize=False)
+        destinations = dict(adapter_parameters(model, name))
+        with torch.no_grad():
+            for key, tensor in tensors.items():
+                param = destinations[key]
+                param.copy_(tensor.to(param.dtype))
+        for path, layer in model.lora_layers():
+            key_A, key_B = factor_keys(path, isinstance(layer, LoraEmbedding))
+            if name in layer.adapter_names and key_A in (initial or {}):
+                layer.set_initial_factors(name, initial[key_A], initial[key_B])
+        if not is_trainable:
+            for key in destinations:
+                destinations[key].requires_grad_(False)
+    if not is_trainable:
+        model.eval()
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str, is_trainable: bool = False) -> None:
+    """Read, check against the model, then add: a bad file leaves the model exactly as it was."""
+    check_adapter_name(name)
+    if name in model.peft_config:
+        raise AdapterLoadError(f"an adapter named {name!r} is loaded already; pass another adapter_name.")
+    adapter = read_adapter(directory)
+    check_adapter_fits(model.model, adapter, directory)
+    add_checked_adapter(model, name, adapter, is_trainable)
+
+
+def add_checked_adapter(model: nn.Module, name: str, adapter: SavedAdapter, is_trainable: bool) -> None:
+    """Add an adapter already read and checked against the model, with its initial factors."""
+    apply_adapter(model, name, adapter.config, adapter.tensors, is_trainable, adapter.initial)

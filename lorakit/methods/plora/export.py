@@ -1,0 +1,177 @@
+"""A PLoRA run's whole update as ONE adapter for the original base, and what it looks like.
+
+The total change of a layer is ``ΔW = Σ_t c_t·s·B_t@A_t + s·B@A`` (the stages plus the live adapter).
+
+* exact export: the factors side by side, ``A' = [A_1; ...; A_T; A]``, ``B' = [c_1 s B_1, ..., c_T s B_T, s B]``,
+  rank (T+1)·r, ``lora_alpha = r'`` so PEFT's scale is 1;
+* compressed export: the best rank-K approximation of ΔW (truncated SVD, Eckart–Young), computed from
+  the factors without forming ΔW: ``B' = Q_B R_B``, ``A'ᵀ = Q_A R_A``, SVD of the small core ``R_B R_Aᵀ``.
+  The relative error ``||ΔW - ΔW_K||_F / ||ΔW||_F = sqrt(Σ_{i>K} σ_i²) / sqrt(Σ σ_i²)`` is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ...core.errors import LoraError
+from ...core.peft_format import PREFIX, b_key, is_a_key, read_adapter, write_adapter
+from ...core.run_layout import RunLayout
+from ...core.targeting import pattern_value
+from .periodic import Stage, read_stages, stage_factors
+
+__all__ = ["UpdateFactors", "compress", "effective_rank", "export_plora", "plot_diagnostics", "run_update", "total_factors"]
+
+
+@dataclass
+class UpdateFactors:
+    """``ΔW = B @ A`` of one layer: A (R, in), B (out, R), float32."""
+
+    A: Tensor
+    B: Tensor
+
+    def singular_values(self) -> Tensor:
+        """The singular values of ``B @ A`` (descending), from the (R, R) core."""
+        _, core, _ = _core(self)
+        return torch.linalg.svdvals(core)
+
+
+def _module_path(key_A: str) -> str:
+    return key_A[len(PREFIX):].rsplit(".lora_", 1)[0]
+
+
+def live_factors(config, tensors: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor, float]]:
+    """A key -> (A, B, s) of a saved adapter, s from its config (alpha_pattern and rsLoRA included)."""
+    live = {}
+    for key, A in tensors.items():
+        if is_a_key(key):
+            alpha = pattern_value(config.alpha_pattern, _module_path(key), config.lora_alpha)
+            live[key] = (A.float(), tensors[b_key(key)].float(), config.scale_for(A.shape[0], alpha))
+    return live
+
+
+def total_factors(stages: list[Stage], live: dict[str, tuple[Tensor, Tensor, float]]) -> dict[str, UpdateFactors]:
+    """Per layer, the stages and the live adapter side by side (coefficients and scales folded into B)."""
+    total = {}
+    for key, (A, B, scale) in live.items():
+        if not stages:
+            total[key] = UpdateFactors(A, scale * B)
+            continue
+        A_stages, B_stages = stage_factors(stages, key)
+        total[key] = UpdateFactors(torch.cat([A_stages.to(A.device), A]), torch.cat([B_stages.to(B.device), scale * B], dim=1))  # (R, in), (out, R)
+    return total
+
+
+def _core(update: UpdateFactors) -> tuple[Tensor, Tensor, Tensor]:
+    Q_B, R_B = torch.linalg.qr(update.B.double())  # (out, R), (R, R)
+    Q_A, R_A = torch.linalg.qr(update.A.double().T)  # (in, R), (R, R)
+    return Q_B, R_B @ R_A.T, Q_A  # ΔW = Q_B · core · Q_Aᵀ
+
+
+def compress(update: UpdateFactors, rank: int) -> tuple[UpdateFactors, float]:
+    """The best rank-`rank` factors of ``B @ A`` and the relative Frobenius error of dropping the rest."""
+    Q_B, core, Q_A = _core(update)
+    U, S, Vh = torch.linalg.svd(core)  # (R, R), (R,), (R, R)
+    k = min(rank, S.shape[0])
+    root = S[:k].sqrt()
+    B = (Q_B @ U[:, :k]) * root  # (out, k)
+    A = root[:, None] * (Vh[:k] @ Q_A.T)  # (k, in)
+    total = float(S.square().sum())
+    error = math.sqrt(float(S[k:].square().sum()) / total) if total > 0 else 0.0
+    return UpdateFactors(A.float(), B.float()), error
+
+
+def effective_rank(S: Tensor) -> float:
+    """Roy & Vetterli's effective rank ``exp(H(p))``, ``p_i = σ_i / Σσ``: 1 for one direction, n for n equal ones."""
+    p = S.double() / S.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum())) if p.numel() else 0.0
+
+
+def run_update(run_dir: str | os.PathLike) -> tuple[object, dict[str, Tensor], dict[str, UpdateFactors], list[Stage]]:
+    """(adapter config, adapter tensors, per-layer total update, stages) of a training run directory:
+    ``adapter/`` (the live adapter at the end) and, for PLoRA runs, ``plora/stage-*.safetensors``."""
+    run = RunLayout(run_dir)
+    if not run.is_run():
+        raise LoraError(f"{run.root} is not a lorakit run directory: it has no adapter/ folder (write one with `lorakit train`).")
+    adapter = read_adapter(run.adapter)
+    config, tensors = adapter.config, adapter.tensors
+    stages = read_stages(run.plora_stages)
+    return config, tensors, total_factors(stages, live_factors(config, tensors)), stages
+
+
+def export_plora(run_dir: str | os.PathLike, directory: str | os.PathLike, rank: int | None = None) -> dict:
+    """Write a PLoRA run's total update as one PEFT adapter for the original base: exact (rank (T+1)·r)
+    when `rank` is None, else compressed to `rank`. Returns a report (ranks and relative errors)."""
+    config, tensors, total, stages = run_update(run_dir)
+    if rank is not None and rank < 1:
+        raise LoraError(f"--rank {rank}: the compressed rank must be >= 1.")
+    out = dict(tensors)  # modules_to_save and trained biases travel unchanged
+    errors, ranks = {}, {}
+    for key, update in total.items():
+        if rank is not None:
+            update, errors[key] = compress(update, rank)
+        out[key], out[b_key(key)] = update.A.contiguous(), update.B.contiguous()
+        ranks[_module_path(key)] = update.A.shape[0]
+    r = max(ranks.values())
+    rank_pattern = {path: value for path, value in ranks.items() if value != r}
+    exported = config.replace(
+        r=r, lora_alpha=r, use_rslora=False, init_lora_weights=True, rank_pattern=rank_pattern,
+        alpha_pattern=dict(rank_pattern),  # alpha = rank everywhere: scale 1
+    )
+    report = {"stages": len(stages), "rank": r, "layers": len(total)}
+    if errors:
+        report |= {"max_relative_error": max(errors.values()), "mean_relative_error": sum(errors.values()) / len(errors)}
+    report_text = json.dumps(report | {"relative_errors": errors}, indent=2) + "\n"
+    write_adapter(directory, exported, out, extra_files={"export_report.json": report_text})
+    return report
+
+
+# -- diagnostics ----------------------------------------------------------------------------------
+def plot_diagnostics(runs: dict[str, str | os.PathLike], path: str | os.PathLike) -> dict[str, dict]:
+    """One PNG for runs labelled ``{label: run_dir}``: per-layer effective rank of the total update, the
+    mean normalised singular-value spectrum, and the training loss with the unload points marked.
+    Returns per label: the stage count and, per layer, the stored and the effective rank of ΔW."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (rank_axis, spectrum_axis, loss_axis) = plt.subplots(1, 3, figsize=(16, 4.5))
+    ranks = {}
+    for label, run_dir in runs.items():
+        _, _, total, stages = run_update(run_dir)
+        spectra = [update.singular_values() for update in total.values()]
+        ranks[label] = {"stages": len(stages), "stored_ranks": [update.A.shape[0] for update in total.values()],
+                         "effective_ranks": [effective_rank(S) for S in spectra]}
+        rank_axis.plot(ranks[label]["effective_ranks"], label=label)
+        length = max(S.shape[0] for S in spectra)
+        padded = torch.stack([torch.nn.functional.pad(S / S[0], (0, length - S.shape[0])) for S in spectra])
+        spectrum_axis.semilogy(padded.mean(0).clamp(min=1e-8).numpy(), label=label)
+        _plot_loss(loss_axis, Path(run_dir), label, [stage.step for stage in stages])
+    rank_axis.set(xlabel="adapted layer (model order)", ylabel="effective rank of ΔW", title="effective rank per layer")
+    spectrum_axis.set(xlabel="singular value index", ylabel="σ_i / σ_1 (mean over layers)", title="spectrum of ΔW")
+    loss_axis.set(xlabel="optimizer step", ylabel="training loss", title="loss (dotted: unloads)")
+    for axis in (rank_axis, spectrum_axis, loss_axis):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return ranks
+
+
+def _plot_loss(axis, run_dir: Path, label: str, unload_steps: list[int]) -> None:
+    metrics = RunLayout(run_dir).metrics
+    if not metrics.is_file():
+        return
+    history = [json.loads(line) for line in metrics.read_text().splitlines()]
+    line, = axis.plot([m["step"] for m in history], [m["loss"] for m in history], label=label, alpha=0.7)
+    for step in unload_steps:
+        axis.axvline(step, color=line.get_color(), linestyle=":", alpha=0.6)

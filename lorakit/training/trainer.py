@@ -1,0 +1,411 @@
+"""The training loop: AdamW, warm-up + linear/cosine decay, gradient accumulation and clipping, seeded
+data order, periodic evaluation, atomic checkpoints and exact resume, on one or N processes (accelerate).
+
+Exact resume: the data order is a pure function of (seed, epoch), a checkpoint holds the adapter,
+optimizer, scheduler, RNG state and step, so a run killed at any point and resumed from its last
+checkpoint ends with the same adapter as an uninterrupted run.
+
+Multi-process: every process sees the same global batch order and takes its own slice; the loss is
+summed over the process's completion tokens and divided by the global batch's token count (times the
+world size, since DDP averages gradients), so N processes compute the same update as one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from ..core.atomic import atomic_write_text, staged_directory
+from ..core.errors import (
+    DataError,
+    LoraConfigError,
+    ResumeError,
+    TrainingDivergedError,
+    TrainingOutputError,
+)
+from ..core.examples import (
+    IGNORE_INDEX,
+    collate,
+    collate_classification,
+    completion_logprobs,
+)
+from ..core.loading import adapter_parameters
+from ..core.lora_model import LoraModel
+from ..core.peft_format import read_adapter
+from ..core.run_layout import RunLayout
+from ..methods.plora.periodic import stage_lr_lambda
+from .settings import TrainingConfig
+
+__all__ = [
+    "ClassificationObjective",
+    "CompletionObjective",
+    "Trainer",
+    "TrainingConfig",
+    "TrainingDivergedError",
+    "TrainingObjective",
+    "latest_checkpoint",
+]
+
+STATE_FILE, TRAINABLE_FILE = RunLayout.STATE_FILE, RunLayout.TRAINABLE_FILE
+
+
+def lr_lambda(config: TrainingConfig, steps: int | None = None) -> Callable[[int], float]:
+    """Linear warm-up, then cosine or linear decay to 0 over `steps` (default: the run's), or constant."""
+    steps = config.steps if steps is None else steps
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / (config.warmup_steps + 1)
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - config.warmup_steps) / max(1, steps - config.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else max(0.0, 1 - progress)
+
+    return factor
+
+
+def batch_indices(n_items: int, seed: int, step: int, batch_size: int) -> list[int]:
+    """Items of global batch `step`: consecutive slices of a per-epoch seeded permutation."""
+    per_epoch = n_items // batch_size
+    if per_epoch == 0:
+        raise DataError(f"{n_items} training items are fewer than one batch of {batch_size}: lower training.batch_size or add data.")
+    epoch, offset = divmod(step, per_epoch)
+    order = list(range(n_items))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return order[offset * batch_size : (offset + 1) * batch_size]
+
+
+class TrainingObjective(Protocol):
+    """What the trainer needs of a task: how many loss units an item holds (tokens, items), and the summed
+    loss of a micro-batch. The trainer divides by the global batch's units, so any batching (micro-batches,
+    processes) gives the same update."""
+
+    def units(self, item: dict) -> int: ...
+
+    def loss_sum(self, model: torch.nn.Module, items: list[dict], device) -> tuple[torch.Tensor, int]:
+        """(summed loss, real tokens processed) of `items`."""
+        ...
+
+
+class CompletionObjective:
+    """Causal LM: summed cross-entropy over completion tokens; the unit of normalisation is a token."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def units(self, item: dict) -> int:
+        return sum(label != IGNORE_INDEX for label in item["labels"])
+
+    def loss_sum(self, model, items: list[dict], device) -> tuple[torch.Tensor, int]:
+        batch = {k: v.to(device) for k, v in collate(items, self.pad_id).items()}
+        logprobs, _ = completion_logprobs(model, batch)
+        return -logprobs.sum(), int(batch["attention_mask"].sum())
+
+
+class ClassificationObjective:
+    """Sequence classification: summed cross-entropy over items ({input_ids, label}); the unit is an item."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def units(self, item: dict) -> int:
+        return 1
+
+    def loss_sum(self, model, items: list[dict], device) -> tuple[torch.Tensor, int]:
+        batch = {k: v.to(device) for k, v in collate_classification(items, self.pad_id).items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits  # (batch, classes)
+        return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum"), int(batch["attention_mask"].sum())
+
+
+def check_output_dir(config: TrainingConfig) -> None:
+    """A fresh run must not mix its checkpoints and metrics with an earlier run's."""
+    output = Path(config.output_dir)
+    if output.exists() and not output.is_dir():
+        raise TrainingOutputError(f"training.output_dir={str(output)!r} is a file: name a folder for the run.")
+    if not config.resume and RunLayout(output).holds_earlier_run():
+        raise TrainingOutputError(
+            f"{output} holds an earlier run (checkpoints, metrics.jsonl or PLoRA stages): pass --resume (training.resume=true) "
+            "to continue it, or set training.output_dir to a new folder."
+        )
+
+
+def _differences(recorded, current, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, recorded value, current value) for every leaf that differs."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        found = []
+        for key in sorted(set(recorded) | set(current), key=str):
+            found += _differences(recorded.get(key), current.get(key), f"{prefix}{key}.")
+        return found
+    return [] if recorded == current else [(prefix.rstrip("."), recorded, current)]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint (complete = renamed into place, so it holds every file)."""
+    return RunLayout(output_dir).latest_checkpoint()
+
+
+class Trainer:
+    """Trains the trainable parameters of `model` (a LoraModel's active adapter, or any module's
+    parameters with requires_grad) on tokenized items.
+
+    `objective` defaults to `CompletionObjective(pad_id)` (items {input_ids, labels});
+    `ClassificationObjective` takes items {input_ids, label}."""
+
+    def __init__(self, model: torch.nn.Module, items: Sequence[dict], config: TrainingConfig, pad_id: int,
+                 evaluate: Callable[[], dict] | None = None, objective: TrainingObjective | None = None, plora=None,
+                 settings: dict | None = None) -> None:
+        from accelerate import Accelerator
+
+        self.config, self.items, self.evaluate = config, list(items), evaluate
+        batch_indices(len(self.items), config.seed, 0, config.batch_size)  # enough data for one batch
+        self.settings = self._run_settings(model, settings or {})
+        self.objective = objective or CompletionObjective(pad_id)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.world = self.accelerator.num_processes
+        micro = config.batch_size // (self.world * config.grad_accum)
+        if micro * self.world * config.grad_accum != config.batch_size:
+            raise LoraConfigError(f"batch_size={config.batch_size} must be divisible by processes x grad_accum = {self.world * config.grad_accum}.")
+        self.micro_batch = micro
+        torch.manual_seed(config.seed)
+        self.module = model
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # Not prepared: accelerate's scheduler wrapper steps once per process, which would run the
+        # schedule N times too fast; one optimizer step here is one global batch.
+        self.plora = plora  # a PeriodicLoRA: unloads the adapter into the base at each stage end
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor())
+        self.step = 0
+        self.output = Path(config.output_dir)
+        self.layout = RunLayout(config.output_dir)
+        self.is_main = self.accelerator.is_main_process
+        if config.resume:
+            self._resume()
+        else:
+            check_output_dir(config)
+
+    def _run_settings(self, model: torch.nn.Module, extra: dict) -> dict:
+        """What must not change when this run is resumed: the training maths, the adapter's config, the
+        data (a hash of the tokenised items) and whatever the caller adds (e.g. the model)."""
+        import xxhash
+
+        settings = {"training": self.config.math_settings(), **extra}
+        if isinstance(model, LoraModel) and model.active_adapters:
+            settings["adapter"] = model.peft_config[model.active_adapters[0]].to_peft_dict()
+        as_json = lambda value: value.tolist() if hasattr(value, "tolist") else str(value)  # noqa: E731
+        settings["data"] = xxhash.xxh3_128_hexdigest(json.dumps(self.items, sort_keys=True, default=as_json).encode())
+        return json.loads(json.dumps(settings, default=str))
+
+    def _lr_factor(self) -> Callable[[int], float]:
+        if self.plora is None:
+            return lr_lambda(self.config)
+        stage_steps = self.plora.config.stage_steps(self.config.batch_size)  # also checks stages end on a step
+        if self.plora.config.lr_schedule == "global":
+            return lr_lambda(self.config)
+        return stage_lr_lambda(lr_lambda(self.config, stage_steps), stage_steps)
+
+    # -- batches ----------------------------------------------------------------------------------
+    def _micro_batches(self, step: int) -> tuple[list[list[dict]], int]:
+        """This process's micro-batches for `step` and the global batch's completion-token count."""
+        indices = batch_indices(len(self.items), self.config.seed, step, self.config.batch_size)
+        batch = [self.items[i] for i in indices]
+        tokens = sum(self.objective.units(item) for item in batch)
+        chunks = [batch[i : i + self.micro_batch] for i in range(0, len(batch), self.micro_batch)]
+        rank = self.accelerator.process_index
+        mine = [chunk for i, chunk in enumerate(chunks) if i % self.world == rank]  # accumulation-major
+        return mine, tokens
+
+    def train_step(self) -> dict:
+        """One optimizer step over one global batch; returns its metrics."""
+        started = time.perf_counter()
+        chunks, tokens = self._micro_batches(self.step)
+        total, seen = 0.0, 0
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            context = self.accelerator.no_sync(self.model) if not last else contextlib.nullcontext()
+            with context:
+                loss_sum, n_tokens = self.objective.loss_sum(self.model, chunk, self.accelerator.device)
+                self.accelerator.backward(loss_sum * self.world / tokens)
+            total += loss_sum.item()
+            seen += n_tokens
+        loss = self._global_mean(total, tokens)
+        if not math.isfinite(loss):
+            last = latest_checkpoint(self.output)
+            raise TrainingDivergedError(
+                f"the loss became {loss} at step {self.step + 1}; stopped without saving. The last good checkpoint "
+                f"is {last or 'none'}. Lower training.lr or raise training.warmup_steps, then resume."
+            )
+        grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm or math.inf))
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)  # never applied, never saved
+            last = latest_checkpoint(self.output)
+            raise TrainingDivergedError(
+                f"the gradient norm became {grad_norm} at step {self.step + 1} (loss {loss:.4g}); the step was not applied "
+                f"and nothing was saved. The last good checkpoint is {last or 'none'}. Lower training.lr, raise "
+                "training.warmup_steps or use float32, then resume."
+            )
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        metrics = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+        if self.plora is not None and self.plora.step(self.optimizer, samples=self.config.batch_size):
+            metrics["unloaded"] = len(self.plora.stages)
+        return metrics | {"tokens_per_s": seen * self.world / (time.perf_counter() - started)}
+
+    def _global_mean(self, local_sum: float, tokens: int) -> float:
+        if self.world == 1:
+            return local_sum / tokens
+        summed = self.accelerator.reduce(torch.tensor([local_sum], device=self.accelerator.device), reduction="sum")
+        return summed.item() / tokens
+
+    # -- loop -------------------------------------------------------------------------------------
+    def fit(self) -> list[dict]:
+        """Train to `config.steps`, evaluating and checkpointing on schedule; metrics go to metrics.jsonl."""
+        history = []
+        self.model.train()  # HF models load in eval mode; dropout belongs to training
+        bar = tqdm(total=self.config.steps, initial=self.step, desc="training", disable=not self.is_main)
+        while self.step < self.config.steps:
+            metrics = self.train_step()
+            if self.evaluate and self.config.eval_every and self.step % self.config.eval_every == 0:
+                metrics |= {f"eval_{k}": v for k, v in self.evaluate().items()}
+            history.append(metrics)
+            self._log(metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            if self.config.save_every and (self.step % self.config.save_every == 0 or self.step == self.config.steps):
+                self.save_checkpoint()
+        bar.close()
+        return history
+
+    def _log(self, metrics: dict) -> None:
+        if self.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            with open(self.layout.metrics, "a") as stream:
+                stream.write(json.dumps(metrics) + "\n")
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        """Adapter + optimizer + scheduler + RNG + step + the run's settings, as one folder swapped into place."""
+        self.accelerator.wait_for_everyone()
+        if not self.is_main:
+            return None
+        damaged = [key for key, value in self._trainable_live().items() if not torch.isfinite(value).all()]
+        if damaged:
+            raise TrainingDivergedError(
+                f"{damaged[0]} holds NaN or infinite values at step {self.step}; not saved. The last good checkpoint is "
+                f"{latest_checkpoint(self.output) or 'none'}. Lower training.lr, then resume."
+            )
+        target = self.layout.checkpoint(self.step)
+        with staged_directory(target) as staging:
+            self._save_trainable(staging)
+            state = {
+                "step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "settings": json.dumps(self.settings),
+            }
+            if self.plora is not None:
+                state["plora"] = self.plora.state_dict()
+            torch.save(state, staging / STATE_FILE)
+        return target
+
+    def _resume(self) -> None:
+        checkpoint = latest_checkpoint(self.output)
+        if checkpoint is None:
+            if self.is_main:
+                print(f"lorakit: no checkpoint in {self.layout.checkpoints}: --resume starts the run from step 0.", file=sys.stderr)
+            if self.plora is not None:
+                self.plora.load_state_dict({"stages": 0, "samples": 0, "steps": 0, "unload_seconds": 0.0})
+            self._truncate_metrics()
+            return
+        state = self._read_state(checkpoint)
+        self._check_same_run(checkpoint, state)
+        trainable = self._trainable_tensors(checkpoint)
+        live = self._trainable_live()
+        if set(trainable) != set(live) or any(trainable[k].shape != live[k].shape for k in live):
+            raise ResumeError(f"{checkpoint} holds other trained tensors than this run trains; it belongs to another run.")
+        with torch.no_grad():
+            for key, value in trainable.items():
+                live[key].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.plora is not None:
+            self.plora.load_state_dict(state["plora"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        self.step = state["step"]
+        self._truncate_metrics()
+
+    @staticmethod
+    def _read_state(checkpoint: Path) -> dict:
+        try:
+            state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+        except Exception as err:  # torch raises many types for damaged files
+            raise ResumeError(
+                f"{checkpoint / STATE_FILE} could not be read ({type(err).__name__}); delete {checkpoint} to resume from the "
+                "checkpoint before it."
+            ) from None
+        needed = {"step", "optimizer", "scheduler", "torch_rng", "python_rng"}
+        if not isinstance(state, dict) or not needed <= set(state):
+            raise ResumeError(f"{checkpoint / STATE_FILE} is not a lorakit trainer state; delete {checkpoint} to resume from an earlier one.")
+        return state
+
+    def _check_same_run(self, checkpoint: Path, state: dict) -> None:
+        """Refuse to resume with other settings or data than the checkpoint's run, listing the differences."""
+        if "settings" not in state:
+            return  # a checkpoint from before settings were recorded
+        recorded = json.loads(state["settings"])
+        differences = _differences(recorded, self.settings)
+        if differences:
+            listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences[:8])
+            raise ResumeError(
+                f"--resume would continue {checkpoint} with other settings ({listed}). Resume with the run's own settings, "
+                "or start a new run in another training.output_dir."
+            )
+
+    def _trainable_live(self) -> dict[str, torch.Tensor]:
+        """Saved name -> live tensor of what this run trains."""
+        if isinstance(self.module, LoraModel):
+            return dict(adapter_parameters(self.module, self.module.active_adapters[0]))
+        return {name: p for name, p in self.module.named_parameters() if p.requires_grad}
+
+    def _save_trainable(self, folder: Path) -> None:
+        """A LoraModel's adapter in PEFT format; for other models the trained tensors as safetensors."""
+        if isinstance(self.module, LoraModel):
+            self.module.save_pretrained(RunLayout(folder).adapter, adapter_name=self.module.active_adapters[0])
+        else:
+            save_file({k: v.detach().contiguous() for k, v in self._trainable_live().items()}, folder / TRAINABLE_FILE)
+
+    def _trainable_tensors(self, checkpoint: Path) -> dict[str, torch.Tensor]:
+        try:
+            if isinstance(self.module, LoraModel):
+                return read_adapter(RunLayout(checkpoint).adapter).tensors
+            return load_file(checkpoint / TRAINABLE_FILE)
+        except Exception as err:
+            raise ResumeError(f"{checkpoint} is damaged ({err}); delete it to resume from the checkpoint before it.") from None
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric lines logged after the checkpoint we resume from (they will be redone)."""
+        path = self.layout.metrics
+        if self.is_main and path.is_file():
+            kept = []
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= self.step:
+                        kept.append(line)
+                except (json.JSONDecodeError, AttributeError):
+                    continue  # a line cut short by a kill
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
