@@ -217,6 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``lorakit`` command line.
+
+    Argument errors and ``--help`` exit through argparse (``SystemExit``); an exception that is neither a
+    lorakit error nor an ``OSError`` is a bug and propagates with its traceback.
+
+    Args:
+        argv: the arguments after the program name; None means ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0 on success, or 2 for a user's mistake (a lorakit error, or an ``OSError`` such as a
+        full disk), whose message is printed on one line to stderr.
+    """
     args = build_parser().parse_args(argv)
     if args.command == "export-plora" and args.out is None:
         args.out = str(Path(args.run_dir) / ("adapter_total" if args.rank is None else f"adapter_total_r{args.rank}"))

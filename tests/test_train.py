@@ -93,7 +93,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(workspace):
     # Slow each step down from the outside (the product is untouched) so the kill lands mid-run.
     slow = textwrap.dedent(f"""
         import sys, time
-        from lorakit import cli, train
+        from lorakit import cli
+        from lorakit.training import trainer as train
         step = train.Trainer.train_step
         def slow_step(self):
             out = step(self)

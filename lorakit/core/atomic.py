@@ -40,7 +40,11 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_temporaries(target: str | os.PathLike) -> None:
     """Delete ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>-*`` siblings of `target` whose process is gone;
-    if a killed swap left `target` missing but its previous version aside, put that back."""
+    if a killed swap left `target` missing but its previous version aside, put that back.
+
+    Args:
+        target: the file or folder whose leftovers are cleaned up; nothing happens if its parent folder does not exist.
+    """
     target = Path(target)
     if not target.parent.is_dir():
         return
@@ -58,7 +62,15 @@ def remove_stale_temporaries(target: str | os.PathLike) -> None:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Call ``write(temporary_path)``, then rename the temporary file onto `path` (parents are created)."""
+    """Call ``write(temporary_path)``, then rename the temporary file onto `path` (parents are created).
+
+    The temporary is synced to disk before the rename and deleted if `write` fails, so `path` holds the old
+    content or the new one, never a mix.
+
+    Args:
+        path: the file to write.
+        write: writes the complete content to the temporary path it is given.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
@@ -73,7 +85,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` (UTF-8) to `path` atomically."""
+    """Write `text` (UTF-8) to `path` atomically.
+
+    Args:
+        path: the file to write (parents are created).
+        text: its whole content.
+    """
     atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
@@ -94,7 +111,12 @@ def _exchange(first: Path, second: Path) -> bool:
 
 
 def replace_directory(staging: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Put the complete folder `staging` at `target` in one step; the previous `target` is deleted."""
+    """Put the complete folder `staging` at `target` in one step; the previous `target` is deleted.
+
+    Args:
+        staging: the complete new folder, beside `target` (it is renamed, not copied, so it must be on the same file system).
+        target: where it goes; it need not exist.
+    """
     staging, target = Path(staging), Path(target)
     if not target.exists():
         os.replace(staging, target)
@@ -111,7 +133,14 @@ def replace_directory(staging: str | os.PathLike, target: str | os.PathLike) -> 
 @contextlib.contextmanager
 def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder beside `target`; on success it replaces `target` whole, on an
-    error it is deleted and `target` is untouched."""
+    error it is deleted and `target` is untouched.
+
+    Args:
+        target: the folder to write; its parent folders are created on entry.
+
+    Yields:
+        The empty staging folder (a `Path`) to fill.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target)

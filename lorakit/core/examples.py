@@ -41,7 +41,15 @@ class Example:
 
 # -- prompts and tokens ----------------------------------------------------------------------------
 def format_prompt(tokenizer, prompt: str) -> str:
-    """The prompt as the model expects it: a user turn in its chat template when it has one."""
+    """The prompt as the model expects it: a user turn in its chat template when it has one.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer; its ``chat_template``, when set, renders the prompt.
+        prompt: the user's text.
+
+    Returns:
+        The user turn followed by the generation prompt, or without a chat template the prompt and a newline.
+    """
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -67,8 +75,18 @@ def _prompt_and_completion(tokenizer, prompt: str, completion: str, add_eos: boo
 def tokenize_example(tokenizer, prompt: str, completion: str, max_length: int, add_eos: bool = True) -> dict:
     """Token ids of prompt + completion, with labels only on the completion (prompt masked with -100).
 
-    ``add_eos`` ends the completion as the model ends a turn (chat template) or with the EOS token;
-    scoring options uses ``add_eos=False``. Over-long items lose the start of the prompt, never the completion."""
+    Args:
+        tokenizer: a Hugging Face tokenizer; the prompt goes through `format_prompt`.
+        prompt: the prompt text.
+        completion: the completion text, the only tokens with labels.
+        max_length: the most tokens kept. Over-long items lose the start of the prompt (at least one prompt token
+            stays), never the completion, so a completion longer than this is kept whole.
+        add_eos: end the completion as the model ends a turn (chat template) or with the EOS token; scoring
+            options uses ``add_eos=False``.
+
+    Returns:
+        ``{"input_ids": [...], "labels": [...]}``, two lists of the same length; labels are -100 on the prompt.
+    """
     prompt_text, completion_text = _prompt_and_completion(tokenizer, prompt, completion, add_eos)
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
@@ -81,7 +99,15 @@ def collate(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Left-pad tokenized items into tensors (labels padded with -100).
 
     Left padding puts every completion at the end, so a model needs logits for the last few positions
-    only (``logits_to_keep``); explicit position ids keep absolute-position models (GPT-2) exact."""
+    only (``logits_to_keep``); explicit position ids keep absolute-position models (GPT-2) exact.
+
+    Args:
+        items: tokenized items with ``input_ids`` and ``labels`` lists (as from `tokenize_example`).
+        pad_id: the token id that fills the padding.
+
+    Returns:
+        ``input_ids``, ``attention_mask``, ``position_ids`` and ``labels``, each a long tensor (batch, longest item).
+    """
     width = max(len(item["input_ids"]) for item in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
@@ -115,7 +141,15 @@ def right_pad(sequences: Sequence[Sequence[int]], pad_value: int) -> tuple[torch
 
 
 def collate_classification(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad classification items ({input_ids, label}) into tensors."""
+    """Right-pad classification items ({input_ids, label}) into tensors.
+
+    Args:
+        items: dicts with ``input_ids`` (a list of token ids) and ``label`` (a class id).
+        pad_id: the token id that fills the padding.
+
+    Returns:
+        ``input_ids`` and ``attention_mask``, both (batch, longest item), and ``labels`` (batch,).
+    """
     ids, mask = right_pad([item["input_ids"] for item in items], pad_id)
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([item["label"] for item in items])}
 
@@ -123,7 +157,15 @@ def collate_classification(items: Sequence[dict], pad_id: int) -> dict[str, torc
 def completion_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each labelled token of a left-padded batch, computing logits only where needed.
 
-    Returns (logprobs, mask), both (batch, k): k covers the longest completion."""
+    Args:
+        model: a causal LM whose forward accepts ``logits_to_keep``.
+        batch: a left-padded batch as from `collate`; its ``labels`` choose the scored tokens and the other
+            entries go to the model.
+
+    Returns:
+        ``(logprobs, mask)``, both (batch, k) where k covers the longest completion: float32 log-probabilities
+        (0 where not labelled) and True on labelled tokens.
+    """
     labels = batch["labels"]
     keep = int((labels != IGNORE_INDEX).sum(-1).max()) + 1
     inputs = {k: v for k, v in batch.items() if k != "labels"}

@@ -57,7 +57,14 @@ def register_init(name: str, *, moves_base: bool = False) -> Callable[[InitFn], 
 
 
 def moves_base(spec: bool | str) -> bool:
-    """Whether the init selected by ``init_lora_weights=spec`` rewrites the base weight."""
+    """Whether the init selected by ``init_lora_weights=spec`` rewrites the base weight.
+
+    Args:
+        spec: PEFT's ``init_lora_weights`` value (a bool or a strategy name).
+
+    Returns:
+        True for strategies registered with ``moves_base=True`` (PiSSA, MiLoRA), False otherwise (also for unknown names).
+    """
     return init_name(spec) in _MOVES_BASE
 
 
@@ -66,7 +73,14 @@ _PEFT_NITER = re.compile(r"pissa_niter_(\d+)")
 
 def init_name(spec: bool | str) -> str:
     """Map PEFT's ``init_lora_weights`` value to a registry name (True -> "kaiming", False -> "random",
-    "pissa_niter_K" -> "pissa_niter")."""
+    "pissa_niter_K" -> "pissa_niter").
+
+    Args:
+        spec: PEFT's ``init_lora_weights`` value (a bool or a string).
+
+    Returns:
+        The registry name; any other string comes back unchanged.
+    """
     if spec is True:
         return "kaiming"
     if spec is False:
@@ -75,8 +89,17 @@ def init_name(spec: bool | str) -> str:
 
 
 def get_init(spec: bool | str, **options) -> InitFn:
-    """The strategy for `spec` as an ``(W, r, scale)`` function, with the `options` it accepts bound
-    (e.g. ``svd_solver``, ``svd_cache`` for the SVD inits)."""
+    """The strategy for `spec` as an ``(W, r, scale)`` function, with the `options` it accepts bound.
+
+    Args:
+        spec: PEFT's ``init_lora_weights`` value: a bool, a registered name, or ``"pissa_niter_K"`` (which also
+            binds ``niter=K``).
+        **options: keyword options for the strategy (e.g. ``svd_solver``, ``svd_cache`` for the SVD inits);
+            those it does not accept are dropped.
+
+    Returns:
+        The init function ``(W, r, scale) -> (A, B, W_residual)``.
+    """
     fn = INIT_STRATEGIES[init_name(spec)]
     if match := _PEFT_NITER.fullmatch(str(spec)):
         options["niter"] = int(match.group(1))

@@ -470,7 +470,17 @@ def _select_rows(values, index: Tensor, batch: int):
 
 
 def wrap_module(module: nn.Module) -> LoraLayer:
-    """The LoRA wrapper for a supported module type."""
+    """The LoRA wrapper for a supported module type.
+
+    Args:
+        module: an ``nn.Linear``, GPT-2 ``Conv1D`` or ``nn.Embedding``; it becomes the wrapper's base layer.
+
+    Returns:
+        A `LoraEmbedding` for an embedding, else a `LoraLinear`, holding no adapter yet.
+
+    Raises:
+        TargetModuleError: `module` is of another type.
+    """
     if isinstance(module, nn.Embedding):
         return LoraEmbedding(module)
     if isinstance(module, (nn.Linear, Conv1D)):

@@ -39,7 +39,16 @@ __all__ = [
 
 
 def adapter_state_dict(model: nn.Module, name: str) -> dict[str, Tensor]:
-    """The tensors PEFT would save for adapter `name`, under PEFT's keys, on the CPU."""
+    """The tensors PEFT would save for adapter `name`, under PEFT's keys, on the CPU.
+
+    Args:
+        model: a `LoraModel` holding the adapter.
+        name: the adapter's name.
+
+    Returns:
+        Saved key -> detached, contiguous CPU copy: the A and B factors, modules_to_save copies and (per the
+        adapter's bias mode) biases; embedding base weights are left out.
+    """
     return {
         key: value.detach().to("cpu").contiguous().clone()
         for key, value in adapter_parameters(model, name, with_embedding_bases=False)
@@ -49,8 +58,16 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, Tensor]:
 def adapter_parameters(model: nn.Module, name: str, with_embedding_bases: bool = True) -> Iterator[tuple[str, Tensor]]:
     """(saved key, live tensor) pairs of adapter `name`.
 
-    ``with_embedding_bases`` adds the base weights of adapted embeddings, which PEFT may save
-    (``save_embedding_layers``) and lorakit accepts on load but does not write."""
+    Args:
+        model: a `LoraModel` holding the adapter.
+        name: the adapter's name.
+        with_embedding_bases: also yield the base weights of adapted embeddings, which PEFT may save
+            (``save_embedding_layers``) and lorakit accepts on load but does not write.
+
+    Yields:
+        ``(key, tensor)`` under PEFT's keys: the A and B factors, the parameters of modules_to_save copies and
+        (per the adapter's bias mode) biases. The tensors are the model's own parameters, not copies.
+    """
     lora_paths = set()
     for path, layer in model.lora_layers():
         if name not in layer.adapter_names:
@@ -69,7 +86,19 @@ def adapter_parameters(model: nn.Module, name: str, with_embedding_bases: bool =
 
 
 def saved_adapter(model: nn.Module, name: str) -> SavedAdapter:
-    """Adapter `name` of `model` as it would be written (tensors copied to the CPU)."""
+    """Adapter `name` of `model` as it would be written (tensors copied to the CPU).
+
+    Args:
+        model: a `LoraModel` holding the adapter.
+        name: the adapter's name.
+
+    Returns:
+        A `SavedAdapter`: the config (``base_model_name_or_path`` filled in from the model's config when unset),
+        the tensors, and the PiSSA/MiLoRA initial factors (empty for other inits).
+
+    Raises:
+        AdapterNameError: `model` has no adapter `name`.
+    """
     model.check_names([name])
     config = model.peft_config[name]
     if config.base_model_name_or_path is None:
@@ -81,12 +110,30 @@ def saved_adapter(model: nn.Module, name: str) -> SavedAdapter:
 def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str) -> None:
     """Write adapter `name` to `directory` in PEFT's format (see `write_adapters`). An adapter whose init
     moved the base (PiSSA, MiLoRA) also gets ``initial_factors.safetensors`` (A0, B0; PEFT ignores it),
-    so it can be exported for the original base after a reload."""
+    so it can be exported for the original base after a reload.
+
+    Args:
+        model: a `LoraModel` holding the adapter.
+        directory: the adapter folder; it is replaced whole.
+        name: the adapter's name.
+
+    Raises:
+        AdapterNameError: `model` has no adapter `name`.
+        AdapterSaveError: `directory` is a file, or a folder holding other things than adapters.
+    """
     write_adapters(directory, {"": saved_adapter(model, name)})
 
 
 def initial_factors(model: nn.Module, name: str) -> dict[str, Tensor]:
-    """A0 and B0 of adapter `name` under the adapter's own keys (empty unless its init moved the base)."""
+    """A0 and B0 of adapter `name` under the adapter's own keys (empty unless its init moved the base).
+
+    Args:
+        model: a `LoraModel` holding the adapter.
+        name: the adapter's name.
+
+    Returns:
+        Saved key -> detached, contiguous CPU tensor: A0 (r, in) under the A key, B0 (out, r) under the B key.
+    """
     tensors = {}
     for path, layer in model.lora_layers():
         if name in layer.initial_factors:
@@ -98,7 +145,21 @@ def initial_factors(model: nn.Module, name: str) -> dict[str, Tensor]:
 def apply_adapter(model: nn.Module, name: str, config: LoraConfig, tensors: dict[str, Tensor], is_trainable: bool,
                   initial: dict[str, Tensor] | None = None) -> None:
     """Add adapter `name` and fill it with checked `tensors` (and PiSSA/MiLoRA `initial` factors); on any
-    error the model is left exactly as it was."""
+    error the model is left exactly as it was.
+
+    Args:
+        model: the `LoraModel` to add to.
+        name: the new adapter's name.
+        config: its `LoraConfig`.
+        tensors: saved key -> tensor, already checked against the model (see `check_adapter_fits`); each is
+            cast to its parameter's dtype.
+        is_trainable: False freezes the adapter's parameters and puts the model in eval mode.
+        initial: PiSSA/MiLoRA initial factors A0/B0 under the adapter's keys, or None.
+
+    Raises:
+        AdapterNameError: `name` is invalid or taken.
+        LoraConfigError, TargetModuleError: `config` does not fit the model.
+    """
     with model.transaction():
         model.add_adapter(name, config, initialize=False)
         destinations = dict(adapter_parameters(model, name))
@@ -118,7 +179,18 @@ def apply_adapter(model: nn.Module, name: str, config: LoraConfig, tensors: dict
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str, is_trainable: bool = False) -> None:
-    """Read, check against the model, then add: a bad file leaves the model exactly as it was."""
+    """Read, check against the model, then add: a bad file leaves the model exactly as it was.
+
+    Args:
+        model: the `LoraModel` to add to.
+        directory: a PEFT-format adapter folder.
+        name: the name the adapter gets in `model`.
+        is_trainable: False freezes the loaded adapter and puts the model in eval mode.
+
+    Raises:
+        AdapterNameError: `name` is not a valid adapter name.
+        AdapterLoadError: `model` has an adapter `name` already, or the files are missing, corrupt or do not fit the model.
+    """
     check_adapter_name(name)
     if name in model.peft_config:
         raise AdapterLoadError(f"an adapter named {name!r} is loaded already; pass another adapter_name.")
@@ -128,5 +200,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str, is_t
 
 
 def add_checked_adapter(model: nn.Module, name: str, adapter: SavedAdapter, is_trainable: bool) -> None:
-    """Add an adapter already read and checked against the model, with its initial factors."""
+    """Add an adapter already read and checked against the model, with its initial factors.
+
+    Args:
+        model: the `LoraModel` to add to.
+        name: the name the adapter gets in `model`.
+        adapter: a `SavedAdapter` from `read_adapter` that passed `check_adapter_fits`.
+        is_trainable: False freezes the adapter and puts the model in eval mode.
+
+    Raises:
+        AdapterNameError: `name` is invalid or taken.
+    """
     apply_adapter(model, name, adapter.config, adapter.tensors, is_trainable, adapter.initial)

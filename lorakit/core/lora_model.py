@@ -411,5 +411,22 @@ def _refuse_rank_above_width(plan: AdapterPlan) -> None:
 
 
 def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:
-    """Inject LoRA layers for `config` into `model` (in place) and return the wrapper."""
+    """Inject LoRA layers for `config` into `model` (in place) and return the wrapper.
+
+    On any error `model` is left exactly as it was.
+
+    Args:
+        model: the model to adapt; its modules are replaced in place and its own parameters frozen.
+        config: the adapter's `LoraConfig`.
+        adapter_name: the name of the adapter, which becomes the active one.
+
+    Returns:
+        The `LoraModel` wrapping `model`.
+
+    Raises:
+        AdapterNameError: `adapter_name` is not a valid adapter name.
+        LoraConfigError: `config` is not a `LoraConfig`, or a PiSSA/MiLoRA init meets tied weights or a rank above
+            min(out, in).
+        TargetModuleError: ``target_modules`` or ``modules_to_save`` do not fit the model.
+    """
     return LoraModel(model, config, adapter_name)

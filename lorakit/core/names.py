@@ -17,7 +17,15 @@ _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 def check_adapter_name(name: object) -> None:
     """Raise `AdapterNameError` unless `name` can name an adapter: 1-64 letters, digits, ``_`` or ``-``,
     and not an attribute of the wrappers (``training``, ``forward``, ``keys``...), since adapters are
-    kept in module dicts under their names and saved in folders named after them."""
+    kept in module dicts under their names and saved in folders named after them.
+
+    Args:
+        name: the candidate name (any object; only strings can pass).
+
+    Raises:
+        AdapterNameError: `name` is not such a string, is ``"__base__"`` (reserved for base-model rows of
+            mixed batches), or is an attribute name of lorakit's wrappers.
+    """
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise AdapterNameError(
             f"adapter name {name!r} is not valid: use 1 to 64 letters, digits, '_' or '-' (e.g. 'default', 'task-1')."

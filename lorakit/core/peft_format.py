@@ -49,7 +49,15 @@ PREFIX = "base_model.model."
 
 # -- key naming -----------------------------------------------------------------------------------
 def factor_keys(path: str, is_embedding: bool) -> tuple[str, str]:
-    """The saved keys of A and B for the module at `path`."""
+    """The saved keys of A and B for the module at `path`.
+
+    Args:
+        path: the module's path in the wrapped model, e.g. ``model.layers.0.self_attn.q_proj``.
+        is_embedding: the module is an embedding (keys ``lora_embedding_A``/``B``, else ``lora_A.weight``/``lora_B.weight``).
+
+    Returns:
+        ``(key_A, key_B)``, both with PEFT's ``base_model.model.`` prefix.
+    """
     if is_embedding:
         return f"{PREFIX}{path}.lora_embedding_A", f"{PREFIX}{path}.lora_embedding_B"
     return f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
@@ -59,12 +67,26 @@ A_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")
 
 
 def is_a_key(key: str) -> bool:
-    """Whether a saved key holds an A factor (of a Linear/Conv1D or of an embedding)."""
+    """Whether a saved key holds an A factor (of a Linear/Conv1D or of an embedding).
+
+    Args:
+        key: a key of a saved adapter's tensors.
+
+    Returns:
+        True for keys ending in ``.lora_A.weight`` or ``.lora_embedding_A``.
+    """
     return key.endswith(A_SUFFIXES)
 
 
 def b_key(key_A: str) -> str:
-    """The saved key of the B factor that goes with A factor `key_A`."""
+    """The saved key of the B factor that goes with A factor `key_A`.
+
+    Args:
+        key_A: a key for which `is_a_key` is True.
+
+    Returns:
+        The matching ``.lora_B.weight`` or ``.lora_embedding_B`` key.
+    """
     if key_A.endswith(".lora_embedding_A"):
         return key_A[: -len("A")] + "B"
     return key_A[: -len("lora_A.weight")] + "lora_B.weight"
@@ -75,6 +97,14 @@ def bias_parameters(model: nn.Module, mode: str, lora_paths: set[str]) -> dict[s
 
     Adapted layers keep their bias at ``<path>.base_layer.bias`` (PEFT's name too); biases inside
     modules_to_save travel with the saved copy instead.
+
+    Args:
+        model: the wrapped model (``LoraModel.model``), lorakit wrappers included.
+        mode: the adapter's bias mode; ``"none"`` gives an empty dict.
+        lora_paths: paths of the modules the adapter adapts; ``"lora_only"`` keeps only their biases.
+
+    Returns:
+        Saved key (with PEFT's prefix) -> the model's live bias parameter.
     """
     if mode == "none":
         return {}
@@ -121,7 +151,19 @@ def _check_replaceable(folder: Path) -> None:
 
 def write_adapter(directory: str | os.PathLike, config: LoraConfig, tensors: dict[str, Tensor],
                   initial: dict[str, Tensor] | None = None, extra_files: dict[str, str | bytes] | None = None) -> None:
-    """Write one adapter folder atomically (see `write_adapters`)."""
+    """Write one adapter folder atomically (see `write_adapters`).
+
+    Args:
+        directory: the adapter folder; it is replaced whole.
+        config: the adapter's config, written as ``adapter_config.json``.
+        tensors: saved key -> contiguous tensor, written as ``adapter_model.safetensors``.
+        initial: PiSSA/MiLoRA initial factors A0/B0 under the same keys, written as ``initial_factors.safetensors``
+            when not empty.
+        extra_files: name -> text or bytes, written into the same folder in the same step.
+
+    Raises:
+        AdapterSaveError: `directory` is a file, or a folder holding other things than adapters.
+    """
     write_adapters(directory, {"": SavedAdapter(config, tensors, initial or {})}, extra_files)
 
 
@@ -130,7 +172,11 @@ def write_adapters(directory: str | os.PathLike, adapters: dict[str, SavedAdapte
     """Write adapters (sub-folder -> adapter; ``""`` is `directory` itself) as one complete folder built
     beside `directory` and swapped in whole: the folder always holds exactly one save, never a mix of two
     and never a stale file of an earlier save (e.g. an old ``initial_factors.safetensors``).
-    `extra_files` (name -> content) go into the same folder in the same step (reports, plots).
+
+    Args:
+        directory: the folder; it is replaced whole.
+        adapters: sub-folder name -> `SavedAdapter` (PEFT's multi-adapter layout); ``""`` writes into `directory`.
+        extra_files: name -> text or bytes, written into `directory` in the same step (reports, plots).
 
     Raises:
         AdapterSaveError: `directory` is a file, or a folder holding other things than adapters.
@@ -153,6 +199,12 @@ def write_adapters(directory: str | os.PathLike, adapters: dict[str, SavedAdapte
 # -- reading --------------------------------------------------------------------------------------
 def read_adapter(directory: str | os.PathLike) -> SavedAdapter:
     """Config, tensors and initial factors of a PEFT-format adapter; errors name the file and the reason.
+
+    Args:
+        directory: the adapter folder (``adapter_config.json`` and ``adapter_model.safetensors``).
+
+    Returns:
+        A `SavedAdapter` with CPU tensors; its initial factors are empty unless ``initial_factors.safetensors`` is there.
 
     Raises:
         AdapterLoadError: a file is missing, corrupt, of the wrong kind, or holds non-float or non-finite values.
@@ -239,7 +291,20 @@ def _expected_shapes(model: nn.Module, config: LoraConfig, plan: AdapterPlan) ->
 
 
 def check_adapter_fits(model: nn.Module, adapter: SavedAdapter, source) -> AdapterPlan:
-    """Raise `AdapterLoadError` naming the first module whose key or shape does not fit; change nothing."""
+    """Raise `AdapterLoadError` naming the first module whose key or shape does not fit; change nothing.
+
+    Args:
+        model: the model to load into (a plain model, or ``LoraModel.model``).
+        adapter: the adapter as read by `read_adapter`.
+        source: where the adapter comes from (e.g. its folder), shown in messages.
+
+    Returns:
+        The `AdapterPlan` of the adapter's config on `model`.
+
+    Raises:
+        AdapterLoadError: the config's targets do not fit the model, a tensor has no place or the wrong shape,
+            or a tensor the model needs is missing.
+    """
     try:
         plan = plan_targets(model, adapter.config)
     except ValueError as err:

@@ -225,7 +225,21 @@ def decompose(
 ) -> Components:
     """The r largest (PiSSA) or smallest (MiLoRA) singular triplets of W, float64.
 
-    ``cache``: True for the default folder, a path, or False/None for no cache."""
+    Args:
+        W: the weight (out, in), floating point; the solvers work on a float64 CPU copy.
+        r: how many triplets, at most min(out, in).
+        largest: True for the r largest singular values, False for the r smallest.
+        solver: ``"auto"`` (``"gram"``) or a name in `SOLVERS`.
+        niter: subspace iterations of the randomised solvers (the others ignore it); part of the cache key.
+        cache: True for the default folder (`svd_cache_dir`), a folder path, or False/None for no cache.
+
+    Returns:
+        `Components` U (out, r), S (r,) in decreasing order and V (in, r), float64 on the CPU.
+
+    Raises:
+        TargetModuleError: W is not floating point.
+        LoraConfigError: r exceeds min(out, in), `solver` is unknown, or ``"randomized"`` is asked for the smallest values.
+    """
     if not W.dtype.is_floating_point:
         raise TargetModuleError(f"SVD initialisation needs a float weight, not {W.dtype}: initialise in float32, bfloat16 or float16.")
     if r > min(W.shape):

@@ -42,7 +42,14 @@ class AdapterPlan:
 
 
 def module_names(model: nn.Module) -> list[str]:
-    """Paths of the model's own modules, skipping the internals of lorakit wrappers."""
+    """Paths of the model's own modules, skipping the internals of lorakit wrappers.
+
+    Args:
+        model: the model, possibly holding `LoraLayer` / `ModulesToSave` wrappers.
+
+    Returns:
+        Module paths in ``named_modules`` order, without the root; a wrapper is listed, its children are not.
+    """
     names, inside = [], ()
     for name, module in model.named_modules():
         if not name or (inside and name.startswith(inside)):
@@ -117,7 +124,19 @@ def _describe(names: list[str]) -> str:
 
 
 def plan_targets(model: nn.Module, config: LoraConfig) -> AdapterPlan:
-    """Resolve the config against `model`; raise `TargetModuleError` if it does not fit."""
+    """Resolve the config against `model`; raise `TargetModuleError` if it does not fit.
+
+    Args:
+        model: the model to adapt (it may hold lorakit wrappers already); it is not changed.
+        config: the adapter's `LoraConfig`.
+
+    Returns:
+        The `AdapterPlan`: every target's path, (out, in) shape, rank, alpha and scale, and the modules_to_save paths.
+
+    Raises:
+        TargetModuleError: a listed target is not a Linear, Conv1D or Embedding, nothing matches, or a
+            ``modules_to_save`` entry matches no module.
+    """
     head = _output_head(model)
     names = module_names(model)
     targets = []

@@ -36,7 +36,14 @@ _PLURALS = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}
 
 
 def describe_type(hint: Any) -> str:
-    """A short English name of a type hint, for messages."""
+    """A short English name of a type hint, for messages.
+
+    Args:
+        hint: a type hint: a type, a union, a ``Literal``, ``list[...]`` or ``dict[..., ...]``.
+
+    Returns:
+        E.g. ``"an integer"``, ``"one of ['none', 'all']"`` or ``"a list of strings or null"``.
+    """
     if _is_union(hint):
         return " or ".join(describe_type(arg) for arg in typing.get_args(hint))
     origin = typing.get_origin(hint)
@@ -80,7 +87,15 @@ def _fits(value: Any, hint: Any) -> bool:
 
 
 def check_types(instance: Any, prefix: str = "") -> None:
-    """Raise `LoraConfigError` for the first field of a dataclass `instance` whose value does not fit its hint."""
+    """Raise `LoraConfigError` for the first field of a dataclass `instance` whose value does not fit its hint.
+
+    Args:
+        instance: a dataclass instance.
+        prefix: put before the field's name in the message, e.g. ``"training."``.
+
+    Raises:
+        LoraConfigError: a field's value does not fit its type hint (the message says what to use).
+    """
     hints = _hints(type(instance))
     for field in dataclasses.fields(instance):
         value = getattr(instance, field.name)
@@ -91,13 +106,32 @@ def check_types(instance: Any, prefix: str = "") -> None:
 
 
 def check_range(condition: bool, name: str, value: Any, rule: str) -> None:
-    """Raise `LoraConfigError` ``name=value ...: rule`` unless `condition` holds."""
+    """Raise `LoraConfigError` ``name=value ...: rule`` unless `condition` holds.
+
+    Args:
+        condition: whether the value is acceptable.
+        name: the field's name as shown, e.g. ``"training.lr"``.
+        value: the value, shown with ``repr``.
+        rule: what to use instead, ending the message.
+
+    Raises:
+        LoraConfigError: `condition` is false.
+    """
     if not condition:
         raise LoraConfigError(f"{name}={value!r} is out of range: {rule}.")
 
 
 def check_regex(pattern: str, name: str, template: str = "{}") -> None:
-    """`pattern` must compile where it is used (inside `template`)."""
+    """`pattern` must compile where it is used (inside `template`).
+
+    Args:
+        pattern: the user's regular expression.
+        name: the field's name, for the message.
+        template: a format string with ``{}`` where `pattern` goes.
+
+    Raises:
+        LoraConfigError: the filled-in template does not compile.
+    """
     try:
         re.compile(template.format(pattern))
     except (re.error, RecursionError, OverflowError) as err:
@@ -135,6 +169,14 @@ def _coerce_one(value: Any, hint: Any) -> Any:
 def coerce(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     """Convert text values read from YAML or the command line to each field's type where they spell one
     (``"1e-3"`` -> 0.001 for a float, ``"false"`` -> False for a bool). Anything else is left for
-    `check_types` to refuse with a message."""
+    `check_types` to refuse with a message.
+
+    Args:
+        cls: the dataclass whose field type hints guide the conversion.
+        values: field name -> value; names that are not fields pass through unchanged.
+
+    Returns:
+        A new dict with the converted values.
+    """
     hints = _hints(cls)
     return {key: _coerce_one(value, hints[key]) if key in hints else value for key, value in values.items()}

@@ -38,7 +38,18 @@ def _doubled(config):
 
 
 def plain_lora_tensors(tensors: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Saved adapter tensors -> plain LoRA tensors for the original base: ``A' = [A; A0]``, ``B' = [B, -B0]``."""
+    """Saved adapter tensors -> plain LoRA tensors for the original base: ``A' = [A; A0]``, ``B' = [B, -B0]``.
+
+    Args:
+        tensors: the adapter's saved tensors, under PEFT's keys.
+        initial: its initial factors A0/B0 under the same keys.
+
+    Returns:
+        A new dict: A factors become (2r, in), B factors (out, 2r); other tensors (modules_to_save, biases) are unchanged.
+
+    Raises:
+        LoraError: an A factor has no initial factor (the adapter's init did not move the base).
+    """
     missing = [k for k in tensors if is_a_key(k) and k not in initial]
     if missing:
         raise LoraError(
@@ -55,14 +66,35 @@ def plain_lora_tensors(tensors: dict[str, torch.Tensor], initial: dict[str, torc
 
 
 def export_plain_lora(model: LoraModel, directory: str | os.PathLike, adapter_name: str = "default") -> None:
-    """Write adapter `adapter_name` as a plain LoRA (PEFT format) for the original, un-residualised base."""
+    """Write adapter `adapter_name` as a plain LoRA (PEFT format) for the original, un-residualised base.
+
+    Args:
+        model: the `LoraModel` holding the PiSSA/MiLoRA adapter.
+        directory: the output adapter folder; it is replaced whole.
+        adapter_name: the adapter to export.
+
+    Raises:
+        AdapterNameError: `model` has no adapter `adapter_name`.
+        LoraError: the adapter has no initial factors (its init did not move the base).
+        AdapterSaveError: `directory` is a file, or a folder holding other things than adapters.
+    """
     model.check_names([adapter_name])
     plain = plain_lora_tensors(adapter_state_dict(model, adapter_name), initial_factors(model, adapter_name))
     write_adapter(directory, _doubled(model.peft_config[adapter_name]), plain)
 
 
 def export_plain_lora_files(adapter_dir: str | os.PathLike, directory: str | os.PathLike) -> None:
-    """The same from a saved PiSSA/MiLoRA adapter directory alone (no model needed)."""
+    """`export_plain_lora` from a saved PiSSA/MiLoRA adapter directory alone (no model needed).
+
+    Args:
+        adapter_dir: a PiSSA/MiLoRA adapter saved by lorakit (with ``initial_factors.safetensors``).
+        directory: the output adapter folder; it is replaced whole.
+
+    Raises:
+        AdapterLoadError: the adapter in `adapter_dir` is missing or corrupt.
+        LoraError: it has no ``initial_factors.safetensors``.
+        AdapterSaveError: `directory` is a file, or a folder holding other things than adapters.
+    """
     adapter = read_adapter(adapter_dir)
     if not adapter.initial:
         path = Path(adapter_dir) / INITIAL_NAME
@@ -71,7 +103,16 @@ def export_plain_lora_files(adapter_dir: str | os.PathLike, directory: str | os.
 
 
 def save_residual_model(model: LoraModel, directory: str | os.PathLike) -> None:
-    """Save the base model as it is now (residual weights, no adapters) as a Hugging Face model directory."""
+    """Save the base model as it is now (residual weights, no adapters) as a Hugging Face model directory.
+
+    Args:
+        model: a `LoraModel` over a Hugging Face model; adapter factors and modules_to_save copies are left
+            out and wrapped layers are saved under their original names.
+        directory: the output folder (created if missing).
+
+    Raises:
+        LoraError: the wrapped model has no ``save_pretrained``.
+    """
     state = {}
     for key, value in model.model.state_dict().items():
         if ".lora_" in key or ".copies." in key:
@@ -87,7 +128,13 @@ def save_residual_model_files(adapter_dir: str | os.PathLike, base: nn.Module, d
     """The residual base ``W - s·B0@A0`` for a saved PiSSA/MiLoRA adapter, rebuilt from the original base
     model `base` (changed in place: it becomes the residual) and the adapter's initial factors.
 
+    Args:
+        adapter_dir: a PiSSA/MiLoRA adapter saved by lorakit (with ``initial_factors.safetensors``).
+        base: the original base model the adapter was made for.
+        directory: the output folder for the residual model (created if missing).
+
     Raises:
+        AdapterLoadError: the adapter is missing or corrupt, or does not fit `base`.
         LoraError: the adapter has no initial factors (it is not a PiSSA/MiLoRA adapter saved by lorakit).
     """
     if not read_adapter(adapter_dir).initial:

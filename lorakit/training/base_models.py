@@ -75,7 +75,18 @@ def _dequantised_copy(name: str, entry: EmbeddedModel) -> Path:
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
-    """The local directory holding `name_or_path` (an embedded name or a directory)."""
+    """The local directory holding `name_or_path` (an embedded name or a directory).
+
+    Args:
+        name_or_path: a name in `EMBEDDED_MODELS`, or a local directory with a ``config.json`` (``~`` is expanded).
+
+    Returns:
+        The model's directory; for the GGUF default, its de-quantised copy in the lorakit cache (made on first use).
+
+    Raises:
+        ModelNotFoundError: `name_or_path` is neither, or the package shipping an embedded model (or ``gguf``)
+            is not installed.
+    """
     name = str(name_or_path)
     if name in EMBEDDED_MODELS:
         entry = EMBEDDED_MODELS[name]
@@ -92,7 +103,21 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
 def load(
     name_or_path: str | os.PathLike, task: str = "causal-lm", num_labels: int | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[nn.Module, object]:
-    """Model and tokenizer for `task` ("causal-lm" or "classification")."""
+    """Model and tokenizer for `task` ("causal-lm" or "classification").
+
+    Args:
+        name_or_path: an embedded model name or a local model directory (see `resolve`).
+        task: ``"causal-lm"`` or ``"classification"`` (a sequence-classification head).
+        num_labels: classes of the classification head (None: 2); ignored for ``"causal-lm"``.
+        dtype: the dtype the weights are loaded in.
+
+    Returns:
+        ``(model, tokenizer)``; a tokenizer without a pad token gets its EOS token as pad token.
+
+    Raises:
+        ModelNotFoundError: the model cannot be found (see `resolve`).
+        LoraConfigError: `task` is neither ``"causal-lm"`` nor ``"classification"``.
+    """
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,

@@ -145,7 +145,18 @@ def _file_examples(path: Path) -> list[Example]:
 
 
 def load_examples(source: str | os.PathLike) -> list[Example]:
-    """Examples from ``bigbench:<task>[/<subtask>]`` or a local .jsonl/.json/.csv/.parquet file."""
+    """Examples from ``bigbench:<task>[/<subtask>]`` or a local .jsonl/.json/.csv/.parquet file.
+
+    Args:
+        source: ``bigbench:<task>[/<subtask>]`` (BIG-bench is fetched once into the lorakit cache) or a file
+            whose rows have prompt/completion, messages, or text/label columns.
+
+    Returns:
+        The examples, in the source's order.
+
+    Raises:
+        DataError: the task or file does not exist or cannot be read, it holds no examples, or a row has no usable columns.
+    """
     source = str(source)
     if source.startswith(BIGBENCH_PREFIX):
         return _bigbench_examples(source[len(BIGBENCH_PREFIX):])
@@ -156,7 +167,21 @@ def split_examples(
     examples: Sequence[Example], seed: int = 0, test_size: int | float = 0.2, validation_size: int | float = 0.1,
     max_train: int | None = None,
 ) -> Splits:
-    """Deterministic seeded train/validation/test split; sizes are counts or fractions of the whole."""
+    """Deterministic seeded train/validation/test split; sizes are counts or fractions of the whole.
+
+    Args:
+        examples: all the examples.
+        seed: seeds the shuffle.
+        test_size: test items, a count (int) or a fraction of all examples (float).
+        validation_size: validation items, likewise; 0 for none.
+        max_train: keep at most this many training items (None: all).
+
+    Returns:
+        `Splits` of train, validation and test items, disjoint, from one seeded shuffle.
+
+    Raises:
+        DataError: a non-zero size gives no item, or the test and validation items leave no training item.
+    """
     order = list(examples)
     random.Random(seed).shuffle(order)
     count = lambda size: int(size * len(order)) if isinstance(size, float) else int(size)  # noqa: E731

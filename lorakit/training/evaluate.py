@@ -38,7 +38,21 @@ def option_logprobs(model, tokenizer, examples: Sequence[Example], batch_size: i
     """For each example, the summed log-likelihood of each option given the prompt.
 
     The prompt runs once per example; every option continues from the prompt's cached keys and values,
-    so k options cost one prompt pass plus k short ones instead of k full passes."""
+    so k options cost one prompt pass plus k short ones instead of k full passes.
+
+    Args:
+        model: a causal LM that returns a key/value cache (``use_cache=True``).
+        tokenizer: its tokenizer, with a pad token.
+        examples: multiple-choice examples; their options are scored.
+        batch_size: examples per forward.
+        max_length: prompt tokens kept (the last ones).
+
+    Returns:
+        Per example, one log-likelihood per option, in the order of its options.
+
+    Raises:
+        UnsupportedModelError: the model returns no key/value cache.
+    """
     scores: list[list[float]] = []
     for start in tqdm(range(0, len(examples), batch_size), desc="scoring options", leave=False):
         scores.extend(_score_options(model, tokenizer, examples[start : start + batch_size], max_length))
@@ -77,21 +91,52 @@ def _score_options(model, tokenizer, chunk: Sequence[Example], max_length: int) 
 
 
 def multiple_choice_accuracy(model, tokenizer, examples: Sequence[Example], batch_size: int = 16) -> float:
-    """Share of items whose highest-likelihood option is the right one."""
+    """Share of items whose highest-likelihood option is the right one.
+
+    Args:
+        model: a causal LM that returns a key/value cache.
+        tokenizer: its tokenizer, with a pad token.
+        examples: multiple-choice examples with their right option's index as label (at least one).
+        batch_size: examples per forward.
+
+    Returns:
+        The accuracy, in [0, 1].
+
+    Raises:
+        UnsupportedModelError: the model returns no key/value cache.
+    """
     scores = option_logprobs(model, tokenizer, examples, batch_size)
     hits = [max(range(len(s)), key=s.__getitem__) == ex.label for s, ex in zip(scores, examples)]
     return sum(hits) / len(hits)
 
 
 def majority_rate(examples: Sequence[Example]) -> float:
-    """Accuracy of always answering the most common right answer: the bar to beat."""
+    """Accuracy of always answering the most common right answer: the bar to beat.
+
+    Args:
+        examples: the examples (at least one).
+
+    Returns:
+        The share of examples whose target is the most common one, in [0, 1].
+    """
     counts = Counter(ex.target for ex in examples)
     return counts.most_common(1)[0][1] / len(examples)
 
 
 @torch.no_grad()
 def exact_match(model, tokenizer, examples: Sequence[Example], batch_size: int = 8, max_new_tokens: int = 32) -> float:
-    """Greedy decoding; a hit when the stripped output equals one accepted answer."""
+    """Greedy decoding; a hit when the stripped output equals one accepted answer.
+
+    Args:
+        model: a model with ``generate``.
+        tokenizer: its tokenizer, with a pad token.
+        examples: the examples; ``targets`` (else ``target``) are the accepted answers.
+        batch_size: prompts per ``generate`` call.
+        max_new_tokens: the most tokens generated per answer.
+
+    Returns:
+        The share of hits, in [0, 1].
+    """
     device = next(model.parameters()).device
     hits = 0
     for start in tqdm(range(0, len(examples), batch_size), desc="generating", leave=False):
@@ -110,7 +155,18 @@ def exact_match(model, tokenizer, examples: Sequence[Example], batch_size: int =
 
 @torch.no_grad()
 def token_loss(model, tokenizer, examples: Sequence[Example], batch_size: int = 16, max_length: int = 512) -> float:
-    """Mean cross-entropy over completion tokens (the training objective) on `examples`, in eval mode."""
+    """Mean cross-entropy over completion tokens (the training objective) on `examples`, in eval mode.
+
+    Args:
+        model: a causal LM whose forward accepts ``logits_to_keep``.
+        tokenizer: its tokenizer, with a pad token.
+        examples: the examples; the loss is on their targets.
+        batch_size: examples per forward.
+        max_length: the most tokens per example (see `tokenize_example`).
+
+    Returns:
+        The mean cross-entropy per completion token, in nats.
+    """
     device = next(model.parameters()).device
     total, count = 0.0, 0
     with eval_mode(model):
@@ -123,7 +179,20 @@ def token_loss(model, tokenizer, examples: Sequence[Example], batch_size: int = 
 
 
 def evaluate(model, tokenizer, examples: Sequence[Example], batch_size: int = 16) -> dict[str, float]:
-    """Accuracy by the task's kind (options -> multiple choice, else exact match) and the majority rate."""
+    """Accuracy by the task's kind (options -> multiple choice, else exact match) and the majority rate.
+
+    Args:
+        model: the model, evaluated in eval mode (its mode is restored after).
+        tokenizer: its tokenizer, with a pad token.
+        examples: the test examples (at least one); options on the first make it multiple choice.
+        batch_size: examples per forward (halved for generation).
+
+    Returns:
+        ``{"accuracy": ..., "majority": ..., "items": ...}``: the accuracy, the majority rate and the number of examples.
+
+    Raises:
+        UnsupportedModelError: a multiple-choice task on a model that returns no key/value cache.
+    """
     with eval_mode(model):
         if examples and examples[0].options:
             accuracy = multiple_choice_accuracy(model, tokenizer, examples, batch_size)
@@ -134,7 +203,17 @@ def evaluate(model, tokenizer, examples: Sequence[Example], batch_size: int = 16
 
 @torch.no_grad()
 def classification_accuracy(model, items: Sequence[dict], pad_id: int, batch_size: int = 64) -> float:
-    """Share of items ({input_ids, label}) whose arg-max class is the label, in eval mode."""
+    """Share of items ({input_ids, label}) whose arg-max class is the label, in eval mode.
+
+    Args:
+        model: a sequence classifier whose output has ``logits`` (batch, classes).
+        items: dicts with ``input_ids`` (a list of token ids) and ``label`` (a class id), at least one.
+        pad_id: the token id that fills the padding.
+        batch_size: items per forward.
+
+    Returns:
+        The accuracy, in [0, 1].
+    """
     from ..core.examples import collate_classification
 
     device = next(model.parameters()).device

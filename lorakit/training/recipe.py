@@ -79,6 +79,13 @@ def load_run_config(path: str | Path | None = None, overrides: Sequence[str] = (
 
     Text values are converted to each field's type (``training.lr=1e-3`` is a float).
 
+    Args:
+        path: a YAML file with model/data/lora/training/plora sections, or None for the defaults alone.
+        overrides: ``section.key=value`` assignments applied after the file, in order; values are read as YAML.
+
+    Returns:
+        The validated `RunConfig`.
+
     Raises:
         LoraConfigError: the file is missing or not YAML, a key is unknown (with the closest valid one), or a value
             has the wrong type or range (naming the field).
@@ -156,7 +163,25 @@ def _summary(config: RunConfig, before: dict, after: dict, trainable: int, total
 def run(config: RunConfig) -> dict[str, Any]:
     """Train and evaluate as `config` says; returns the summary numbers.
 
-    Cheap checks (the output folder, the data and its split) run before the model is loaded."""
+    Cheap checks (the output folder, the data and its split) run before the model is loaded.
+
+    Args:
+        config: the run's settings (e.g. from `load_run_config`).
+
+    Returns:
+        On the main process ``{"before", "after", "trainable", "seconds"}``: the zero-shot evaluation (empty when
+        resuming), the fine-tuned one, the trainable parameter count and the training time; ``{}`` on other processes.
+
+    Raises:
+        TrainingOutputError: ``training.output_dir`` is a file, or holds an earlier run and ``training.resume`` is false.
+        DataError: the data cannot be read or split.
+        LoraConfigError: the training split is smaller than one batch, or the LoRA or PLoRA settings do not fit.
+        ModelNotFoundError: the model is neither embedded nor a local directory.
+        TargetModuleError: ``lora.target_modules`` or ``lora.modules_to_save`` do not fit the model.
+        UnsupportedModelError: a multiple-choice task on a model that returns no key/value cache.
+        ResumeError: a resumed run's checkpoint belongs to other settings or is damaged.
+        TrainingDivergedError: the loss or the gradients became NaN or infinite.
+    """
     from ..core.lora_model import get_lora_model
     from . import base_models, data, evaluate
     from .trainer import Trainer

@@ -104,5 +104,12 @@ SECTIONS: dict[str, type] = {
 
 
 def size_of(value: float) -> int | float:
-    """YAML gives 250 or 0.2: counts stay ints, fractions stay floats."""
+    """YAML gives 250 or 0.2: counts stay ints, fractions stay floats.
+
+    Args:
+        value: a size from the config: a count of items or a fraction of the data.
+
+    Returns:
+        An int for values >= 1, else a float.
+    """
     return int(value) if float(value) >= 1 else float(value)

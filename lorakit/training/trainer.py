@@ -153,7 +153,14 @@ def _differences(recorded, current, prefix: str = "") -> list[tuple[str, object,
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint (complete = renamed into place, so it holds every file)."""
+    """The newest complete checkpoint (complete = renamed into place, so it holds every file).
+
+    Args:
+        output_dir: the run directory.
+
+    Returns:
+        Its newest ``checkpoints/step-NNNNNN`` folder, or None when there is none.
+    """
     return RunLayout(output_dir).latest_checkpoint()
 
 

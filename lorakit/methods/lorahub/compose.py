@@ -36,7 +36,19 @@ class HubModule:
 
 
 def as_module(item) -> HubModule:
-    """A `HubModule` from an adapter directory, a `HubModule`, or a ``(LoraModel, adapter_name)`` pair."""
+    """A `HubModule` from an adapter directory, a `HubModule`, or a ``(LoraModel, adapter_name)`` pair.
+
+    Args:
+        item: an adapter directory, a `HubModule` (returned as is), or a ``(LoraModel, adapter_name)`` pair
+            (its tensors are copied to the CPU).
+
+    Returns:
+        The `HubModule`.
+
+    Raises:
+        AdapterLoadError: the directory's adapter is missing or corrupt.
+        LoraConfigError: the directory holds a PiSSA/MiLoRA adapter (its factors belong to a residual base).
+    """
     if isinstance(item, HubModule):
         return item
     if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], LoraModel):  # (model, adapter name)
@@ -55,7 +67,19 @@ _RESIDUAL_MODULE = (
 
 
 def load_modules(items: Sequence) -> list[HubModule]:
-    """Adapter directories, `HubModule`s or ``(LoraModel, adapter_name)`` pairs, checked to fit together."""
+    """Adapter directories, `HubModule`s or ``(LoraModel, adapter_name)`` pairs, checked to fit together.
+
+    Args:
+        items: adapter directories, `HubModule`s or ``(LoraModel, adapter_name)`` pairs.
+
+    Returns:
+        One `HubModule` per item, in order.
+
+    Raises:
+        AdapterLoadError: a directory's adapter is missing or corrupt.
+        LoraConfigError: there is no item, a module is PiSSA/MiLoRA or holds more than LoRA factors (modules_to_save,
+            biases), or the modules differ in keys, shapes, ``lora_alpha``, ``use_rslora`` or ``alpha_pattern``.
+    """
     modules = [as_module(item) for item in items]
     _check_compatible(modules)
     return modules
@@ -93,7 +117,20 @@ def _first_mismatch(first: HubModule, other: HubModule) -> str | None:
 
 
 def compose(modules: Sequence, weights: Sequence[float]) -> HubModule:
-    """``A = Σ w_i A_i`` and ``B = Σ w_i B_i`` for every layer (negative weights allowed)."""
+    """``A = Σ w_i A_i`` and ``B = Σ w_i B_i`` for every layer (negative weights allowed).
+
+    Args:
+        modules: adapter directories, `HubModule`s or ``(LoraModel, adapter_name)`` pairs (see `load_modules`).
+        weights: one finite number per module.
+
+    Returns:
+        A `HubModule` with the first module's config and the composed tensors, each in the first module's dtype.
+
+    Raises:
+        AdapterLoadError: a directory's adapter is missing or corrupt.
+        LoraConfigError: the modules do not fit together (see `load_modules`), or `weights` is not one finite
+            number per module.
+    """
     modules = load_modules(modules)
     if len(weights) != len(modules):
         raise LoraConfigError(f"{len(weights)} weights for {len(modules)} modules: give one weight per module.")
@@ -108,5 +145,12 @@ def compose(modules: Sequence, weights: Sequence[float]) -> HubModule:
 
 
 def finite_number(value) -> bool:
-    """A real, finite int or float (not a bool)."""
+    """A real, finite int or float (not a bool).
+
+    Args:
+        value: any object.
+
+    Returns:
+        True for a finite int or float that is not a bool.
+    """
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -245,8 +245,31 @@ def learn(model: nn.Module, modules: Sequence, examples: Sequence[Example], toke
     population (default: CMA's own size, else 1) is evaluated in one batched forward. The model comes
     back unchanged, or with the composed update merged when ``merge=True`` (then in ``result.model``).
 
+    Args:
+        model: the base model (not a `LoraModel`): it is wrapped with candidate adapters during the search.
+        modules: adapter directories, `HubModule`s or ``(LoraModel, adapter_name)`` pairs sharing targets and
+            rank (see `load_modules`).
+        examples: a few examples of the new task; the loss is on their targets.
+        tokenizer: the model's tokenizer.
+        budget: objective evaluations in all.
+        lam: weight λ of the L1 term ``mean|w|``.
+        optimizer: a nevergrad optimiser name (``"CMA-ES"`` is nevergrad's ``"CMA"``).
+        bounds: ``(low, high)`` of every weight.
+        seed: seeds the optimiser.
+        population: candidates evaluated per batched forward (None: ``4 + floor(3 ln N)`` for CMA, else 1).
+        merge: also return the model with the composed update merged, in ``result.model``.
+        batch_rows: the most (candidate, example) rows in one forward.
+        max_length: the most tokens of a tokenized example.
+        progress: show a progress bar.
+
+    Returns:
+        A `HubResult`: the best weights, the objective of every evaluation (and its running minimum), the
+        composed module, the seconds the search took and, with ``merge=True``, the merged model.
+
     Raises:
-        LoraConfigError: a setting is out of range, there are no examples, or the modules do not fit together.
+        LoraConfigError: a setting is out of range, there are no examples, `model` is a `LoraModel`, the optimiser
+            is unknown, or the modules do not fit together.
+        AdapterLoadError: a module's directory cannot be read, or the modules do not fit `model`.
     """
     check_search_settings(examples, budget, lam, bounds, population, batch_rows, max_length)
     modules = load_modules(modules)
@@ -307,7 +330,13 @@ def _running_min(values: list[float]) -> list[float]:
 
 
 def plot_result(result: HubResult, names: Sequence[str], path: str | os.PathLike) -> None:
-    """Loss curve (every evaluation and the running best) and the final weights, as a PNG."""
+    """Loss curve (every evaluation and the running best) and the final weights, as a PNG.
+
+    Args:
+        result: what `learn` returned.
+        names: one label per module, in the order of ``result.weights`` (a path shows as its last part).
+        path: where the PNG goes: a file path or a binary file object.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -57,7 +57,15 @@ def live_factors(config, tensors: dict[str, Tensor]) -> dict[str, tuple[Tensor, 
 
 
 def total_factors(stages: list[Stage], live: dict[str, tuple[Tensor, Tensor, float]]) -> dict[str, UpdateFactors]:
-    """Per layer, the stages and the live adapter side by side (coefficients and scales folded into B)."""
+    """Per layer, the stages and the live adapter side by side (coefficients and scales folded into B).
+
+    Args:
+        stages: the run's unloads (see `read_stages`); empty for a plain LoRA run.
+        live: A key -> (A (r, in), B (out, r), scale s) of the live adapter (see `live_factors`).
+
+    Returns:
+        A key -> `UpdateFactors` with A (R, in) and B (out, R), R = (T+1)·r, so that ``B @ A`` is the layer's ΔW.
+    """
     total = {}
     for key, (A, B, scale) in live.items():
         if not stages:
@@ -75,7 +83,16 @@ def _core(update: UpdateFactors) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def compress(update: UpdateFactors, rank: int) -> tuple[UpdateFactors, float]:
-    """The best rank-`rank` factors of ``B @ A`` and the relative Frobenius error of dropping the rest."""
+    """The best rank-`rank` factors of ``B @ A`` and the relative Frobenius error of dropping the rest.
+
+    Args:
+        update: the factors of one layer's ΔW.
+        rank: the rank K to keep; one above R keeps all R.
+
+    Returns:
+        ``(factors, error)``: float32 factors A (K, in) and B (out, K) of the truncated SVD (square roots of the
+        singular values in both), and ``||ΔW - ΔW_K||_F / ||ΔW||_F`` (0 when ΔW is 0).
+    """
     Q_B, core, Q_A = _core(update)
     U, S, Vh = torch.linalg.svd(core)  # (R, R), (R,), (R, R)
     k = min(rank, S.shape[0])
@@ -88,7 +105,14 @@ def compress(update: UpdateFactors, rank: int) -> tuple[UpdateFactors, float]:
 
 
 def effective_rank(S: Tensor) -> float:
-    """Roy & Vetterli's effective rank ``exp(H(p))``, ``p_i = σ_i / Σσ``: 1 for one direction, n for n equal ones."""
+    """Roy & Vetterli's effective rank ``exp(H(p))``, ``p_i = σ_i / Σσ``: 1 for one direction, n for n equal ones.
+
+    Args:
+        S: the singular values (>= 0), a 1-D tensor.
+
+    Returns:
+        The effective rank; 0.0 when every value is 0.
+    """
     p = S.double() / S.sum()
     p = p[p > 0]
     return float(torch.exp(-(p * p.log()).sum())) if p.numel() else 0.0
@@ -96,7 +120,20 @@ def effective_rank(S: Tensor) -> float:
 
 def run_update(run_dir: str | os.PathLike) -> tuple[object, dict[str, Tensor], dict[str, UpdateFactors], list[Stage]]:
     """(adapter config, adapter tensors, per-layer total update, stages) of a training run directory:
-    ``adapter/`` (the live adapter at the end) and, for PLoRA runs, ``plora/stage-*.safetensors``."""
+    ``adapter/`` (the live adapter at the end) and, for PLoRA runs, ``plora/stage-*.safetensors``.
+
+    Args:
+        run_dir: a training run directory (``training.output_dir``).
+
+    Returns:
+        ``(config, tensors, total, stages)``: the adapter's `LoraConfig` and saved tensors, A key -> `UpdateFactors`
+        of the total update, and the PLoRA stages (empty for a plain LoRA run).
+
+    Raises:
+        LoraError: `run_dir` has no ``adapter/`` folder.
+        AdapterLoadError: the run's adapter is corrupt.
+        LoraConfigError: the stage files have gaps.
+    """
     run = RunLayout(run_dir)
     if not run.is_run():
         raise LoraError(f"{run.root} is not a lorakit run directory: it has no adapter/ folder (write one with `lorakit train`).")
@@ -108,7 +145,23 @@ def run_update(run_dir: str | os.PathLike) -> tuple[object, dict[str, Tensor], d
 
 def export_plora(run_dir: str | os.PathLike, directory: str | os.PathLike, rank: int | None = None) -> dict:
     """Write a PLoRA run's total update as one PEFT adapter for the original base: exact (rank (T+1)·r)
-    when `rank` is None, else compressed to `rank`. Returns a report (ranks and relative errors)."""
+    when `rank` is None, else compressed to `rank`.
+
+    Args:
+        run_dir: a training run directory (``training.output_dir``).
+        directory: the output adapter folder, replaced whole; it also gets ``export_report.json``.
+        rank: the rank to compress every layer to by truncated SVD, or None for the exact update.
+
+    Returns:
+        The report: ``stages``, ``rank`` (the largest layer rank), ``layers`` and, when compressed,
+        ``max_relative_error`` and ``mean_relative_error``.
+
+    Raises:
+        LoraError: `run_dir` is not a run directory, or `rank` is below 1.
+        AdapterLoadError: the run's adapter is corrupt.
+        LoraConfigError: the stage files have gaps.
+        AdapterSaveError: `directory` is a file, or a folder holding other things than adapters.
+    """
     config, tensors, total, stages = run_update(run_dir)
     if rank is not None and rank < 1:
         raise LoraError(f"--rank {rank}: the compressed rank must be >= 1.")
@@ -137,7 +190,17 @@ def export_plora(run_dir: str | os.PathLike, directory: str | os.PathLike, rank:
 def plot_diagnostics(runs: dict[str, str | os.PathLike], path: str | os.PathLike) -> dict[str, dict]:
     """One PNG for runs labelled ``{label: run_dir}``: per-layer effective rank of the total update, the
     mean normalised singular-value spectrum, and the training loss with the unload points marked.
-    Returns per label: the stage count and, per layer, the stored and the effective rank of ΔW."""
+
+    Args:
+        runs: label -> training run directory.
+        path: where the PNG goes.
+
+    Returns:
+        Per label: ``{"stages": T, "stored_ranks": [...], "effective_ranks": [...]}``, one rank of ΔW per layer.
+
+    Raises:
+        LoraError, AdapterLoadError, LoraConfigError: a run cannot be read (see `run_update`).
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -59,14 +59,30 @@ class Stage:
 
 def stage_factors(stages: list[Stage], key: str) -> tuple[Tensor, Tensor]:
     """The stages of one layer side by side: ``A_all`` (T·r, in) and ``B_all`` (out, T·r) with each
-    coefficient and scale folded into B, so ``B_all @ A_all = Σ_t c_t·s·B_t@A_t``."""
+    coefficient and scale folded into B, so ``B_all @ A_all = Σ_t c_t·s·B_t@A_t``.
+
+    Args:
+        stages: the recorded stages (at least one).
+        key: the layer's saved A key.
+
+    Returns:
+        ``(A_all, B_all)``.
+    """
     A_all = torch.cat([stage.factors[key][0] for stage in stages], dim=0)
     B_all = torch.cat([stage.coefficient * stage.scales[key] * stage.factors[key][1] for stage in stages], dim=1)
     return A_all, B_all
 
 
 def stage_lr_lambda(factor: Callable[[int], float], stage_steps: int) -> Callable[[int], float]:
-    """A schedule over one stage, restarted every `stage_steps` steps (``lr_schedule="per_stage"``)."""
+    """A schedule over one stage, restarted every `stage_steps` steps (``lr_schedule="per_stage"``).
+
+    Args:
+        factor: the learning-rate factor of a step within a stage.
+        stage_steps: optimizer steps per stage.
+
+    Returns:
+        A function of the global step, ``factor(step % stage_steps)`` (for ``LambdaLR``).
+    """
     return lambda step: factor(step % stage_steps)
 
 
@@ -217,7 +233,18 @@ def write_stage(directory: Path, stage: Stage) -> None:
 
 
 def read_stages(directory: str | os.PathLike, device: torch.device | str = "cpu") -> list[Stage]:
-    """The stages recorded in `directory`, in order (empty if there are none)."""
+    """The stages recorded in `directory`, in order (empty if there are none).
+
+    Args:
+        directory: the folder of ``stage-NNNN.safetensors`` files (a run's ``plora/``); it need not exist.
+        device: where the factors are loaded.
+
+    Returns:
+        The `Stage`s by index, with their factors, coefficients and scales.
+
+    Raises:
+        LoraConfigError: the stage indices are not 1, 2, ... without gaps.
+    """
     folder = Path(directory)
     stages = []
     for path in sorted(folder.glob("stage-*.safetensors")) if folder.is_dir() else []:
