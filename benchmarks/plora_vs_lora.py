@@ -26,7 +26,8 @@ import sys
 from pathlib import Path
 
 from lorakit.core.cache import cache_dir
-from lorakit.methods.plora.export import effective_rank, plot_diagnostics, run_update
+from lorakit.methods.plora.diagnostics import effective_rank, plot_diagnostics
+from lorakit.methods.plora.export import run_update
 from lorakit.training.recipe import load_run_config, run
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -82,7 +82,7 @@ def _info(args: argparse.Namespace) -> None:
 def _run_info(run_dir: Path, others: list[Path]) -> None:
     """The rank structure of a run's total update, and a diagnostics plot (with `others` beside it)."""
     from .core.run_layout import RunLayout
-    from .methods.plora.export import plot_diagnostics
+    from .methods.plora.diagnostics import plot_diagnostics
 
     runs = {run_dir.name: run_dir}
     for other in others:  # labelled by folder name, by full path where two names are equal

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_hub import multiple_choice_task, tiny_tokenizer, write_fake_bigbench
+from offline_fixtures import multiple_choice_task, tiny_tokenizer, write_fake_bigbench
 
 from lorakit import data
 from lorakit.core import examples

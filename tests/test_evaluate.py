@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_hub import write_tiny_model
+from offline_fixtures import write_tiny_model
 
 from lorakit import base_models, evaluate
 from lorakit.core.examples import Example, format_prompt

@@ -13,7 +13,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from tiny_hub import tiny_tokenizer, write_tiny_model
+from offline_fixtures import tiny_tokenizer, write_tiny_model
 from transformers import T5Config, T5ForConditionalGeneration
 
 from lorakit import (

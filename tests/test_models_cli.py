@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_hub import write_tiny_model
+from offline_fixtures import write_tiny_model
 
 from lorakit import LoraConfig, LoraModel, base_models, evaluate, get_lora_model
 from lorakit.cli import main as cli_main

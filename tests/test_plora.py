@@ -16,7 +16,7 @@ import peft
 import pytest
 import torch
 from conftest import logits, make_inputs, make_model
-from tiny_hub import write_tiny_model
+from offline_fixtures import write_tiny_model
 
 from lorakit import (
     LoraConfig,
@@ -244,7 +244,7 @@ def test_plora_refuses_svd_inits_and_bad_settings():
 
 
 def test_recipe_and_cli_for_a_plora_run(tmp_path):
-    from tiny_hub import multiple_choice_task, write_fake_bigbench
+    from offline_fixtures import multiple_choice_task, write_fake_bigbench
 
     write_tiny_model(tmp_path / "model")
     write_fake_bigbench(tmp_path / "cache", {"parity": multiple_choice_task(60)})

@@ -17,9 +17,9 @@ import peft
 import pytest
 import torch
 from conftest import make_model
+from offline_fixtures import write_tiny_model
 from safetensors.torch import load_file
 from test_errors import _assert_unchanged, _snapshot
-from tiny_hub import write_tiny_model
 from torch import nn
 
 import lorakit.core.atomic

@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 from conftest import logits, make_inputs, make_model
-from tiny_hub import write_tiny_model
+from offline_fixtures import write_tiny_model
 
 from lorakit import LoraConfig, LoraModel, TargetModuleError, get_lora_model
 from lorakit.core.svd import decompose

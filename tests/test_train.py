@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from offline_fixtures import multiple_choice_task, write_fake_bigbench, write_tiny_model
 from safetensors.torch import load_file
-from tiny_hub import multiple_choice_task, write_fake_bigbench, write_tiny_model
 
 from lorakit import LoraConfig, LoraConfigError, base_models, get_lora_model
 from lorakit.core import examples
