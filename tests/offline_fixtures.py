@@ -58,3 +58,17 @@ def write_fake_bigbench(cache: Path, tasks: dict[str, dict]) -> Path:
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     return archive
+
+
+def tiny_trainer(model_dir: Path, output: Path, items=None, lora=None, **training):
+    """A Trainer for a LoRA (r=4 on q/v unless `lora` says otherwise) on the tiny model in `model_dir`, learning
+    parity from 40 items (or `items`), 10 steps of batch 4, a checkpoint every 2 steps; `training` overrides."""
+    from lorakit import LoraConfig, base_models, get_lora_model
+    from lorakit.core.examples import tokenize_example
+    from lorakit.training.trainer import Trainer, TrainingConfig
+
+    model, tokenizer = base_models.load(model_dir)
+    lora_model = get_lora_model(model, lora or LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    items = items or [tokenize_example(tokenizer, f"{i} even?", "yes" if i % 2 == 0 else "no", 32) for i in range(40)]
+    config = TrainingConfig(**({"output_dir": str(output), "steps": 10, "batch_size": 4, "save_every": 2} | training))
+    return Trainer(lora_model, items, config, tokenizer.pad_token_id)

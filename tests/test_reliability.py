@@ -17,7 +17,7 @@ import peft
 import pytest
 import torch
 from conftest import make_model
-from offline_fixtures import write_tiny_model
+from offline_fixtures import tiny_trainer, write_tiny_model
 from safetensors.torch import load_file
 from test_errors import _assert_unchanged, _snapshot
 from torch import nn
@@ -44,7 +44,7 @@ from lorakit.core.errors import (
     TrainingDivergedError,
 )
 from lorakit.core.peft_format import read_adapter
-from lorakit.training.trainer import Trainer, TrainingConfig, latest_checkpoint
+from lorakit.training.trainer import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -288,17 +288,9 @@ def test_empty_svd_cache_path_is_refused():
 
 
 # -- non-finite gradients ------------------------------------------------------------------------------
-def _trainer(tiny: Path, output: Path, items=None, lora=None, **training) -> Trainer:
-    model, tokenizer = base_models.load(tiny)
-    lora_model = get_lora_model(model, lora or LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    items = items or [examples.tokenize_example(tokenizer, f"{i} even?", "yes" if i % 2 == 0 else "no", 32) for i in range(40)]
-    config = TrainingConfig(**({"output_dir": str(output), "steps": 10, "batch_size": 4, "save_every": 2} | training))
-    return Trainer(lora_model, items, config, tokenizer.pad_token_id)
-
-
 @pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])
 def test_nan_gradient_with_finite_loss_is_never_applied_or_saved(tiny, tmp_path, max_grad_norm):
-    trainer = _trainer(tiny, tmp_path, max_grad_norm=max_grad_norm)
+    trainer = tiny_trainer(tiny, tmp_path, max_grad_norm=max_grad_norm)
     trainer.train_step(), trainer.train_step()
     good = trainer.save_checkpoint()
     layer = next(trainer.module.lora_layers())[1]
@@ -316,23 +308,23 @@ def test_nan_gradient_with_finite_loss_is_never_applied_or_saved(tiny, tmp_path,
 
 # -- resume --------------------------------------------------------------------------------------------
 def test_resume_with_other_settings_or_data_is_refused_listing_them(tiny, tmp_path):
-    trainer = _trainer(tiny, tmp_path)
+    trainer = tiny_trainer(tiny, tmp_path)
     trainer.train_step(), trainer.train_step()
     trainer.save_checkpoint()
-    with pytest.raises(ResumeError, match=r"training.lr: 0.0003 -> 0.001.*training.batch_size|training.batch_size.*training.lr"):
-        _trainer(tiny, tmp_path, resume=True, lr=1e-3, batch_size=8)
+    with pytest.raises(ResumeError, match=r"training.lr: 0.002 -> 0.001.*training.batch_size|training.batch_size.*training.lr"):
+        tiny_trainer(tiny, tmp_path, resume=True, lr=1e-3, batch_size=8)
     with pytest.raises(ResumeError, match=r"adapter.r: 4 -> 8"):
-        _trainer(tiny, tmp_path, resume=True, lora=LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+        tiny_trainer(tiny, tmp_path, resume=True, lora=LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
     _, tokenizer = base_models.load(tiny)
     other = [examples.tokenize_example(tokenizer, f"{i} odd?", "no", 32) for i in range(40)]
     with pytest.raises(ResumeError, match=r"data:"):
-        _trainer(tiny, tmp_path, items=other, resume=True)
-    assert _trainer(tiny, tmp_path, resume=True, eval_every=3).step == 2  # bookkeeping may change
+        tiny_trainer(tiny, tmp_path, items=other, resume=True)
+    assert tiny_trainer(tiny, tmp_path, resume=True, eval_every=3).step == 2  # bookkeeping may change
 
 
 def test_resume_without_checkpoint_says_so_and_drops_unsaved_metrics(tiny, tmp_path, capsys):
     tmp_path.joinpath("metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
-    trainer = _trainer(tiny, tmp_path, resume=True)
+    trainer = tiny_trainer(tiny, tmp_path, resume=True)
     assert trainer.step == 0 and "no checkpoint" in capsys.readouterr().err
     assert tmp_path.joinpath("metrics.jsonl").read_text() == ""
     trainer.train_step()
@@ -341,12 +333,12 @@ def test_resume_without_checkpoint_says_so_and_drops_unsaved_metrics(tiny, tmp_p
 
 
 def test_garbage_trainer_state_is_a_resume_error(tiny, tmp_path):
-    trainer = _trainer(tiny, tmp_path)
+    trainer = tiny_trainer(tiny, tmp_path)
     trainer.train_step()
     checkpoint = trainer.save_checkpoint()
     (checkpoint / "trainer_state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ResumeError, match="could not be read.*delete"):
-        _trainer(tiny, tmp_path, resume=True)
+        tiny_trainer(tiny, tmp_path, resume=True)
 
 
 # -- data ------------------------------------------------------------------------------------------------

@@ -14,14 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from offline_fixtures import multiple_choice_task, write_fake_bigbench, write_tiny_model
+from offline_fixtures import multiple_choice_task, tiny_trainer, write_fake_bigbench, write_tiny_model
 from safetensors.torch import load_file
 
 from lorakit import LoraConfig, LoraConfigError, base_models, get_lora_model
 from lorakit.core import examples
 from lorakit.training.recipe import load_run_config
 from lorakit.training.trainer import (
-    Trainer,
     TrainingConfig,
     TrainingDivergedError,
     batch_indices,
@@ -59,7 +58,8 @@ def _env(workspace: Path) -> dict:
 
 
 def _train_cli(workspace: Path, config: Path, *extra: str, launcher=(sys.executable, "-m", "lorakit.cli")) -> None:
-    subprocess.run([*launcher, "train", str(config), *extra], check=True, env=_env(workspace), capture_output=True, timeout=600)
+    result = subprocess.run([*launcher, "train", str(config), *extra], env=_env(workspace), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"exit {result.returncode}:\n{result.stderr[-3000:]}"
 
 
 def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -132,16 +132,8 @@ def test_two_process_ddp_matches_one_process(workspace, method):
             torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
-def _tiny_trainer(workspace: Path, output: Path, **training) -> Trainer:
-    model, tokenizer = base_models.load(workspace / "model")
-    lora_model = get_lora_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    items = [examples.tokenize_example(tokenizer, f"{i} even?", "yes" if i % 2 == 0 else "no", 32) for i in range(40)]
-    config = TrainingConfig(output_dir=str(output), steps=10, batch_size=4, save_every=2, **training)
-    return Trainer(lora_model, items, config, tokenizer.pad_token_id)
-
-
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(workspace, tmp_path):
-    trainer = _tiny_trainer(workspace, tmp_path)
+    trainer = tiny_trainer(workspace / "model", tmp_path)
     trainer.train_step(), trainer.train_step()
     good = trainer.save_checkpoint()
     with torch.no_grad():
@@ -152,7 +144,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(workspace, tmp_path):
 
 
 def test_interrupted_checkpoint_write_is_ignored(workspace, tmp_path, monkeypatch):
-    trainer = _tiny_trainer(workspace, tmp_path)
+    trainer = tiny_trainer(workspace / "model", tmp_path)
     trainer.train_step()
     first = trainer.save_checkpoint()
     trainer.train_step()
@@ -208,7 +200,7 @@ def test_gradient_accumulation_matches_one_big_batch(workspace, tmp_path):
     results = []
     for accumulation in (1, 2):
         torch.manual_seed(0)
-        trainer = _tiny_trainer(workspace, tmp_path / f"acc{accumulation}", grad_accum=accumulation)
+        trainer = tiny_trainer(workspace / "model", tmp_path / f"acc{accumulation}", grad_accum=accumulation)
         for _ in range(3):
             trainer.train_step()
         results.append({k: v.detach().clone() for k, v in trainer.module.state_dict().items() if "lora_" in k})

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ...core.config import LoraConfig
 from ...core.errors import LoraError
 from ...core.peft_format import PREFIX, b_key, is_a_key, read_adapter, write_adapter
 from ...core.run_layout import RunLayout
@@ -45,8 +46,16 @@ def _module_path(key_A: str) -> str:
     return key_A[len(PREFIX):].rsplit(".lora_", 1)[0]
 
 
-def live_factors(config, tensors: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor, float]]:
-    """A key -> (A, B, s) of a saved adapter, s from its config (alpha_pattern and rsLoRA included)."""
+def live_factors(config: LoraConfig, tensors: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor, float]]:
+    """The factors and scale of every layer of a saved adapter.
+
+    Args:
+        config: the adapter's config (its alpha, alpha_pattern and rsLoRA setting give each layer's scale).
+        tensors: the adapter's tensors under PEFT's keys.
+
+    Returns:
+        A key -> ``(A (r, in), B (out, r), s)``, the factors in float32.
+    """
     live = {}
     for key, A in tensors.items():
         if is_a_key(key):
