@@ -118,12 +118,21 @@ def test_resume_after_sigkill_matches_uninterrupted_run(workspace):
         torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=0, msg=key)
 
 
+def _free_port() -> int:
+    """A TCP port nothing listens on now (a fixed one can still be held by an earlier run's socket)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.mark.parametrize("method", ["lora", "plora"])
 def test_two_process_ddp_matches_one_process(workspace, method):
     # no dropout: its masks depend on how rows are spread over processes; PLoRA unloads every 2 steps
     settings = ["lora.lora_dropout=0.0", f"training.method={method}", "plora.unload_every=8"]
     _train_cli(workspace, _config_file(workspace, f"one-{method}", steps=5), *settings)
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "lorakit.cli")
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "lorakit.cli")
     _train_cli(workspace, _config_file(workspace, f"two-{method}", steps=5), *settings, launcher=launcher)
     for folder in ["adapter"] + (["adapter_for_original_base"] if method == "plora" else []):
         one = load_file(workspace / f"one-{method}" / folder / "adapter_model.safetensors")
