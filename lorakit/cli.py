@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     export_plora.add_argument("--rank", type=int, help="compress to this rank by truncated SVD (default: exact)")
     export_plora.set_defaults(func=_export_plora)
 
-    hub_parser = commands.add_parser("hub", help="LoraHub: compose trained LoRA modules for a new task from a few examples")
+    hub_parser = commands.add_parser("lorahub", aliases=["hub"], help="LoraHub: compose trained LoRA modules for a new task from a few examples")
     hub_commands = hub_parser.add_subparsers(dest="hub_command", required=True)
     hub_learn = hub_commands.add_parser("learn", help="find module weights on a few examples (gradient-free)")
     hub_learn.add_argument("--modules", nargs="+", required=True, help="adapter directories (same targets and rank)")

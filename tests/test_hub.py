@@ -191,7 +191,7 @@ def test_hub_cli_learns_and_writes_a_peft_adapter(causal, tmp_path):
     examples = tmp_path / "few.jsonl"
     examples.write_text("".join(json.dumps({"prompt": e.prompt, "completion": e.target}) + "\n" for e in EXAMPLES))
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "lorakit.cli", "hub", "learn", "--modules", *dirs, "--examples", str(examples),
+    out = subprocess.run([sys.executable, "-m", "lorakit.cli", "lorahub", "learn", "--modules", *dirs, "--examples", str(examples),
                           "--model", str(model_dir), "--budget", "8", "--optimizer", "CMA", "--out", str(tmp_path / "composed")],
                          check=True, env=env, capture_output=True, text=True).stdout
     assert "weights:" in out

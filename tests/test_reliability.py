@@ -451,3 +451,24 @@ def test_garbage_trainer_state_via_cli_is_one_line(tiny, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "trainer_state.pt could not be read" in err and _one_error_line(err)
+
+
+def test_first_adapter_draws_the_same_init_as_any_later_one():
+    """Checking a name probes the wrappers once; that must not move the global RNG, or the same seed would
+    give another init in a fresh process than in a warm one (and results would not reproduce)."""
+    script = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, {tests!r})
+        from conftest import make_model
+        from lorakit import LoraConfig, get_lora_model
+        from lorakit.core.names import check_adapter_name
+        if sys.argv[1] == "warm":
+            check_adapter_name("x")
+        model = make_model("llama")
+        torch.manual_seed(0)
+        lora = get_lora_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+        print(float(next(lora.lora_layers())[1].lora_A["default"].sum()))
+    """).format(tests=str(ROOT / "tests"))
+    cold, warm = (subprocess.run([sys.executable, "-c", script, kind], capture_output=True, text=True, check=True,
+                                 env=os.environ | {"PYTHONPATH": str(ROOT)}).stdout for kind in ("cold", "warm"))
+    assert cold == warm

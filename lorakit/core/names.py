@@ -40,11 +40,13 @@ def check_adapter_name(name: object) -> None:
 @functools.cache
 def reserved_names() -> frozenset[str]:
     """Attribute names (of classes and of live instances) of the modules that key adapters by name."""
+    import torch
     from torch import nn
 
     from .layers import ModulesToSave, wrap_module
     from .lora_model import LoraModel
 
-    probe = nn.Linear(1, 1)
-    instances = (LoraModel(nn.Linear(1, 1)), wrap_module(probe), ModulesToSave(probe), nn.ModuleDict(), nn.ParameterDict())
+    with torch.random.fork_rng(devices=[]):  # probing must not move the global RNG (adapter inits draw from it)
+        probe = nn.Linear(1, 1)
+        instances = (LoraModel(nn.Linear(1, 1)), wrap_module(probe), ModulesToSave(probe), nn.ModuleDict(), nn.ParameterDict())
     return frozenset(name for instance in instances for name in dir(instance))
