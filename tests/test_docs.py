@@ -67,7 +67,8 @@ def test_import_and_help_stay_light():
 
 
 def test_public_api_is_documented():
-    """Every name in a public module's __all__ has a docstring; functions taking arguments document them."""
+    """Every name in a public module's __all__, and every public method of its classes, has a docstring;
+    functions and methods taking arguments document them (Args:)."""
     import importlib
     import inspect
     import pkgutil
@@ -81,11 +82,16 @@ def test_public_api_is_documented():
             value = getattr(module, name)
             if not (inspect.isfunction(value) or inspect.isclass(value)) or value.__module__ != module.__name__:
                 continue
-            doc = inspect.getdoc(value) or ""
-            if not doc:
-                missing.append(f"{info.name}.{name}: no docstring")
-            elif inspect.isfunction(value) and _documented_parameters(value) and "Args:" not in doc:
-                missing.append(f"{info.name}.{name}: no Args section")
+            members = [(name, value)]
+            if inspect.isclass(value):
+                members += [(f"{name}.{attr}", member) for attr, member in vars(value).items()
+                            if not attr.startswith("_") and inspect.isfunction(member)]
+            for label, member in members:
+                doc = inspect.getdoc(member) or ""
+                if not doc:
+                    missing.append(f"{info.name}.{label}: no docstring")
+                elif inspect.isfunction(member) and _documented_parameters(member) and "Args:" not in doc:
+                    missing.append(f"{info.name}.{label}: no Args section")
     assert not missing, "\n".join(missing)
 
 

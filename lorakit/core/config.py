@@ -153,7 +153,15 @@ class LoraConfig:
             check_regex(pattern, name, template)
 
     def scale_for(self, rank: int, alpha: float) -> float:
-        """``s = alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+        """``s = alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA.
+
+        Args:
+            rank: the adapter's rank ``r`` for one module (``r`` or its `rank_pattern` override).
+            alpha: the scale numerator for that module (``lora_alpha`` or its `alpha_pattern` override).
+
+        Returns:
+            The scale ``s`` of the update ``s * B @ A``.
+        """
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
     def to_peft_dict(self) -> dict[str, Any]:
@@ -182,6 +190,17 @@ class LoraConfig:
         return cls(**kwargs)
 
     def replace(self, **changes: Any) -> LoraConfig:
+        """A copy with some fields changed (``dataclasses.replace``), validated like a new config.
+
+        Args:
+            **changes: field name -> new value.
+
+        Returns:
+            The new `LoraConfig`; this one is left unchanged.
+
+        Raises:
+            LoraConfigError: a changed value is invalid.
+        """
         return dataclasses.replace(self, **changes)
 
 

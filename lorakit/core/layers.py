@@ -63,9 +63,21 @@ class AdapterWrapper(Protocol):
     @property
     def adapter_names(self) -> list[str]: ...
 
-    def delete_adapter(self, name: str) -> None: ...
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter `name`: its parameters go and it leaves ``active_adapters``.
 
-    def route_rows(self, rows: RowAdapters | None) -> None: ...
+        Args:
+            name: an adapter this wrapper holds.
+        """
+        ...
+
+    def route_rows(self, rows: RowAdapters | None) -> None:
+        """Run each batch row of the following forwards with its own adapter (or the base), until called with None.
+
+        Args:
+            rows: which adapter each batch row uses, or None to go back to ``active_adapters`` for every row.
+        """
+        ...
 
 
 class LoraLayer(nn.Module):
@@ -118,7 +130,19 @@ class LoraLayer(nn.Module):
         """Create adapter `name`. ``init=None`` allocates zeros (to be filled from a file).
 
         ``before_base_change(weight)`` is called with the base weight parameter just before an init that
-        moves it (PiSSA, MiLoRA) writes its residual, so a caller can keep an exact copy to roll back to."""
+        moves it (PiSSA, MiLoRA) writes its residual, so a caller can keep an exact copy to roll back to.
+
+        Args:
+            name: the new adapter's name.
+            rank: rank ``r`` of the factors ``A`` (r, in) and ``B`` (out, r).
+            scale: the scale ``s`` of the update ``s·B@A``.
+            dropout: dropout probability on the adapter's input (embeddings apply none).
+            init: an init strategy ``(W, r, scale) -> (A, B, W_residual)``, or None for zero factors.
+            before_base_change: called with the base weight parameter before an init moves it, or None.
+
+        Raises:
+            TargetModuleError: an init is run on a weight that is not floating point (quantised or integer).
+        """
         self._row_cache = None
         weight = self.weight_view()
         if init is None:
@@ -133,7 +157,20 @@ class LoraLayer(nn.Module):
 
     def init_factors(self, init: InitFn, rank: int, scale: float,
                      before_base_change: Callable[[Tensor], None] | None = None) -> tuple[Tensor, Tensor, bool]:
-        """(A, B, whether the base weight moved) from `init` run on the (out, in) weight."""
+        """(A, B, whether the base weight moved) from `init` run on the (out, in) weight.
+
+        Args:
+            init: an init strategy ``(W, r, scale) -> (A, B, W_residual)``, run on a float32 copy of the weight.
+            rank: rank ``r`` of the factors.
+            scale: the scale ``s`` the adapter will use.
+            before_base_change: called with the base weight parameter before the residual is written, or None.
+
+        Returns:
+            ``(A, B, moved)``: ``A`` (r, in), ``B`` (out, r), and True if the residual was written into the base weight.
+
+        Raises:
+            TargetModuleError: the base weight is not floating point (quantised or integer).
+        """
         return _run_init(init, self.weight_view(), rank, scale, lambda: _notify(before_base_change, self.base_layer.weight))
 
     def _shift_base(self, name: str, sign: float) -> None:
@@ -144,19 +181,36 @@ class LoraLayer(nn.Module):
             weight.copy_((weight.float() + sign * self.scaling[name] * (B0.float() @ A0.float())).to(weight.dtype))
 
     def restore_base(self, name: str) -> None:
-        """Undo what adapter `name`'s init did to the base weight (PiSSA/MiLoRA): ``W_res + s·B0@A0``."""
+        """Undo what adapter `name`'s init did to the base weight (PiSSA/MiLoRA): ``W_res + s·B0@A0``.
+
+        Args:
+            name: the adapter; nothing changes unless it has initial factors recorded.
+        """
         if name in self.initial_factors:
             self._shift_base(name, +1.0)
             del self.initial_factors[name]
 
     def residualise(self, name: str) -> None:
         """Turn the original base weight into adapter `name`'s residual ``W - s·B0@A0`` (after loading a
-        PiSSA/MiLoRA adapter onto the original model)."""
+        PiSSA/MiLoRA adapter onto the original model).
+
+        Args:
+            name: an adapter whose initial factors are recorded (see `set_initial_factors`).
+        """
         self._shift_base(name, -1.0)
 
     def set_initial_factors(self, name: str, A0: Tensor, B0: Tensor) -> None:
         """Record that adapter `name` was initialised at (A0, B0) with the base holding ``W - s·B0@A0``
-        (a PiSSA/MiLoRA adapter read from disk)."""
+        (a PiSSA/MiLoRA adapter read from disk).
+
+        Args:
+            name: an adapter of this layer.
+            A0: the initial ``A`` (r, in), shaped like ``lora_A[name]``.
+            B0: the initial ``B`` (out, r), shaped like ``lora_B[name]``.
+
+        Raises:
+            ValueError: the layer has no adapter `name`, or the shapes do not match its factors.
+        """
         if name not in self.lora_A or A0.shape != self.lora_A[name].shape or B0.shape != self.lora_B[name].shape:
             raise ValueError(f"initial factors {tuple(A0.shape)}, {tuple(B0.shape)} do not fit adapter {name!r}.")
         dtype = self.weight_view().dtype
@@ -164,7 +218,12 @@ class LoraLayer(nn.Module):
 
     def delete_adapter(self, name: str, restore_base: bool = True) -> None:
         """Remove adapter `name`, giving the base weight back what its init took (``restore_base=False``:
-        leave the base weight alone, for a caller that restores it bit-exactly itself)."""
+        leave the base weight alone, for a caller that restores it bit-exactly itself).
+
+        Args:
+            name: the adapter to remove (a name the layer lacks changes nothing).
+            restore_base: undo a PiSSA/MiLoRA init's change to the base weight.
+        """
         self._row_cache = None
         if restore_base:
             self.restore_base(name)
@@ -178,16 +237,33 @@ class LoraLayer(nn.Module):
         self.merged_adapters = [n for n in self.merged_adapters if n != name]
 
     def route_rows(self, rows: RowAdapters | None) -> None:
-        """Run each batch row with its own adapter (`rows`) until called with None."""
+        """Run each batch row with its own adapter (`rows`) until called with None.
+
+        Args:
+            rows: which adapter (or the base) each batch row uses, or None for the active adapters on every row.
+        """
         self.row_adapters = rows
 
     def delta_weight(self, name: str) -> Tensor:
-        """``s·B@A`` in float32, (out, in)."""
+        """``s·B@A`` in float32, (out, in).
+
+        Args:
+            name: an adapter of this layer.
+
+        Returns:
+            The adapter's weight update ``ΔW`` (out, in), float32.
+        """
         return self.scaling[name] * (self.lora_B[name].float() @ self.lora_A[name].float())
 
     # -- merging ----------------------------------------------------------------------------------
     def merge(self, names: list[str]) -> None:
-        """Fold adapters into the base weight, in float32, cast back once."""
+        """Fold adapters into the base weight, in float32, cast back once.
+
+        A bf16/fp16 weight is copied first, so `unmerge` restores it exactly.
+
+        Args:
+            names: the adapters to fold in; names the layer lacks or has merged already are skipped.
+        """
         names = [n for n in names if n in self.lora_A and n not in self.merged_adapters]
         if not names:
             return
@@ -220,6 +296,19 @@ class LoraLayer(nn.Module):
         return [n for n in self.active_adapters if n not in self.merged_adapters]
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """The base layer's output plus that of every active, unmerged adapter (per row in a mixed batch).
+
+        Args:
+            x: the input: features (..., in) for Linear/Conv1D, token ids (...) for an embedding.
+            *args: further positional inputs of the base layer.
+            **kwargs: keyword inputs of the base layer.
+
+        Returns:
+            The output (..., out) (``dim`` for an embedding), in the base layer's dtype.
+
+        Raises:
+            MixedBatchError: rows are routed and `x` has not one row per routed row.
+        """
         if self.row_adapters is not None and not self.disabled:
             return self.base_layer(x, *args, **kwargs) + self._mixed_rows_output(x, self.row_adapters)
         pending = self._pending()
@@ -237,7 +326,15 @@ class LoraLayer(nn.Module):
         return None
 
     def adapter_output(self, x: Tensor, name: str) -> Tensor:
-        """``s·B(A(dropout(x)))`` for one adapter."""
+        """``s·B(A(dropout(x)))`` for one adapter; subclasses implement it.
+
+        Args:
+            x: the layer's input, as for `forward`.
+            name: an adapter of this layer.
+
+        Returns:
+            The adapter's contribution (..., out), added to the base layer's output.
+        """
         raise NotImplementedError
 
     def _stacked_factors(self, rows: RowAdapters) -> tuple[Tensor, Tensor]:
@@ -329,6 +426,15 @@ class LoraLinear(LoraLayer):
         )
 
     def adapter_output(self, x: Tensor, name: str) -> Tensor:
+        """``s·B(A(dropout(x)))`` for one adapter (dropout only in training mode).
+
+        Args:
+            x: the input (..., in).
+            name: an adapter of this layer.
+
+        Returns:
+            The adapter's contribution (..., out), in the adapter's dtype.
+        """
         A = self.lora_A[name]
         x = F.dropout(x.to(A.dtype), self.dropout[name], training=self.training and self.dropout[name] > 0)
         return self.scaling[name] * F.linear(F.linear(x, A), self.lora_B[name])  # (..., r) -> (..., out)
@@ -367,7 +473,20 @@ class LoraEmbedding(LoraLayer):
     def init_factors(self, init: InitFn, rank: int, scale: float,
                      before_base_change: Callable[[Tensor], None] | None = None) -> tuple[Tensor, Tensor, bool]:
         """Run the init on the transposed problem ``ΔWᵀ = Aᵀ Bᵀ`` so the zero factor sits on the
-        vocabulary side, as PEFT's embedding init (A = 0, B random) does."""
+        vocabulary side, as PEFT's embedding init (A = 0, B random) does.
+
+        Args:
+            init: an init strategy ``(W, r, scale) -> (A, B, W_residual)``, run on the (vocab, dim) weight.
+            rank: rank ``r`` of the factors.
+            scale: the scale ``s`` the adapter will use.
+            before_base_change: called with the base weight parameter before the residual is written, or None.
+
+        Returns:
+            ``(A, B, moved)``: ``A`` (r, vocab), ``B`` (dim, r), and True if the residual was written into the base weight.
+
+        Raises:
+            TargetModuleError: the base weight is not floating point (quantised or integer).
+        """
         notify = lambda: _notify(before_base_change, self.base_layer.weight)  # noqa: E731
         A_t, B_t, moved = _run_init(init, self.base_layer.weight, rank, scale, notify)  # (r, dim), (vocab, r)
         return B_t.t().contiguous(), A_t.t().contiguous(), moved
@@ -377,6 +496,15 @@ class LoraEmbedding(LoraLayer):
         return F.embedding(ids, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
 
     def adapter_output(self, x: Tensor, name: str) -> Tensor:
+        """``s·B(Aᵀ[x])`` for one adapter: the token ids looked up in ``Aᵀ`` (vocab, r), then ``B``.
+
+        Args:
+            x: token ids (...).
+            name: an adapter of this layer.
+
+        Returns:
+            The adapter's contribution (..., dim), in the adapter's dtype.
+        """
         after_A = self._lookup(x, self.lora_A[name].t())  # (..., r)
         return self.scaling[name] * F.linear(after_A, self.lora_B[name])  # (..., dim)
 
@@ -408,17 +536,31 @@ class ModulesToSave(nn.Module):
         return list(self.copies.keys())
 
     def add_adapter(self, name: str) -> None:
+        """Give adapter `name` a trainable deep copy of the original module.
+
+        Args:
+            name: the new adapter's name.
+        """
         trained = copy.deepcopy(self.base_layer)
         for param in trained.parameters():
             param.requires_grad_(True)
         self.copies[name] = trained
 
     def delete_adapter(self, name: str) -> None:
+        """Drop adapter `name`'s copy and remove it from ``active_adapters``.
+
+        Args:
+            name: an adapter with a copy here.
+        """
         del self.copies[name]
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def route_rows(self, rows: RowAdapters | None) -> None:
-        """Run each batch row through its own adapter's copy (`rows`) until called with None."""
+        """Run each batch row through its own adapter's copy (`rows`) until called with None.
+
+        Args:
+            rows: which adapter (or the original) each batch row uses, or None for the current copy on every row.
+        """
         self.row_adapters = rows
 
     def current(self) -> nn.Module:
@@ -434,6 +576,20 @@ class ModulesToSave(nn.Module):
         return self.current().weight
 
     def forward(self, *args, **kwargs):
+        """The output of `current` (the first active adapter's copy, else the original), or per row in a mixed batch.
+
+        Args:
+            *args: the wrapped module's positional inputs; in a mixed batch the first one is batch-first and
+                every batch-first tensor is split by row.
+            **kwargs: the wrapped module's keyword inputs (batch-first tensors split by row in a mixed batch).
+
+        Returns:
+            What the wrapped module returns; in a mixed batch, a tensor (batch, ...) with each row from its adapter's copy.
+
+        Raises:
+            MixedBatchError: rows are routed and the inputs are keyword-only, have not one row per routed row, or
+                the module does not return one tensor row per input row.
+        """
         if self.row_adapters is None or self.disabled:
             return self.current()(*args, **kwargs)
         return self._mixed_rows_forward(self.row_adapters, args, kwargs)

@@ -126,6 +126,11 @@ class LoraModel(nn.Module):
                 yield path, module
 
     def saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
+        """(path, wrapper) for every module trained in full (``modules_to_save``), paths relative to the wrapped model.
+
+        Yields:
+            ``(path, module)`` for every `ModulesToSave` in the wrapped model.
+        """
         for path, module in self.model.named_modules():
             if isinstance(module, ModulesToSave):
                 yield path, module
@@ -148,12 +153,20 @@ class LoraModel(nn.Module):
     def add_adapter(self, name: str, config: LoraConfig, *, initialize: bool = True) -> None:
         """Add adapter `name` with `config`. It becomes active only if no adapter is active yet.
 
-        ``initialize=False`` allocates zero factors without running the init (used when loading).
+        Any failure leaves the model exactly as it was (see `transaction`).
+
+        Args:
+            name: the new adapter's name.
+            config: the adapter's `LoraConfig`.
+            initialize: run the config's init; False allocates zero factors without running it (used when loading).
 
         Raises:
             AdapterNameError: the name is invalid or taken.
-            LoraConfigError, TargetModuleError: the config does not fit the model.
-        Any failure leaves the model exactly as it was (see `transaction`)."""
+            LoraConfigError: `config` is not a `LoraConfig`, or a PiSSA/MiLoRA init meets tied weights or a rank
+                above min(out, in).
+            TargetModuleError: ``target_modules`` or ``modules_to_save`` do not fit the model, or an init meets a
+                weight that is not floating point.
+        """
         check_adapter_name(name)
         if name in self.peft_config:
             raise AdapterNameError(f"an adapter named {name!r} exists already; pick another name or delete it first.")
@@ -207,7 +220,14 @@ class LoraModel(nn.Module):
             wrapper.add_adapter(name)
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
-        """Make these adapters active (their outputs add up); the others are frozen and unused."""
+        """Make these adapters active (their outputs add up); the others are frozen and unused.
+
+        Args:
+            names: one adapter name or a sequence of them.
+
+        Raises:
+            AdapterNameError: a name is not an adapter of this model.
+        """
         names = [names] if isinstance(names, str) else list(names)
         self.check_names(names)
         for wrapper in self._wrappers():
@@ -216,7 +236,17 @@ class LoraModel(nn.Module):
         self._set_trainable()
 
     def delete_adapter(self, name: str) -> None:
-        """Remove an adapter everywhere; modules left with no adapter get their original back."""
+        """Remove an adapter everywhere; modules left with no adapter get their original back.
+
+        If it was active, the remaining active adapters (or else the first adapter left) become active.
+
+        Args:
+            name: the adapter to remove.
+
+        Raises:
+            AdapterNameError: the model has no adapter `name`.
+            LoraError: the adapter is merged (call `unmerge_adapter` first).
+        """
         self.check_names([name])
         if any(name in layer.merged_adapters for _, layer in self.lora_layers()):
             raise LoraError(f"adapter {name!r} is merged; call unmerge_adapter() before deleting it.")
@@ -232,7 +262,14 @@ class LoraModel(nn.Module):
             self.set_adapter(remaining or [next(iter(self.peft_config))])
 
     def check_names(self, names: Sequence[str]) -> None:
-        """Raise `AdapterNameError` for the first name that is not an adapter of this model."""
+        """Raise `AdapterNameError` for the first name that is not an adapter of this model.
+
+        Args:
+            names: adapter names to check.
+
+        Raises:
+            AdapterNameError: a name is not an adapter of this model.
+        """
         for name in names:
             if name not in self.peft_config:
                 raise AdapterNameError(f"no adapter named {name!r}; this model has {sorted(self.peft_config)}.")
@@ -278,7 +315,14 @@ class LoraModel(nn.Module):
                 layer.merge(merged[path])
 
     def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
-        """Fold adapters (default: the active ones) into the base weights, in float32."""
+        """Fold adapters (default: the active ones) into the base weights, in float32.
+
+        Args:
+            adapter_names: the adapters to merge, or None for the active ones.
+
+        Raises:
+            AdapterNameError: a name is not an adapter of this model.
+        """
         names = list(adapter_names) if adapter_names is not None else self.active_adapters
         self.check_names(names)
         for _, layer in self.lora_layers():
@@ -314,7 +358,14 @@ class LoraModel(nn.Module):
         return self.model
 
     def train(self, mode: bool = True) -> LoraModel:
-        """With ``merge_weights=True`` (loralib behaviour): eval() merges the active adapters, train() unmerges."""
+        """With ``merge_weights=True`` (loralib behaviour): eval() merges the active adapters, train() unmerges.
+
+        Args:
+            mode: True for training mode, False for evaluation mode.
+
+        Returns:
+            This model.
+        """
         super().train(mode)
         if any(self.peft_config[n].merge_weights for n in self.active_adapters):
             if mode:
@@ -326,11 +377,40 @@ class LoraModel(nn.Module):
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """Call the wrapped model. ``adapter_names`` (one name or ``"__base__"`` per batch row) runs each
-        row with its own adapter in one batched pass."""
+        row with its own adapter in one batched pass.
+
+        Args:
+            *args: positional inputs of the wrapped model.
+            adapter_names: one adapter name (or ``"__base__"``) per batch row, or None for the active adapters.
+            **kwargs: keyword inputs of the wrapped model.
+
+        Returns:
+            The wrapped model's output.
+
+        Raises:
+            AdapterNameError: `adapter_names` holds a name that is not an adapter of this model.
+            MixedBatchError: with `adapter_names`, an adapter is merged, or the batch cannot be split into one row
+                per name.
+        """
         with self._rows(adapter_names):
             return self.model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        """Call the wrapped model's ``generate``; ``adapter_names`` routes rows as in `forward`.
+
+        Args:
+            *args: positional arguments of the wrapped model's ``generate``.
+            adapter_names: one adapter name (or ``"__base__"``) per batch row, or None for the active adapters.
+            **kwargs: keyword arguments of the wrapped model's ``generate`` (``max_new_tokens``...).
+
+        Returns:
+            What the wrapped model's ``generate`` returns (e.g. token ids (batch, length)).
+
+        Raises:
+            AdapterNameError: `adapter_names` holds a name that is not an adapter of this model.
+            MixedBatchError: with `adapter_names`, an adapter is merged, or the batch cannot be split into one row
+                per name.
+        """
         with self._rows(adapter_names):
             return self.model.generate(*args, **kwargs)
 
@@ -365,13 +445,23 @@ class LoraModel(nn.Module):
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
+        """Print the trainable and total parameter counts and the trainable share (as PEFT does)."""
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     # -- files (PEFT format) ----------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, adapter_name: str | None = None) -> None:
         """Write adapters in PEFT's format. One named adapter goes to `save_directory` itself; with no
-        name, every adapter is written as PEFT does ("default" at the top, others in sub-folders)."""
+        name, every adapter is written as PEFT does ("default" at the top, others in sub-folders).
+
+        Args:
+            save_directory: the folder; it is replaced whole.
+            adapter_name: the adapter to write, or None for every adapter.
+
+        Raises:
+            AdapterNameError: `adapter_name` is not an adapter of this model, or the model has no adapter.
+            AdapterSaveError: `save_directory` is a file, or a folder holding other things than adapters.
+        """
         if adapter_name is not None:
             write_adapters(save_directory, {"": saved_adapter(self, adapter_name)})
             return
@@ -380,7 +470,18 @@ class LoraModel(nn.Module):
         write_adapters(save_directory, {"" if name == "default" else name: saved_adapter(self, name) for name in self.peft_config})
 
     def load_adapter(self, directory: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
-        """Add an adapter from a PEFT-format directory; on any error the model is left unchanged."""
+        """Add an adapter from a PEFT-format directory; on any error the model is left unchanged.
+
+        Args:
+            directory: a PEFT-format adapter folder (written by lorakit or PEFT).
+            adapter_name: the name the adapter gets in this model.
+            is_trainable: False freezes the loaded adapter and puts the model in eval mode.
+
+        Raises:
+            AdapterNameError: `adapter_name` is not a valid adapter name.
+            AdapterLoadError: the model has an adapter `adapter_name` already, or the files are missing, corrupt or
+                do not fit the model.
+        """
         load_adapter(self, directory, adapter_name, is_trainable)
 
     @classmethod

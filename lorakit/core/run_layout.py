@@ -47,7 +47,14 @@ class RunLayout:
     TRAINABLE_FILE = "trainable.safetensors"  # inside a checkpoint of a model that is not a LoraModel
 
     def checkpoint(self, step: int) -> Path:
-        """The checkpoint folder of optimizer step `step`."""
+        """The checkpoint folder of optimizer step `step`.
+
+        Args:
+            step: the optimizer step the checkpoint was saved at.
+
+        Returns:
+            ``<run>/checkpoints/step-NNNNNN`` (the step zero-padded to six digits); it need not exist.
+        """
         return self.checkpoints / f"step-{step:06d}"
 
     def latest_checkpoint(self) -> Path | None:

@@ -88,6 +88,8 @@ class DataSection:
 
 @dataclass
 class RunConfig:
+    """A whole training run: one field per YAML section. ``RunConfig()`` is what `lorakit train` runs with no file."""
+
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.05))
@@ -95,6 +97,11 @@ class RunConfig:
     plora: PLoRAConfig = field(default_factory=PLoRAConfig)  # used when training.method is "plora"
 
     def to_dict(self) -> dict:
+        """Every section as plain nested dicts (``dataclasses.asdict``), as written to ``config.yaml``.
+
+        Returns:
+            Section name (``model``, ``data``, ``lora``, ``training``, ``plora``) -> field name -> value.
+        """
         return dataclasses.asdict(self)
 
 

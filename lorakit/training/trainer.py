@@ -92,10 +92,29 @@ class TrainingObjective(Protocol):
     loss of a micro-batch. The trainer divides by the global batch's units, so any batching (micro-batches,
     processes) gives the same update."""
 
-    def units(self, item: dict) -> int: ...
+    def units(self, item: dict) -> int:
+        """How many loss units `item` adds to the global batch's normaliser.
+
+        Args:
+            item: one tokenized training item.
+
+        Returns:
+            The number of units (e.g. completion tokens, or 1 per item) its loss is summed over.
+        """
+        ...
 
     def loss_sum(self, model: torch.nn.Module, items: list[dict], device) -> tuple[torch.Tensor, int]:
-        """(summed loss, real tokens processed) of `items`."""
+        """(summed loss, real tokens processed) of `items`.
+
+        Args:
+            model: the model being trained (possibly wrapped by accelerate).
+            items: one micro-batch of tokenized items.
+            device: where the batch's tensors go.
+
+        Returns:
+            ``(loss_sum, tokens)``: the loss summed over the items' units, a scalar tensor with gradients, and the
+            number of non-padding input tokens processed (for throughput).
+        """
         ...
 
 
@@ -106,9 +125,28 @@ class CompletionObjective:
         self.pad_id = pad_id
 
     def units(self, item: dict) -> int:
+        """The completion tokens of `item` (labels other than -100).
+
+        Args:
+            item: a tokenized item with ``input_ids`` and ``labels``.
+
+        Returns:
+            Its number of labelled tokens.
+        """
         return sum(label != IGNORE_INDEX for label in item["labels"])
 
     def loss_sum(self, model, items: list[dict], device) -> tuple[torch.Tensor, int]:
+        """Cross-entropy summed over the completion tokens of `items` (left-padded into one batch).
+
+        Args:
+            model: a causal LM whose forward accepts ``logits_to_keep``.
+            items: tokenized items with ``input_ids`` and ``labels``.
+            device: where the batch's tensors go.
+
+        Returns:
+            ``(loss_sum, tokens)``: the summed loss, a scalar tensor with gradients, and the number of non-padding
+            input tokens.
+        """
         batch = {k: v.to(device) for k, v in collate(items, self.pad_id).items()}
         logprobs, _ = completion_logprobs(model, batch)
         return -logprobs.sum(), int(batch["attention_mask"].sum())
@@ -121,9 +159,28 @@ class ClassificationObjective:
         self.pad_id = pad_id
 
     def units(self, item: dict) -> int:
+        """One unit per item: the loss is averaged over items.
+
+        Args:
+            item: a tokenized item with ``input_ids`` and ``label``.
+
+        Returns:
+            1.
+        """
         return 1
 
     def loss_sum(self, model, items: list[dict], device) -> tuple[torch.Tensor, int]:
+        """Cross-entropy of the class logits summed over `items` (right-padded into one batch).
+
+        Args:
+            model: a sequence classifier returning ``logits`` (batch, classes).
+            items: tokenized items with ``input_ids`` and ``label``.
+            device: where the batch's tensors go.
+
+        Returns:
+            ``(loss_sum, tokens)``: the summed loss, a scalar tensor with gradients, and the number of non-padding
+            input tokens.
+        """
         batch = {k: v.to(device) for k, v in collate_classification(items, self.pad_id).items()}
         labels = batch.pop("labels")
         logits = model(**batch).logits  # (batch, classes)

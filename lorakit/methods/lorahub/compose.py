@@ -31,7 +31,15 @@ class HubModule:
     source: str = "<memory>"
 
     def save(self, directory: str | os.PathLike, extra_files: dict[str, str | bytes] | None = None) -> None:
-        """PEFT format, atomic (with `extra_files`, name -> content, in the same folder)."""
+        """PEFT format, atomic (with `extra_files`, name -> content, in the same folder).
+
+        Args:
+            directory: the adapter folder; it is replaced whole.
+            extra_files: file name -> text or bytes written into the same folder in the same step, or None.
+
+        Raises:
+            AdapterSaveError: `directory` is a file, or a folder holding other things than adapters.
+        """
         write_adapter(directory, self.config, {k: v.contiguous() for k, v in self.tensors.items()}, extra_files=extra_files)
 
 

@@ -55,6 +55,9 @@ _CANDIDATE = "lorahub_{}"
 # -- learning --------------------------------------------------------------------------------------
 @dataclass
 class HubResult:
+    """What `learn` found: the best weights, every evaluation's objective, the composed module, the search time,
+    and (with ``merge=True``) the model with the composition folded in."""
+
     weights: list[float]
     losses: list[float]  # the objective of every evaluation, in order
     module: HubModule
@@ -112,7 +115,11 @@ class HubObjective:
 
     @torch.no_grad()
     def compose_into(self, weights: Tensor) -> None:
-        """Candidate p's adapter := the composition with weights[p] (in place, no state-dict rewrite)."""
+        """Candidate p's adapter := the composition with weights[p] (in place, no state-dict rewrite).
+
+        Args:
+            weights: (P, N), one row of module weights per candidate; P is at most the objective's population.
+        """
         for path, layer in self.lora.lora_layers():
             A_stack, B_stack = self.stacks[path]
             w = weights.to(A_stack.device, A_stack.dtype)  # (P, N)
@@ -124,7 +131,17 @@ class HubObjective:
 
     @torch.no_grad()
     def population_loss(self, weights: Tensor) -> list[float]:
-        """Mean over examples of each example's mean token cross-entropy, for every row of weights (P, N)."""
+        """Mean over examples of each example's mean token cross-entropy, for every row of weights (P, N).
+
+        Args:
+            weights: (P, N), one row of module weights per candidate; P is at most the objective's population.
+
+        Returns:
+            One loss per candidate (P floats), without the L1 term.
+
+        Raises:
+            LoraError: `weights` has more rows than the objective's population.
+        """
         if weights.shape[0] > self.population:
             raise LoraError(f"{weights.shape[0]} candidates for an objective built for a population of {self.population}.")
         self.compose_into(weights)

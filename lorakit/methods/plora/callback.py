@@ -21,10 +21,32 @@ __all__ = ["PLoRACallback"]
 
 
 class PLoRACallback(TrainerCallback):
+    """PLoRA inside ``transformers.Trainer`` / TRL: counts optimizer steps and unloads at each stage end.
+
+    Args:
+        plora: the `PeriodicLoRA` of the model the Trainer trains.
+    """
+
     def __init__(self, plora: PeriodicLoRA) -> None:
         self.plora = plora
 
     def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+        """With ``lr_schedule="per_stage"``, make the Trainer's schedule restart at every stage.
+
+        Each ``lr_lambdas`` factor of the scheduler is replaced by one replaying the run-long schedule
+        compressed to a stage; nothing changes with ``lr_schedule="global"`` or without a scheduler.
+
+        Args:
+            args: the Trainer's ``TrainingArguments`` (batch size, accumulation and world size give the global batch).
+            state: the Trainer's ``TrainerState`` (its ``max_steps`` is the run-long schedule's length).
+            control: the Trainer's ``TrainerControl`` (not changed).
+            lr_scheduler: the Trainer's learning-rate scheduler, or None.
+            **kwargs: the other objects the Trainer passes to callbacks (model, optimizer...), unused.
+
+        Raises:
+            LoraConfigError: the scheduler is not a ``LambdaLR``, or ``unload_every`` samples is not a multiple of
+                the global batch.
+        """
         if self.plora.config.lr_schedule != "per_stage" or lr_scheduler is None:
             return
         if not hasattr(lr_scheduler, "lr_lambdas"):
@@ -37,6 +59,16 @@ class PLoRACallback(TrainerCallback):
         lr_scheduler.lr_lambdas = [_per_stage(factor, stage_steps, total) for factor in lr_scheduler.lr_lambdas]
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        """Count one optimizer step of a global batch; unload the adapter if a stage ends here.
+
+        Args:
+            args: the Trainer's ``TrainingArguments`` (batch size, accumulation and world size give the global batch).
+            state: the Trainer's ``TrainerState`` (unused).
+            control: the Trainer's ``TrainerControl`` (not changed).
+            optimizer: the Trainer's optimizer, whose state for the adapter is reset at an unload (per
+                ``optimizer_state``), or None.
+            **kwargs: the other objects the Trainer passes to callbacks (model, lr_scheduler...), unused.
+        """
         self.plora.step(optimizer, samples=_global_batch(args))
 
 

@@ -31,7 +31,17 @@ class PLoRAConfig:
             raise LoraConfigError(f"plora.momentum={self.momentum}: it must be in [0, 1).")
 
     def stage_steps(self, batch_size: int) -> int:
-        """Optimizer steps per stage for a global batch of `batch_size` samples."""
+        """Optimizer steps per stage for a global batch of `batch_size` samples.
+
+        Args:
+            batch_size: samples per optimizer step (the global batch).
+
+        Returns:
+            ``unload_every`` with ``unit="steps"``, else ``unload_every // batch_size``.
+
+        Raises:
+            LoraConfigError: ``unload_every`` counts samples and is not a multiple of `batch_size`.
+        """
         if self.unit == "steps":
             return self.unload_every
         if self.unload_every % batch_size:

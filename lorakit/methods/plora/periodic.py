@@ -122,7 +122,16 @@ class PeriodicLoRA:
 
     # -- schedule -------------------------------------------------------------------------------
     def step(self, optimizer: torch.optim.Optimizer | None = None, samples: int = 1) -> bool:
-        """Count one optimizer step of `samples` samples; unload if a stage ends here. True if it did."""
+        """Count one optimizer step of `samples` samples; unload if a stage ends here.
+
+        Args:
+            optimizer: the training optimizer; its state for the adapter is reset at an unload (per
+                ``optimizer_state``). None leaves optimizer state alone.
+            samples: training samples in this step's global batch.
+
+        Returns:
+            True if the adapter was unloaded at this step.
+        """
         self.steps += 1
         self.samples += samples
         done = self.samples if self.config.unit == "samples" else self.steps
@@ -133,7 +142,17 @@ class PeriodicLoRA:
 
     # -- unloading ------------------------------------------------------------------------------
     def unload(self, optimizer: torch.optim.Optimizer | None = None) -> Stage:
-        """Move ``(1 - m)·s·B@A`` of every layer into its base and restart (or shrink) the adapter."""
+        """Move ``(1 - m)·s·B@A`` of every layer into its base and restart (or shrink) the adapter.
+
+        The stage is recorded (and written to ``history_dir`` when set).
+
+        Args:
+            optimizer: the training optimizer; with ``optimizer_state="reset"`` the adapter's moments and step count
+                are dropped from it. None leaves optimizer state alone.
+
+        Returns:
+            The recorded `Stage`: its index, step, samples, coefficient ``1 - m`` and the float32 factors moved.
+        """
         started = time.perf_counter()
         momentum = self.config.momentum
         keep = math.sqrt(momentum) if self.config.momentum_scaling == "sqrt" else momentum
@@ -186,17 +205,38 @@ class PeriodicLoRA:
 
     # -- totals ---------------------------------------------------------------------------------
     def total_delta(self, key: str) -> Tensor:
-        """``Σ_t c_t·s·B_t@A_t`` unloaded so far into the layer saved under `key`, (out, in), float32."""
+        """``Σ_t c_t·s·B_t@A_t`` unloaded so far into the layer saved under `key`, (out, in), float32.
+
+        Args:
+            key: the layer's saved A key (as in the adapter's tensors); at least one stage must be recorded.
+
+        Returns:
+            The total update (out, in), float32.
+        """
         A_all, B_all = stage_factors(self.stages, key)
         return B_all @ A_all  # (out, T·r) @ (T·r, in)
 
     # -- resume ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """The counters a checkpoint needs to resume (the stage factors live in the stage files).
+
+        Returns:
+            ``{"stages", "samples", "steps", "unload_seconds"}``: the number of unloads, the samples and optimizer
+            steps counted, and the seconds spent unloading.
+        """
         return {"stages": len(self.stages), "samples": self.samples, "steps": self.steps, "unload_seconds": self.unload_seconds}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue a run: read its first ``state["stages"]`` stage files, drop later ones (they will be
-        redone) and replay the stages onto the freshly loaded original base."""
+        redone) and replay the stages onto the freshly loaded original base.
+
+        Args:
+            state: what `state_dict` returned when the checkpoint was saved.
+
+        Raises:
+            LoraConfigError: this object has unloaded already, or ``history_dir`` holds fewer stage files than
+                ``state["stages"]`` (or files with gaps).
+        """
         if self.stages:
             raise LoraConfigError("load_state_dict needs a PeriodicLoRA on the original base, before any unload.")
         count = state["stages"]
