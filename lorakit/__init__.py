@@ -27,7 +27,7 @@ _EXPORTS = {
     "LoraLayer": "lorakit.core.layers",
     "LoraLinear": "lorakit.core.layers",
     "LoraEmbedding": "lorakit.core.layers",
-    "ModulesToSave": "lorakit.core.layers",
+    "ModulesToSave": "lorakit.core.saved_modules",
     "INIT_STRATEGIES": "lorakit.core.inits",
     "register_init": "lorakit.core.inits",
     "PeriodicLoRA": "lorakit.methods.plora.periodic",
@@ -87,9 +87,10 @@ if TYPE_CHECKING:
         TargetModuleError,
     )
     from .core.inits import INIT_STRATEGIES, register_init
-    from .core.layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+    from .core.layers import LoraEmbedding, LoraLayer, LoraLinear
     from .core.lora_model import LoraModel, get_lora_model
     from .core.names import BASE_ROW
+    from .core.saved_modules import ModulesToSave
     from .methods.lorahub import search as lorahub
     from .methods.plora.config import PLoRAConfig
     from .methods.plora.export import export_plora

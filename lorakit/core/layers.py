@@ -8,76 +8,22 @@ alike. The algorithms (merging, PiSSA, PLoRA, LoraHub) work on these tensors onl
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from .errors import MixedBatchError, TargetModuleError
+from .errors import TargetModuleError
 from .inits import InitFn
 from .ops import lora_linear
+from .routing import RowAdapters, check_rows
 
-__all__ = [
-    "SUPPORTED_TYPES",
-    "AdapterWrapper",
-    "LoraEmbedding",
-    "LoraLayer",
-    "LoraLinear",
-    "MixedBatchError",
-    "ModulesToSave",
-    "RowAdapters",
-    "wrap_module",
-]
+__all__ = ["LOW_PRECISION", "SUPPORTED_TYPES", "LoraEmbedding", "LoraLayer", "LoraLinear", "wrap_module"]
 
 SUPPORTED_TYPES = (nn.Linear, Conv1D, nn.Embedding)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-@dataclass(frozen=True)
-class RowAdapters:
-    """Which adapter each batch row uses in a mixed batch: ``names[row_slot[i]]``, or the base model
-    where ``row_slot[i] == len(names)``."""
-
-    names: tuple[str, ...]
-    row_slot: Tensor  # (batch,) int64
-
-
-@runtime_checkable
-class AdapterWrapper(Protocol):
-    """What `LoraModel` needs of every module kind it puts into a model (LoRA layers, saved modules):
-    a wrapped original, adapters keyed by name, and per-row routing for mixed batches.
-
-    A wrapper that cannot route rows must raise `MixedBatchError` from its forward while rows are set,
-    never silently use one adapter for every row.
-    """
-
-    base_layer: nn.Module
-    active_adapters: list[str]
-    disabled: bool
-
-    @property
-    def adapter_names(self) -> list[str]: ...
-
-    def delete_adapter(self, name: str) -> None:
-        """Remove adapter `name`: its parameters go and it leaves ``active_adapters``.
-
-        Args:
-            name: an adapter this wrapper holds.
-        """
-        ...
-
-    def route_rows(self, rows: RowAdapters | None) -> None:
-        """Run each batch row of the following forwards with its own adapter (or the base), until called with None.
-
-        Args:
-            rows: which adapter each batch row uses, or None to go back to ``active_adapters`` for every row.
-        """
-        ...
 
 
 class LoraLayer(nn.Module):
@@ -397,14 +343,6 @@ def _run_init(init: InitFn, weight: Tensor, rank: int, scale: float, before_writ
     return A, B, True
 
 
-def _check_rows(x: Tensor, rows: RowAdapters) -> None:
-    if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] != rows.row_slot.shape[0]:
-        raise MixedBatchError(
-            f"adapter_names has {rows.row_slot.shape[0]} entries but the batch has {x.shape[0]} rows: "
-            "pass one adapter name (or '__base__') per row."
-        )
-
-
 class LoraLinear(LoraLayer):
     """LoRA around ``nn.Linear`` (weight (out, in)) or GPT-2 ``Conv1D`` (weight (in, out), fan_in_fan_out)."""
 
@@ -440,7 +378,7 @@ class LoraLinear(LoraLayer):
         return self.scaling[name] * F.linear(F.linear(x, A), self.lora_B[name])  # (..., r) -> (..., out)
 
     def _mixed_rows_output(self, x: Tensor, rows: RowAdapters) -> Tensor:
-        _check_rows(x, rows)
+        check_rows(x, rows)
         A, sB = self._row_factors(rows)  # (batch, r, in), (batch, out, r)
         x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)  # (batch, seq, in)
         xa = torch.bmm(x3, A.transpose(1, 2))  # (batch, seq, r)
@@ -509,120 +447,12 @@ class LoraEmbedding(LoraLayer):
         return self.scaling[name] * F.linear(after_A, self.lora_B[name])  # (..., dim)
 
     def _mixed_rows_output(self, x: Tensor, rows: RowAdapters) -> Tensor:
-        _check_rows(x, rows)
+        check_rows(x, rows)
         A, sB = self._stacked_factors(rows)  # (slots, r, vocab), (slots, dim, r)
         ids = x.reshape(x.shape[0], -1)  # (batch, seq)
         after_A = A.transpose(1, 2)[rows.row_slot[:, None], ids]  # (batch, seq, r)
         out = torch.bmm(after_A, sB[rows.row_slot].transpose(1, 2))  # (batch, seq, dim)
         return out.reshape(*x.shape, out.shape[-1])
-
-
-class ModulesToSave(nn.Module):
-    """A module trained in full: a trainable copy per adapter, the original kept in ``base_layer``.
-
-    In a mixed batch each row goes through its own adapter's copy (the original for rows whose adapter
-    has none, and for ``"__base__"`` rows), as PEFT routes ``modules_to_save``."""
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.copies = nn.ModuleDict()
-        self.active_adapters: list[str] = []
-        self.disabled = False
-        self.row_adapters: RowAdapters | None = None
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.copies.keys())
-
-    def add_adapter(self, name: str) -> None:
-        """Give adapter `name` a trainable deep copy of the original module.
-
-        Args:
-            name: the new adapter's name.
-        """
-        trained = copy.deepcopy(self.base_layer)
-        for param in trained.parameters():
-            param.requires_grad_(True)
-        self.copies[name] = trained
-
-    def delete_adapter(self, name: str) -> None:
-        """Drop adapter `name`'s copy and remove it from ``active_adapters``.
-
-        Args:
-            name: an adapter with a copy here.
-        """
-        del self.copies[name]
-        self.active_adapters = [n for n in self.active_adapters if n != name]
-
-    def route_rows(self, rows: RowAdapters | None) -> None:
-        """Run each batch row through its own adapter's copy (`rows`) until called with None.
-
-        Args:
-            rows: which adapter (or the original) each batch row uses, or None for the current copy on every row.
-        """
-        self.row_adapters = rows
-
-    def current(self) -> nn.Module:
-        """The copy of the first active adapter that has one, else the original."""
-        if not self.disabled:
-            for name in self.active_adapters:
-                if name in self.copies:
-                    return self.copies[name]
-        return self.base_layer
-
-    @property
-    def weight(self) -> Tensor:
-        return self.current().weight
-
-    def forward(self, *args, **kwargs):
-        """The output of `current` (the first active adapter's copy, else the original), or per row in a mixed batch.
-
-        Args:
-            *args: the wrapped module's positional inputs; in a mixed batch the first one is batch-first and
-                every batch-first tensor is split by row.
-            **kwargs: the wrapped module's keyword inputs (batch-first tensors split by row in a mixed batch).
-
-        Returns:
-            What the wrapped module returns; in a mixed batch, a tensor (batch, ...) with each row from its adapter's copy.
-
-        Raises:
-            MixedBatchError: rows are routed and the inputs are keyword-only, have not one row per routed row, or
-                the module does not return one tensor row per input row.
-        """
-        if self.row_adapters is None or self.disabled:
-            return self.current()(*args, **kwargs)
-        return self._mixed_rows_forward(self.row_adapters, args, kwargs)
-
-    def _mixed_rows_forward(self, rows: RowAdapters, args: tuple, kwargs: dict) -> Tensor:
-        """Rows of each adapter through that adapter's copy, put back in batch order."""
-        batch = rows.row_slot.shape[0]
-        if not args:
-            raise MixedBatchError(f"{type(self.base_layer).__name__} saved with the adapter takes keyword inputs only; "
-                                  "a mixed-adapter batch cannot split them by row. Run one adapter per call.")
-        _check_rows(args[0], rows)
-        output = None
-        for slot, name in enumerate((*rows.names, None)):
-            index = (rows.row_slot == slot).nonzero().squeeze(1)  # (rows of this adapter,)
-            if index.numel() == 0:
-                continue
-            module = self.copies[name] if name in self.copies else self.base_layer
-            part = module(*_select_rows(args, index, batch), **_select_rows(kwargs, index, batch))
-            if not isinstance(part, Tensor) or part.dim() == 0 or part.shape[0] != index.numel():
-                raise MixedBatchError(f"{type(self.base_layer).__name__} does not return one tensor row per input row; "
-                                      "it cannot take part in a mixed-adapter batch. Run one adapter per call.")
-            if output is None:
-                output = part.new_zeros((batch, *part.shape[1:]))
-            output = output.index_copy(0, index, part)
-        return output
-
-
-def _select_rows(values, index: Tensor, batch: int):
-    """`values` (a tuple or dict of arguments) with every batch-first tensor restricted to rows `index`."""
-    pick = lambda v: v.index_select(0, index) if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == batch else v  # noqa: E731
-    if isinstance(values, dict):
-        return {k: pick(v) for k, v in values.items()}
-    return tuple(pick(v) for v in values)
 
 
 def wrap_module(module: nn.Module) -> LoraLayer:

@@ -7,60 +7,23 @@ import os
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm import tqdm
 
 from .config import LoraConfig
 from .errors import AdapterNameError, LoraConfigError, LoraError, MixedBatchError
 from .inits import get_init, moves_base
-from .layers import LoraLayer, ModulesToSave, RowAdapters, wrap_module
+from .journal import Journal
+from .layers import LoraLayer, wrap_module
 from .loading import add_checked_adapter, load_adapter, saved_adapter
 from .names import BASE_ROW, check_adapter_name
 from .peft_format import check_adapter_fits, read_adapter, write_adapters
+from .routing import RowAdapters
+from .saved_modules import ModulesToSave
 from .svd import single_torch_thread
 from .targeting import AdapterPlan, module_names, plan_targets
 
 __all__ = ["BASE_ROW", "LoraModel", "check_adapter_name", "get_lora_model"]
-
-class _Journal:
-    """What a failing mutation must undo: parameter flags, replaced modules, base weights changed in
-    place (kept as exact copies) and adapters added to existing wrappers. `rollback` restores all of it
-    bit-exactly, newest change first."""
-
-    def __init__(self, model: LoraModel) -> None:
-        self.lora_model = model
-        self.flags = [(p, p.requires_grad) for p in model.parameters()]
-        self.config, self.active = dict(model.peft_config), list(model.active_adapters)
-        self.wrapper_state = [(w, list(w.active_adapters)) for w in model._wrappers()]
-        self.replaced: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, attribute, previous module)
-        self.weights: list[tuple[Tensor, Tensor]] = []  # (parameter, exact copy before the change)
-        self.added: list[tuple[nn.Module, str]] = []  # (existing wrapper, adapter name added to it)
-
-    def remember_weight(self, parameter: Tensor) -> None:
-        if all(parameter is not seen for seen, _ in self.weights):
-            self.weights.append((parameter, parameter.detach().clone()))
-
-    def rollback(self) -> None:
-        with torch.no_grad():
-            for parameter, original in reversed(self.weights):
-                parameter.copy_(original)
-        for wrapper, name in reversed(self.added):
-            if isinstance(wrapper, LoraLayer):
-                wrapper.delete_adapter(name, restore_base=False)  # the weights came back above
-            elif name in wrapper.adapter_names:
-                wrapper.delete_adapter(name)
-        for parent, attribute, previous in reversed(self.replaced):
-            setattr(parent, attribute, previous)
-        for wrapper, active in self.wrapper_state:
-            wrapper.active_adapters = active
-        model = self.lora_model
-        model.peft_config.clear()
-        model.peft_config.update(self.config)
-        model.active_adapters = self.active
-        model._last_rows = None
-        for parameter, flag in self.flags:
-            parameter.requires_grad_(flag)
-
 
 class LoraModel(nn.Module):
     """A model with LoRA adapters. Calls and attributes it does not define go to the wrapped model,
@@ -76,7 +39,7 @@ class LoraModel(nn.Module):
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
         self._last_rows: tuple | None = None  # ((adapter_names, device), RowAdapters) of the last mixed batch
-        self._journal: _Journal | None = None
+        self._journal: Journal | None = None
         self.training = model.training
         self._original_flags = [(p, p.requires_grad) for p in model.parameters()]  # given back by unload()
         for param, _ in self._original_flags:
@@ -101,7 +64,7 @@ class LoraModel(nn.Module):
         if self._journal is not None:
             yield
             return
-        self._journal = _Journal(self)
+        self._journal = Journal(self)
         try:
             yield
         except BaseException:

@@ -43,8 +43,9 @@ def reserved_names() -> frozenset[str]:
     import torch
     from torch import nn
 
-    from .layers import ModulesToSave, wrap_module
+    from .layers import wrap_module
     from .lora_model import LoraModel
+    from .saved_modules import ModulesToSave
 
     with torch.random.fork_rng(devices=[]):  # probing must not move the global RNG (adapter inits draw from it)
         probe = nn.Linear(1, 1)

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from .atomic import remove_stale_temporaries, staged_directory
 from .config import LoraConfig
 from .errors import AdapterLoadError, AdapterSaveError, LoraConfigError
-from .layers import LoraLayer, ModulesToSave
+from .layers import LoraLayer
+from .saved_modules import ModulesToSave
 from .targeting import AdapterPlan, module_names, plan_targets
 
 __all__ = [

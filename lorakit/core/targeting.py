@@ -14,7 +14,8 @@ from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig
 from .errors import TargetModuleError
-from .layers import SUPPORTED_TYPES, LoraLayer, ModulesToSave
+from .layers import SUPPORTED_TYPES, LoraLayer
+from .saved_modules import ModulesToSave
 
 __all__ = ["AdapterPlan", "Target", "module_names", "plan_targets"]
 
