@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor, nn
 
@@ -11,15 +13,18 @@ __all__ = ["Journal"]
 
 
 class Journal:
-    """What a failing mutation must undo: parameter flags, replaced modules, base weights changed in
-    place (kept as exact copies) and adapters added to existing wrappers. `rollback` restores all of it
-    bit-exactly, newest change first."""
+    """What a failing mutation of a model's modules must undo: parameter flags, replaced modules, base
+    weights changed in place (kept as exact copies), adapters added to existing wrappers and their active
+    lists. `rollback` restores all of it bit-exactly, newest change first.
 
-    def __init__(self, model: nn.Module) -> None:  # a LoraModel (this module sits below lora_model)
-        self.lora_model = model
+    Args:
+        model: the module tree being changed (its parameters' flags are recorded).
+        wrappers: the adapter wrappers already in it (their active adapters are recorded).
+    """
+
+    def __init__(self, model: nn.Module, wrappers: Iterable[nn.Module]) -> None:
         self.flags = [(p, p.requires_grad) for p in model.parameters()]
-        self.config, self.active = dict(model.peft_config), list(model.active_adapters)
-        self.wrapper_state = [(w, list(w.active_adapters)) for w in model._wrappers()]
+        self.wrapper_state = [(w, list(w.active_adapters)) for w in wrappers]
         self.replaced: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, attribute, previous module)
         self.weights: list[tuple[Tensor, Tensor]] = []  # (parameter, exact copy before the change)
         self.added: list[tuple[nn.Module, str]] = []  # (existing wrapper, adapter name added to it)
@@ -47,10 +52,5 @@ class Journal:
             setattr(parent, attribute, previous)
         for wrapper, active in self.wrapper_state:
             wrapper.active_adapters = active
-        model = self.lora_model
-        model.peft_config.clear()
-        model.peft_config.update(self.config)
-        model.active_adapters = self.active
-        model._last_rows = None
         for parameter, flag in self.flags:
             parameter.requires_grad_(flag)

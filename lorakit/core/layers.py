@@ -117,7 +117,7 @@ class LoraLayer(nn.Module):
         Raises:
             TargetModuleError: the base weight is not floating point (quantised or integer).
         """
-        return _run_init(init, self.weight_view(), rank, scale, lambda: _notify(before_base_change, self.base_layer.weight))
+        return _run_init(init, self.weight_view(), rank, scale, self.base_layer.weight, before_base_change)
 
     def _shift_base(self, name: str, sign: float) -> None:
         """``W += sign·s·B0@A0`` in float32 for adapter `name`'s initial factors."""
@@ -321,13 +321,10 @@ class LoraLayer(nn.Module):
         return f"adapters(rank)={ranks}, active={self.active_adapters}, merged={self.merged_adapters}"
 
 
-def _notify(callback: Callable[[Tensor], None] | None, parameter: Tensor) -> None:
-    if callback is not None:
-        callback(parameter)
-
-
-def _run_init(init: InitFn, weight: Tensor, rank: int, scale: float, before_write: Callable[[], None]) -> tuple[Tensor, Tensor, bool]:
-    """Run `init` on a float32 copy of `weight` (a view of the parameter) and write back its residual."""
+def _run_init(init: InitFn, weight: Tensor, rank: int, scale: float, parameter: Tensor,
+              before_base_change: Callable[[Tensor], None] | None) -> tuple[Tensor, Tensor, bool]:
+    """Run `init` on a float32 copy of `weight` (a view of `parameter`) and write back its residual,
+    calling ``before_base_change(parameter)`` first."""
     if not weight.dtype.is_floating_point:
         raise TargetModuleError(
             f"cannot initialise LoRA on a {weight.dtype} weight (quantised or integer): load the model in float32, "
@@ -337,7 +334,8 @@ def _run_init(init: InitFn, weight: Tensor, rank: int, scale: float, before_writ
     A, B, W_residual = init(W, rank, scale)
     if W_residual is W:
         return A, B, False
-    before_write()
+    if before_base_change is not None:
+        before_base_change(parameter)
     with torch.no_grad():
         weight.copy_(W_residual.to(weight.dtype))
     return A, B, True
@@ -425,8 +423,8 @@ class LoraEmbedding(LoraLayer):
         Raises:
             TargetModuleError: the base weight is not floating point (quantised or integer).
         """
-        notify = lambda: _notify(before_base_change, self.base_layer.weight)  # noqa: E731
-        A_t, B_t, moved = _run_init(init, self.base_layer.weight, rank, scale, notify)  # (r, dim), (vocab, r)
+        weight = self.base_layer.weight
+        A_t, B_t, moved = _run_init(init, weight, rank, scale, weight, before_base_change)  # (r, dim), (vocab, r)
         return B_t.t().contiguous(), A_t.t().contiguous(), moved
 
     def _lookup(self, ids: Tensor, table: Tensor) -> Tensor:

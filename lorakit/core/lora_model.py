@@ -30,10 +30,6 @@ class LoraModel(nn.Module):
     so ``generate``, ``config``, ``save_pretrained`` of the base etc. work as before."""
 
     def __init__(self, model: nn.Module, config: LoraConfig | None = None, adapter_name: str = "default") -> None:
-        if config is not None:  # validate before touching the model
-            check_adapter_name(adapter_name)
-            if not isinstance(config, LoraConfig):
-                raise LoraConfigError(f"config is a {type(config).__name__}: pass a lorakit.LoraConfig.")
         super().__init__()
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
@@ -64,11 +60,16 @@ class LoraModel(nn.Module):
         if self._journal is not None:
             yield
             return
-        self._journal = Journal(self)
+        self._journal = Journal(self.model, self._wrappers())
+        config, active = dict(self.peft_config), list(self.active_adapters)
         try:
             yield
         except BaseException:
             self._journal.rollback()
+            self.peft_config.clear()
+            self.peft_config.update(config)
+            self.active_adapters = active
+            self._last_rows = None
             raise
         finally:
             self._journal = None
