@@ -114,8 +114,8 @@ def _hub_learn(args: argparse.Namespace) -> None:
     from .training import base_models, data
 
     _positive(args.n_examples, "--n-examples")
-    search.check_search_settings(["-"], args.budget, args.lam, settings.DEFAULTS["bounds"], args.population, 64, 256)
-    search.make_optimizer(args.optimizer, 1, args.budget, settings.DEFAULTS["bounds"], args.seed, 1)  # a known optimiser name
+    search.check_search_settings(args.budget, args.lam, settings.DEFAULTS["bounds"], args.population)
+    search.nevergrad_name(args.optimizer)
     compose.load_modules(args.modules)  # every module read and checked before the model loads
     examples = data.load_examples(args.examples)
     if len(examples) > args.n_examples:

@@ -21,17 +21,14 @@ from .peft_format import (
     check_adapter_fits,
     factor_keys,
     read_adapter,
-    write_adapters,
 )
 
 __all__ = [
     "adapter_parameters",
     "adapter_state_dict",
-    "add_checked_adapter",
     "apply_adapter",
     "initial_factors",
     "load_adapter",
-    "save_adapter",
     "saved_adapter",
 ]
 
@@ -107,23 +104,6 @@ def saved_adapter(model: nn.Module, name: str) -> SavedAdapter:
     return SavedAdapter(config, adapter_state_dict(model, name), initial_factors(model, name))
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str) -> None:
-    """Write adapter `name` to `directory` in PEFT's format (see `write_adapters`). An adapter whose init
-    moved the base (PiSSA, MiLoRA) also gets ``initial_factors.safetensors`` (A0, B0; PEFT ignores it),
-    so it can be exported for the original base after a reload.
-
-    Args:
-        model: a `LoraModel` holding the adapter.
-        directory: the adapter folder; it is replaced whole.
-        name: the adapter's name.
-
-    Raises:
-        AdapterNameError: `model` has no adapter `name`.
-        AdapterSaveError: `directory` is a file, or a folder holding other things than adapters.
-    """
-    write_adapters(directory, {"": saved_adapter(model, name)})
-
-
 def initial_factors(model: nn.Module, name: str) -> dict[str, Tensor]:
     """A0 and B0 of adapter `name` under the adapter's own keys (empty unless its init moved the base).
 
@@ -196,19 +176,4 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str, is_t
         raise AdapterLoadError(f"an adapter named {name!r} is loaded already; pass another adapter_name.")
     adapter = read_adapter(directory)
     check_adapter_fits(model.model, adapter, directory)
-    add_checked_adapter(model, name, adapter, is_trainable)
-
-
-def add_checked_adapter(model: nn.Module, name: str, adapter: SavedAdapter, is_trainable: bool) -> None:
-    """Add an adapter already read and checked against the model, with its initial factors.
-
-    Args:
-        model: the `LoraModel` to add to.
-        name: the name the adapter gets in `model`.
-        adapter: a `SavedAdapter` from `read_adapter` that passed `check_adapter_fits`.
-        is_trainable: False freezes the adapter and puts the model in eval mode.
-
-    Raises:
-        AdapterNameError: `name` is invalid or taken.
-    """
     apply_adapter(model, name, adapter.config, adapter.tensors, is_trainable, adapter.initial)

@@ -15,7 +15,7 @@ from .errors import AdapterNameError, LoraConfigError, LoraError, MixedBatchErro
 from .inits import get_init, moves_base
 from .journal import Journal
 from .layers import LoraLayer, wrap_module
-from .loading import add_checked_adapter, load_adapter, saved_adapter
+from .loading import apply_adapter, load_adapter, saved_adapter
 from .names import BASE_ROW, check_adapter_name
 from .peft_format import check_adapter_fits, read_adapter, write_adapters
 from .routing import RowAdapters
@@ -458,7 +458,7 @@ class LoraModel(nn.Module):
         check_adapter_fits(model, adapter, directory)  # before touching the model
         lora_model = cls(model)
         try:
-            add_checked_adapter(lora_model, adapter_name, adapter, is_trainable)
+            apply_adapter(lora_model, adapter_name, adapter.config, adapter.tensors, is_trainable, adapter.initial)
         except BaseException:
             lora_model.restore_original_flags()
             raise

@@ -58,7 +58,6 @@ __all__ = [
     "latest_checkpoint",
 ]
 
-STATE_FILE, TRAINABLE_FILE = RunLayout.STATE_FILE, RunLayout.TRAINABLE_FILE
 
 
 def lr_lambda(config: TrainingConfig, steps: int | None = None) -> Callable[[int], float]:
@@ -253,7 +252,6 @@ class Trainer:
         self.plora = plora  # a PeriodicLoRA: unloads the adapter into the base at each stage end
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor())
         self.step = 0
-        self.output = Path(config.output_dir)
         self.layout = RunLayout(config.output_dir)
         self.is_main = self.accelerator.is_main_process
         if config.resume:
@@ -307,7 +305,7 @@ class Trainer:
             seen += n_tokens
         loss = self._global_mean(total, tokens)
         if not math.isfinite(loss):
-            last = latest_checkpoint(self.output)
+            last = self.layout.latest_checkpoint()
             raise TrainingDivergedError(
                 f"the loss became {loss} at step {self.step + 1}; stopped without saving. The last good checkpoint "
                 f"is {last or 'none'}. Lower training.lr or raise training.warmup_steps, then resume."
@@ -315,7 +313,7 @@ class Trainer:
         grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm or math.inf))
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)  # never applied, never saved
-            last = latest_checkpoint(self.output)
+            last = self.layout.latest_checkpoint()
             raise TrainingDivergedError(
                 f"the gradient norm became {grad_norm} at step {self.step + 1} (loss {loss:.4g}); the step was not applied "
                 f"and nothing was saved. The last good checkpoint is {last or 'none'}. Lower training.lr, raise "
@@ -358,7 +356,7 @@ class Trainer:
 
     def _log(self, metrics: dict) -> None:
         if self.is_main:
-            self.output.mkdir(parents=True, exist_ok=True)
+            self.layout.root.mkdir(parents=True, exist_ok=True)
             with open(self.layout.metrics, "a") as stream:
                 stream.write(json.dumps(metrics) + "\n")
 
@@ -372,7 +370,7 @@ class Trainer:
         if damaged:
             raise TrainingDivergedError(
                 f"{damaged[0]} holds NaN or infinite values at step {self.step}; not saved. The last good checkpoint is "
-                f"{latest_checkpoint(self.output) or 'none'}. Lower training.lr, then resume."
+                f"{self.layout.latest_checkpoint() or 'none'}. Lower training.lr, then resume."
             )
         target = self.layout.checkpoint(self.step)
         with staged_directory(target) as staging:
@@ -383,11 +381,11 @@ class Trainer:
             }
             if self.plora is not None:
                 state["plora"] = self.plora.state_dict()
-            torch.save(state, staging / STATE_FILE)
+            torch.save(state, staging / RunLayout.STATE_FILE)
         return target
 
     def _resume(self) -> None:
-        checkpoint = latest_checkpoint(self.output)
+        checkpoint = self.layout.latest_checkpoint()
         if checkpoint is None:
             if self.is_main:
                 print(f"lorakit: no checkpoint in {self.layout.checkpoints}: --resume starts the run from step 0.", file=sys.stderr)
@@ -416,15 +414,15 @@ class Trainer:
     @staticmethod
     def _read_state(checkpoint: Path) -> dict:
         try:
-            state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+            state = torch.load(checkpoint / RunLayout.STATE_FILE, weights_only=True)
         except Exception as err:  # torch raises many types for damaged files
             raise ResumeError(
-                f"{checkpoint / STATE_FILE} could not be read ({type(err).__name__}); delete {checkpoint} to resume from the "
+                f"{checkpoint / RunLayout.STATE_FILE} could not be read ({type(err).__name__}); delete {checkpoint} to resume from the "
                 "checkpoint before it."
             ) from None
         needed = {"step", "optimizer", "scheduler", "torch_rng", "python_rng"}
         if not isinstance(state, dict) or not needed <= set(state):
-            raise ResumeError(f"{checkpoint / STATE_FILE} is not a lorakit trainer state; delete {checkpoint} to resume from an earlier one.")
+            raise ResumeError(f"{checkpoint / RunLayout.STATE_FILE} is not a lorakit trainer state; delete {checkpoint} to resume from an earlier one.")
         return state
 
     def _check_same_run(self, checkpoint: Path, state: dict) -> None:
@@ -451,13 +449,13 @@ class Trainer:
         if isinstance(self.module, LoraModel):
             self.module.save_pretrained(RunLayout(folder).adapter, adapter_name=self.module.active_adapters[0])
         else:
-            save_file({k: v.detach().contiguous() for k, v in self._trainable_live().items()}, folder / TRAINABLE_FILE)
+            save_file({k: v.detach().contiguous() for k, v in self._trainable_live().items()}, folder / RunLayout.TRAINABLE_FILE)
 
     def _trainable_tensors(self, checkpoint: Path) -> dict[str, torch.Tensor]:
         try:
             if isinstance(self.module, LoraModel):
                 return read_adapter(RunLayout(checkpoint).adapter).tensors
-            return load_file(checkpoint / TRAINABLE_FILE)
+            return load_file(checkpoint / RunLayout.TRAINABLE_FILE)
         except Exception as err:
             raise ResumeError(f"{checkpoint} is damaged ({err}); delete it to resume from the checkpoint before it.") from None
 

@@ -239,14 +239,32 @@ def default_population(optimizer: str, n_modules: int) -> int:
     return 4 + int(3 * math.log(n_modules)) if "CMA" in optimizer.upper() else 1
 
 
+def nevergrad_name(name: str) -> str:
+    """The nevergrad registry name for `name` ("CMA-ES" and "CMAES" are nevergrad's "CMA").
+
+    Args:
+        name: an optimiser name as a user writes it.
+
+    Returns:
+        Its key in ``nevergrad.optimizers.registry``.
+
+    Raises:
+        LoraConfigError: nevergrad has no such optimiser.
+    """
+    import nevergrad as ng
+
+    name = {"CMA-ES": "CMA", "CMAES": "CMA"}.get(name.upper(), name)
+    if name not in ng.optimizers.registry:
+        raise LoraConfigError(f"{name!r} is not a nevergrad optimiser; try 'NGOpt', 'CMA', 'OnePlusOne' or 'TwoPointsDE'.")
+    return name
+
+
 def make_optimizer(name: str, n_modules: int, budget: int, bounds: tuple[float, float], seed: int, population: int):
     """A seeded nevergrad optimiser over w ∈ [lo, hi]^N starting at 0 ("CMA-ES" is nevergrad's "CMA")."""
     import nevergrad as ng
     import numpy as np
 
-    name = {"CMA-ES": "CMA", "CMAES": "CMA"}.get(name.upper(), name)
-    if name not in ng.optimizers.registry:
-        raise LoraConfigError(f"{name!r} is not a nevergrad optimiser; try 'NGOpt', 'CMA', 'OnePlusOne' or 'TwoPointsDE'.")
+    name = nevergrad_name(name)
     parametrization = ng.p.Array(init=np.zeros(n_modules), lower=bounds[0], upper=bounds[1])
     parametrization.random_state = np.random.RandomState(seed)
     return ng.optimizers.registry[name](parametrization=parametrization, budget=budget, num_workers=population)
@@ -288,7 +306,9 @@ def learn(model: nn.Module, modules: Sequence, examples: Sequence[Example], toke
             is unknown, or the modules do not fit together.
         AdapterLoadError: a module's directory cannot be read, or the modules do not fit `model`.
     """
-    check_search_settings(examples, budget, lam, bounds, population, batch_rows, max_length)
+    if len(examples) == 0:
+        raise LoraConfigError("LoraHub needs at least one example of the new task; pass a few (the paper uses 5).")
+    check_search_settings(budget, lam, bounds, population, batch_rows, max_length)
     modules = load_modules(modules)
     population = population or default_population(optimizer, len(modules))
     search = make_optimizer(optimizer, len(modules), budget, bounds, seed, population)
@@ -323,10 +343,20 @@ def learn(model: nn.Module, modules: Sequence, examples: Sequence[Example], toke
     return result
 
 
-def check_search_settings(examples, budget, lam, bounds, population, batch_rows, max_length) -> None:
-    """Every LoraHub setting, checked before the model is touched."""
-    if len(examples) == 0:
-        raise LoraConfigError("LoraHub needs at least one example of the new task; pass a few (the paper uses 5).")
+def check_search_settings(budget, lam, bounds, population, batch_rows=64, max_length=256) -> None:
+    """Every LoraHub search setting, checked before the model is touched (the CLI checks them before loading it).
+
+    Args:
+        budget: evaluations of the objective (>= 1).
+        lam: weight of the L1 term (finite, >= 0).
+        bounds: ``(low, high)`` of every weight, finite, low < high.
+        population: candidates per batched evaluation (>= 1), or None.
+        batch_rows: rows per forward pass (>= 1).
+        max_length: tokens per example (>= 1).
+
+    Raises:
+        LoraConfigError: a setting is out of range.
+    """
     for name, value in (("budget", budget), ("batch_rows", batch_rows), ("max_length", max_length)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise LoraConfigError(f"{name}={value!r}: use an integer >= 1.")
