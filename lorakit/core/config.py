@@ -217,18 +217,25 @@ def _check_alpha(value: Any, name: str) -> None:
         raise LoraConfigError(f"{name}={value!r} is not a valid alpha: use a finite number > 0.")
 
 
+# How user patterns are embedded when matched against module paths (PEFT's rules); `targeting` matches with
+# these and validation compiles them, so a pattern is checked exactly as it will be used.
+PATTERN_KEY_REGEX = r"(.*\.)?({})$"  # rank_pattern / alpha_pattern keys match the end of a path
+SAVED_MODULE_REGEX = r"(^|.*\.){}($|\..*)"  # a modules_to_save entry covers the module and everything inside it
+LAYERS_PATTERN_REGEX = r"(?:^|.*?\.){}\.(?P<idx>\d+)\."  # layers_pattern: the layer list whose index follows
+
+
 def _regexes(config: LoraConfig) -> list[tuple[str, str, str]]:
     """(field, pattern, the regex it is embedded in) for every user pattern, as `targeting` uses them."""
-    found = [("rank_pattern key", key, r"(.*\.)?({})$") for key in config.rank_pattern]
-    found += [("alpha_pattern key", key, r"(.*\.)?({})$") for key in config.alpha_pattern]
+    found = [("rank_pattern key", key, PATTERN_KEY_REGEX) for key in config.rank_pattern]
+    found += [("alpha_pattern key", key, PATTERN_KEY_REGEX) for key in config.alpha_pattern]
     for name in ("target_modules", "exclude_modules"):
         value = getattr(config, name)
         if isinstance(value, str) and value != ALL_LINEAR:
             found.append((name, value, "{}"))
-    found += [("modules_to_save", name, r"(^|.*\.){}($|\..*)") for name in config.modules_to_save or []]
+    found += [("modules_to_save", name, SAVED_MODULE_REGEX) for name in config.modules_to_save or []]
     patterns = config.layers_pattern
     for pattern in [patterns] if isinstance(patterns, str) else patterns or []:
-        found.append(("layers_pattern", pattern, r"(?:^|.*?\.){}\.(?P<idx>\d+)\."))
+        found.append(("layers_pattern", pattern, LAYERS_PATTERN_REGEX))
     return found
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .config import ALL_LINEAR, LoraConfig
+from .config import ALL_LINEAR, LAYERS_PATTERN_REGEX, PATTERN_KEY_REGEX, SAVED_MODULE_REGEX, LoraConfig
 from .errors import TargetModuleError
 from .layers import SUPPORTED_TYPES, LoraLayer
 from .saved_modules import ModulesToSave
@@ -75,7 +75,7 @@ def _layer_index(config: LoraConfig, path: str) -> int | None:
     else:
         match = None
         for pattern in [patterns] if isinstance(patterns, str) else patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
+            match = re.match(LAYERS_PATTERN_REGEX.format(pattern), path)
             if match:
                 break
     return int(match.group("idx")) if match else None
@@ -93,7 +93,7 @@ def _in_layers(config: LoraConfig, path: str) -> bool:
 def pattern_value(patterns: dict, path: str, default):
     """PEFT's `get_pattern_key`: the first key matching the end of the path wins."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
+        if re.match(PATTERN_KEY_REGEX.format(key), path):
             return value
     return default
 
@@ -110,7 +110,7 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 def _is_target(config: LoraConfig, path: str, module: nn.Module, head: nn.Module | None) -> bool:
     if config.exclude_modules and _matches(config.exclude_modules, path):
         return False
-    if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", path) for m in config.modules_to_save):
+    if config.modules_to_save and any(re.match(SAVED_MODULE_REGEX.format(m), path) for m in config.modules_to_save):
         return False
     if config.target_modules == ALL_LINEAR:
         base = _base_of(module)

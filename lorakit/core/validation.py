@@ -13,6 +13,7 @@ before the dataclass sees them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -24,6 +25,7 @@ from .errors import LoraConfigError
 __all__ = ["check_range", "check_regex", "check_types", "coerce", "describe_type"]
 
 
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
