@@ -22,7 +22,7 @@ from typing import Any, Literal, Union
 
 from .errors import LoraConfigError
 
-__all__ = ["check_range", "check_regex", "check_types", "coerce", "describe_type"]
+__all__ = ["check_range", "check_regex", "check_types", "coerce", "describe_type", "is_finite_number"]
 
 
 @functools.cache
@@ -86,6 +86,18 @@ def _fits(value: Any, hint: Any) -> bool:
     if hint is str:
         return isinstance(value, str)
     return isinstance(value, hint)
+
+
+def is_finite_number(value: Any) -> bool:
+    """Whether `value` is what a ``float`` field takes: a finite int or float, not a bool.
+
+    Args:
+        value: any object.
+
+    Returns:
+        True for a finite int or float that is not a bool.
+    """
+    return _fits(value, float)
 
 
 def check_types(instance: Any, prefix: str = "") -> None:

@@ -4,7 +4,6 @@ and alpha; the composed module is, per layer, ``A = Σ_i w_i·A_i`` and ``B = Σ
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,8 +17,9 @@ from ...core.inits import moves_base
 from ...core.loading import adapter_state_dict
 from ...core.lora_model import LoraModel
 from ...core.peft_format import read_adapter, write_adapter
+from ...core.validation import is_finite_number
 
-__all__ = ["HubModule", "as_module", "compose", "finite_number", "load_modules"]
+__all__ = ["HubModule", "as_module", "compose", "load_modules"]
 
 
 @dataclass
@@ -142,7 +142,7 @@ def compose(modules: Sequence, weights: Sequence[float]) -> HubModule:
     modules = load_modules(modules)
     if len(weights) != len(modules):
         raise LoraConfigError(f"{len(weights)} weights for {len(modules)} modules: give one weight per module.")
-    if not all(finite_number(x) for x in weights):
+    if not all(is_finite_number(x) for x in weights):
         raise LoraConfigError(f"weights {list(weights)} must be finite numbers (no NaN or infinity).")
     w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
     tensors = {}
@@ -150,15 +150,3 @@ def compose(modules: Sequence, weights: Sequence[float]) -> HubModule:
         stack = torch.stack([m.tensors[key].float() for m in modules])  # (N, ...)
         tensors[key] = torch.tensordot(w, stack, dims=1).to(first.dtype)
     return HubModule(modules[0].config, tensors, f"composition of {len(modules)} modules")
-
-
-def finite_number(value) -> bool:
-    """A real, finite int or float (not a bool).
-
-    Args:
-        value: any object.
-
-    Returns:
-        True for a finite int or float that is not a bool.
-    """
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

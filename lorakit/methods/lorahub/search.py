@@ -44,7 +44,8 @@ from ...core.peft_format import (
     check_adapter_fits,
     factor_keys,
 )
-from .compose import HubModule, as_module, compose, finite_number, load_modules
+from ...core.validation import is_finite_number
+from .compose import HubModule, as_module, compose, load_modules
 from .settings import DEFAULTS
 
 __all__ = ["DEFAULTS", "HubModule", "HubObjective", "HubResult", "as_module", "compose", "learn", "load_modules", "plot_result"]
@@ -362,9 +363,9 @@ def check_search_settings(budget, lam, bounds, population, batch_rows=64, max_le
             raise LoraConfigError(f"{name}={value!r}: use an integer >= 1.")
     if population is not None and (isinstance(population, bool) or not isinstance(population, int) or population < 1):
         raise LoraConfigError(f"population={population!r}: use an integer >= 1 (or leave it unset).")
-    if not finite_number(lam) or lam < 0:
+    if not is_finite_number(lam) or lam < 0:
         raise LoraConfigError(f"lam={lam!r}: use a finite number >= 0 (the paper's 0.05).")
-    if len(bounds) != 2 or not all(finite_number(b) for b in bounds) or not bounds[0] < bounds[1]:
+    if len(bounds) != 2 or not all(is_finite_number(b) for b in bounds) or not bounds[0] < bounds[1]:
         raise LoraConfigError(f"bounds={bounds!r}: use two finite numbers (low, high) with low < high, e.g. (-1.5, 1.5).")
 
 
