@@ -4,23 +4,18 @@ keys), and putting checked tensors into a model as one transaction. The files th
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from .config import LoraConfig
-from .errors import AdapterLoadError
 from .layers import LoraEmbedding
-from .names import check_adapter_name
 from .peft_format import (
     PREFIX,
     SavedAdapter,
     bias_parameters,
-    check_adapter_fits,
     factor_keys,
-    read_adapter,
 )
 
 __all__ = [
@@ -28,7 +23,6 @@ __all__ = [
     "adapter_state_dict",
     "apply_adapter",
     "initial_factors",
-    "load_adapter",
     "saved_adapter",
 ]
 
@@ -156,24 +150,3 @@ def apply_adapter(model: nn.Module, name: str, config: LoraConfig, tensors: dict
                 destinations[key].requires_grad_(False)
     if not is_trainable:
         model.eval()
-
-
-def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str, is_trainable: bool = False) -> None:
-    """Read, check against the model, then add: a bad file leaves the model exactly as it was.
-
-    Args:
-        model: the `LoraModel` to add to.
-        directory: a PEFT-format adapter folder.
-        name: the name the adapter gets in `model`.
-        is_trainable: False freezes the loaded adapter and puts the model in eval mode.
-
-    Raises:
-        AdapterNameError: `name` is not a valid adapter name.
-        AdapterLoadError: `model` has an adapter `name` already, or the files are missing, corrupt or do not fit the model.
-    """
-    check_adapter_name(name)
-    if name in model.peft_config:
-        raise AdapterLoadError(f"an adapter named {name!r} is loaded already; pass another adapter_name.")
-    adapter = read_adapter(directory)
-    check_adapter_fits(model.model, adapter, directory)
-    apply_adapter(model, name, adapter.config, adapter.tensors, is_trainable, adapter.initial)

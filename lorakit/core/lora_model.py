@@ -3,115 +3,53 @@
 from __future__ import annotations
 
 import contextlib
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from typing import ClassVar
 
-import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
+from .adapter_model import AdapterModel
 from .config import LoraConfig
-from .errors import AdapterNameError, LoraConfigError, LoraError, MixedBatchError
+from .errors import LoraConfigError
 from .inits import get_init, moves_base
-from .journal import Journal
 from .layers import LoraLayer, wrap_module
-from .loading import apply_adapter, load_adapter, saved_adapter
+from .loading import adapter_parameters, apply_adapter, saved_adapter
 from .names import BASE_ROW, check_adapter_name
-from .peft_format import check_adapter_fits, read_adapter, write_adapters
-from .routing import RowAdapters
+from .peft_format import SavedAdapter, check_adapter_fits
 from .saved_modules import ModulesToSave
 from .svd import single_torch_thread
 from .targeting import AdapterPlan, module_names, plan_targets
 
 __all__ = ["BASE_ROW", "LoraModel", "check_adapter_name", "get_lora_model"]
 
-class LoraModel(nn.Module):
+
+class LoraModel(AdapterModel):
     """A model with LoRA adapters. Calls and attributes it does not define go to the wrapped model,
-    so ``generate``, ``config``, ``save_pretrained`` of the base etc. work as before."""
+    so ``generate``, ``config``, ``save_pretrained`` of the base etc. work as before.
+
+    Args:
+        model: the model to adapt; its modules are replaced in place and its own parameters frozen.
+        config: the first adapter's `LoraConfig`, or None to add adapters later.
+        adapter_name: the first adapter's name.
+    """
+
+    config_types: ClassVar[dict[str, type]] = {"LORA": LoraConfig}
 
     def __init__(self, model: nn.Module, config: LoraConfig | None = None, adapter_name: str = "default") -> None:
-        super().__init__()
-        self.model = model
-        self.peft_config: dict[str, LoraConfig] = {}
-        self.active_adapters: list[str] = []
-        self._last_rows: tuple | None = None  # ((adapter_names, device), RowAdapters) of the last mixed batch
-        self._journal: Journal | None = None
-        self.training = model.training
-        self._original_flags = [(p, p.requires_grad) for p in model.parameters()]  # given back by unload()
-        for param, _ in self._original_flags:
-            param.requires_grad_(False)
-        if config is None:
-            return
-        try:
-            self.add_adapter(adapter_name, config)
-        except BaseException:
-            self.restore_original_flags()  # a failed wrap leaves the model exactly as it was
-            raise
+        super().__init__(model)
+        if config is not None:
+            self._add_first(adapter_name, config)
 
-    def restore_original_flags(self) -> None:
-        """Give the wrapped model's parameters back the ``requires_grad`` they had before wrapping."""
-        for param, flag in self._original_flags:
-            param.requires_grad_(flag)
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """Inside the block, any exception undoes every change made to the model (module types, tensors
-        bit-exactly, ``requires_grad`` flags, adapters) before it propagates. Nested blocks join the outer one."""
-        if self._journal is not None:
-            yield
-            return
-        self._journal = Journal(self.model, self._wrappers())
-        config, active = dict(self.peft_config), list(self.active_adapters)
-        try:
-            yield
-        except BaseException:
-            self._journal.rollback()
-            self.peft_config.clear()
-            self.peft_config.update(config)
-            self.active_adapters = active
-            self._last_rows = None
-            raise
-        finally:
-            self._journal = None
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
-
-    # -- modules ----------------------------------------------------------------------------------
     def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
-        """(path, layer) for every LoRA layer, paths relative to the wrapped model."""
+        """(path, layer) for every LoRA layer, paths relative to the wrapped model.
+
+        Yields:
+            ``(path, layer)`` for every `LoraLayer` in the wrapped model.
+        """
         for path, module in self.model.named_modules():
             if isinstance(module, LoraLayer):
                 yield path, module
-
-    def saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
-        """(path, wrapper) for every module trained in full (``modules_to_save``), paths relative to the wrapped model.
-
-        Yields:
-            ``(path, module)`` for every `ModulesToSave` in the wrapped model.
-        """
-        for path, module in self.model.named_modules():
-            if isinstance(module, ModulesToSave):
-                yield path, module
-
-    def _wrappers(self) -> Iterator[LoraLayer | ModulesToSave]:
-        yield from (m for _, m in self.lora_layers())
-        yield from (m for _, m in self.saved_modules())
-
-    def _replace(self, path: str, new: nn.Module) -> None:
-        """Put `new` at `path`, in the train/eval mode of the module it replaces."""
-        old = self.model.get_submodule(path)
-        new.train(old.training)
-        parent_path, _, child = path.rpartition(".")
-        parent = self.model.get_submodule(parent_path)
-        if self._journal is not None:
-            self._journal.replaced.append((parent, child, old))
-        setattr(parent, child, new)
 
     # -- adapters ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: LoraConfig, *, initialize: bool = True) -> None:
@@ -131,11 +69,7 @@ class LoraModel(nn.Module):
             TargetModuleError: ``target_modules`` or ``modules_to_save`` do not fit the model, or an init meets a
                 weight that is not floating point.
         """
-        check_adapter_name(name)
-        if name in self.peft_config:
-            raise AdapterNameError(f"an adapter named {name!r} exists already; pick another name or delete it first.")
-        if not isinstance(config, LoraConfig):
-            raise LoraConfigError(f"config is a {type(config).__name__}: pass a lorakit.LoraConfig.")
+        self._check_new(name, config)
         plan = plan_targets(self.model, config)
         if initialize and moves_base(config.init_lora_weights):
             self._refuse_shared_weights(plan)
@@ -174,69 +108,7 @@ class LoraModel(nn.Module):
                 else:
                     self._journal.added.append((layer, name))
                 layer.add_adapter(name, target.rank, target.scale, config.lora_dropout, init, self._journal.remember_weight)
-        for path in plan.modules_to_save:
-            wrapper = self.model.get_submodule(path)
-            if not isinstance(wrapper, ModulesToSave):
-                wrapper = ModulesToSave(wrapper)
-                self._replace(path, wrapper)
-            else:
-                self._journal.added.append((wrapper, name))
-            wrapper.add_adapter(name)
-
-    def set_adapter(self, names: str | Sequence[str]) -> None:
-        """Make these adapters active (their outputs add up); the others are frozen and unused.
-
-        Args:
-            names: one adapter name or a sequence of them.
-
-        Raises:
-            AdapterNameError: a name is not an adapter of this model.
-        """
-        names = [names] if isinstance(names, str) else list(names)
-        self.check_names(names)
-        for wrapper in self._wrappers():
-            wrapper.active_adapters = [n for n in names if n in wrapper.adapter_names]
-        self.active_adapters = names
-        self._set_trainable()
-
-    def delete_adapter(self, name: str) -> None:
-        """Remove an adapter everywhere; modules left with no adapter get their original back.
-
-        If it was active, the remaining active adapters (or else the first adapter left) become active.
-
-        Args:
-            name: the adapter to remove.
-
-        Raises:
-            AdapterNameError: the model has no adapter `name`.
-            LoraError: the adapter is merged (call `unmerge_adapter` first).
-        """
-        self.check_names([name])
-        if any(name in layer.merged_adapters for _, layer in self.lora_layers()):
-            raise LoraError(f"adapter {name!r} is merged; call unmerge_adapter() before deleting it.")
-        for path, wrapper in list(self.lora_layers()) + list(self.saved_modules()):
-            if name in wrapper.adapter_names:
-                wrapper.delete_adapter(name)
-            if not wrapper.adapter_names:
-                self._replace(path, wrapper.base_layer)
-        del self.peft_config[name]
-        remaining = [n for n in self.active_adapters if n != name]
-        self.active_adapters = []
-        if remaining or self.peft_config:
-            self.set_adapter(remaining or [next(iter(self.peft_config))])
-
-    def check_names(self, names: Sequence[str]) -> None:
-        """Raise `AdapterNameError` for the first name that is not an adapter of this model.
-
-        Args:
-            names: adapter names to check.
-
-        Raises:
-            AdapterNameError: a name is not an adapter of this model.
-        """
-        for name in names:
-            if name not in self.peft_config:
-                raise AdapterNameError(f"no adapter named {name!r}; this model has {sorted(self.peft_config)}.")
+        self._add_saved_modules(name, plan.modules_to_save)
 
     def _set_trainable(self) -> None:
         """Active adapters train (per their bias mode); inactive ones and the base stay frozen."""
@@ -262,64 +134,18 @@ class LoraModel(nn.Module):
             if isinstance(bias, nn.Parameter):
                 bias.requires_grad_("all" in modes or ("lora_only" in modes and adapted))
 
-    # -- switching adapters off and on ------------------------------------------------------------
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Run the base model inside the block; adapters (and merges) come back after, also on errors."""
-        merged = {path: list(layer.merged_adapters) for path, layer in self.lora_layers()}
-        self.unmerge_adapter()
-        for wrapper in self._wrappers():
-            wrapper.disabled = True
-        try:
-            yield
-        finally:
-            for wrapper in self._wrappers():
-                wrapper.disabled = False
-            for path, layer in self.lora_layers():
-                layer.merge(merged[path])
-
-    def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
-        """Fold adapters (default: the active ones) into the base weights, in float32.
-
-        Args:
-            adapter_names: the adapters to merge, or None for the active ones.
-
-        Raises:
-            AdapterNameError: a name is not an adapter of this model.
-        """
-        names = list(adapter_names) if adapter_names is not None else self.active_adapters
-        self.check_names(names)
-        for _, layer in self.lora_layers():
-            layer.merge(names)
-
-    def unmerge_adapter(self) -> None:
-        """Restore the base weights as they were before `merge_adapter`."""
-        for _, layer in self.lora_layers():
-            layer.unmerge()
-
-    def merge_and_unload(self) -> nn.Module:
-        """The plain model with the active adapters folded in (and the active modules_to_save copies)."""
-        self.merge_adapter()
-        return self._unwrap(keep_trained_copies=True)
-
     def unload(self) -> nn.Module:
         """The plain model with every update dropped: original weights (also under PiSSA/MiLoRA
-        adapters, whose residual is undone) and original saved modules."""
+        adapters, whose residual is undone) and original saved modules.
+
+        Returns:
+            The wrapped model, its wrappers replaced by the original modules.
+        """
         self.unmerge_adapter()
         for _, layer in self.lora_layers():
             for name in list(layer.initial_factors):
                 layer.restore_base(name)
         return self._unwrap(keep_trained_copies=False)
-
-    def _unwrap(self, keep_trained_copies: bool) -> nn.Module:
-        for path, layer in list(self.lora_layers()):
-            self._replace(path, layer.base_layer)
-        for path, wrapper in list(self.saved_modules()):
-            self._replace(path, wrapper.current() if keep_trained_copies else wrapper.base_layer)
-        self.peft_config.clear()
-        self.active_adapters = []
-        self.restore_original_flags()
-        return self.model
 
     def train(self, mode: bool = True) -> LoraModel:
         """With ``merge_weights=True`` (loralib behaviour): eval() merges the active adapters, train() unmerges.
@@ -330,7 +156,7 @@ class LoraModel(nn.Module):
         Returns:
             This model.
         """
-        super().train(mode)
+        nn.Module.train(self, mode)
         if any(self.peft_config[n].merge_weights for n in self.active_adapters):
             if mode:
                 self.unmerge_adapter()
@@ -338,131 +164,37 @@ class LoraModel(nn.Module):
                 self.merge_adapter()
         return self
 
-    # -- forward ----------------------------------------------------------------------------------
-    def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
-        """Call the wrapped model. ``adapter_names`` (one name or ``"__base__"`` per batch row) runs each
-        row with its own adapter in one batched pass.
-
-        Args:
-            *args: positional inputs of the wrapped model.
-            adapter_names: one adapter name (or ``"__base__"``) per batch row, or None for the active adapters.
-            **kwargs: keyword inputs of the wrapped model.
-
-        Returns:
-            The wrapped model's output.
-
-        Raises:
-            AdapterNameError: `adapter_names` holds a name that is not an adapter of this model.
-            MixedBatchError: with `adapter_names`, an adapter is merged, or the batch cannot be split into one row
-                per name.
-        """
-        with self._rows(adapter_names):
-            return self.model(*args, **kwargs)
-
-    def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
-        """Call the wrapped model's ``generate``; ``adapter_names`` routes rows as in `forward`.
-
-        Args:
-            *args: positional arguments of the wrapped model's ``generate``.
-            adapter_names: one adapter name (or ``"__base__"``) per batch row, or None for the active adapters.
-            **kwargs: keyword arguments of the wrapped model's ``generate`` (``max_new_tokens``...).
-
-        Returns:
-            What the wrapped model's ``generate`` returns (e.g. token ids (batch, length)).
-
-        Raises:
-            AdapterNameError: `adapter_names` holds a name that is not an adapter of this model.
-            MixedBatchError: with `adapter_names`, an adapter is merged, or the batch cannot be split into one row
-                per name.
-        """
-        with self._rows(adapter_names):
-            return self.model.generate(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def _rows(self, adapter_names: Sequence[str] | None) -> Iterator[None]:
-        if adapter_names is None:
-            yield
-            return
-        unique = [n for n in dict.fromkeys(adapter_names) if n != BASE_ROW]
-        self.check_names(unique)
-        if any(layer.merged_adapters for _, layer in self.lora_layers()):
-            raise MixedBatchError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
-        device = next(self.model.parameters()).device
-        layout = (tuple(adapter_names), device)
-        if self._last_rows is None or self._last_rows[0] != layout:  # the same layout reuses its RowAdapters (layer caches)
-            slot = {name: i for i, name in enumerate(unique)} | {BASE_ROW: len(unique)}
-            self._last_rows = (layout, RowAdapters(tuple(unique), torch.tensor([slot[n] for n in adapter_names], device=device)))
-        rows = self._last_rows[1]
-        for wrapper in self._wrappers():  # every wrapper kind routes rows: LoRA layers and saved modules
-            wrapper.route_rows(rows)
-        try:
-            yield
-        finally:
-            for wrapper in self._wrappers():
-                wrapper.route_rows(None)
-
-    # -- parameters -------------------------------------------------------------------------------
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameter counts; the base's frozen copies inside wrappers count once."""
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        return trainable, total
-
-    def print_trainable_parameters(self) -> None:
-        """Print the trainable and total parameter counts and the trainable share (as PEFT does)."""
-        trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
-
     # -- files (PEFT format) ----------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, adapter_name: str | None = None) -> None:
-        """Write adapters in PEFT's format. One named adapter goes to `save_directory` itself; with no
-        name, every adapter is written as PEFT does ("default" at the top, others in sub-folders).
+    def adapter_parameters(self, name: str) -> Iterator[tuple[str, Tensor]]:
+        """(saved key, live tensor) pairs of adapter `name` (see `lorakit.core.loading.adapter_parameters`).
 
         Args:
-            save_directory: the folder; it is replaced whole.
-            adapter_name: the adapter to write, or None for every adapter.
+            name: the adapter's name.
 
-        Raises:
-            AdapterNameError: `adapter_name` is not an adapter of this model, or the model has no adapter.
-            AdapterSaveError: `save_directory` is a file, or a folder holding other things than adapters.
+        Yields:
+            ``(key, tensor)`` under PEFT's keys: factors, modules_to_save copies, trained biases.
         """
-        if adapter_name is not None:
-            write_adapters(save_directory, {"": saved_adapter(self, adapter_name)})
-            return
-        if not self.peft_config:
-            raise AdapterNameError("this model has no adapter to save; add one first.")
-        write_adapters(save_directory, {"" if name == "default" else name: saved_adapter(self, name) for name in self.peft_config})
+        yield from adapter_parameters(self, name, with_embedding_bases=False)
 
-    def load_adapter(self, directory: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
-        """Add an adapter from a PEFT-format directory; on any error the model is left unchanged.
+    def saved_adapter(self, name: str) -> SavedAdapter:
+        """Adapter `name` as written, with the PiSSA/MiLoRA initial factors (see `lorakit.core.loading.saved_adapter`).
 
         Args:
-            directory: a PEFT-format adapter folder (written by lorakit or PEFT).
-            adapter_name: the name the adapter gets in this model.
-            is_trainable: False freezes the loaded adapter and puts the model in eval mode.
+            name: the adapter's name.
+
+        Returns:
+            The `SavedAdapter`.
 
         Raises:
-            AdapterNameError: `adapter_name` is not a valid adapter name.
-            AdapterLoadError: the model has an adapter `adapter_name` already, or the files are missing, corrupt or
-                do not fit the model.
+            AdapterNameError: the model has no adapter `name`.
         """
-        load_adapter(self, directory, adapter_name, is_trainable)
+        return saved_adapter(self, name)
 
-    @classmethod
-    def from_pretrained(
-        cls, model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
-    ) -> LoraModel:
-        """Wrap `model` and load the adapter saved in `directory` (by lorakit or PEFT)."""
-        check_adapter_name(adapter_name)
-        adapter = read_adapter(directory)
-        check_adapter_fits(model, adapter, directory)  # before touching the model
-        lora_model = cls(model)
-        try:
-            apply_adapter(lora_model, adapter_name, adapter.config, adapter.tensors, is_trainable, adapter.initial)
-        except BaseException:
-            lora_model.restore_original_flags()
-            raise
-        return lora_model
+    def _check_fits(self, model: nn.Module, adapter: SavedAdapter, source) -> None:
+        check_adapter_fits(model, adapter, source)
+
+    def _apply_saved(self, name: str, adapter: SavedAdapter, is_trainable: bool) -> None:
+        apply_adapter(self, name, adapter.config, adapter.tensors, is_trainable, adapter.initial)
 
 
 def _refuse_rank_above_width(plan: AdapterPlan) -> None:

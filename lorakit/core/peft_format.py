@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -128,7 +130,7 @@ class SavedAdapter:
     """An adapter as it is on disk: its config, its tensors under PEFT's keys, and (PiSSA/MiLoRA only)
     the initial factors A0/B0 under the same keys."""
 
-    config: LoraConfig
+    config: Any  # the method's config (LoraConfig, IA3Config, ...): it has ``to_peft_dict``
     tensors: dict[str, Tensor]
     initial: dict[str, Tensor] = field(default_factory=dict)
 
@@ -198,18 +200,21 @@ def write_adapters(directory: str | os.PathLike, adapters: dict[str, SavedAdapte
 
 
 # -- reading --------------------------------------------------------------------------------------
-def read_adapter(directory: str | os.PathLike) -> SavedAdapter:
+def read_adapter(directory: str | os.PathLike, config_types: Mapping[str, type] | None = None) -> SavedAdapter:
     """Config, tensors and initial factors of a PEFT-format adapter; errors name the file and the reason.
 
     Args:
         directory: the adapter folder (``adapter_config.json`` and ``adapter_model.safetensors``).
+        config_types: PEFT ``peft_type`` -> the config class that reads it (``from_peft_dict``); None reads LoRA only.
 
     Returns:
         A `SavedAdapter` with CPU tensors; its initial factors are empty unless ``initial_factors.safetensors`` is there.
 
     Raises:
-        AdapterLoadError: a file is missing, corrupt, of the wrong kind, or holds non-float or non-finite values.
+        AdapterLoadError: a file is missing, corrupt, of the wrong kind, of a method not in `config_types`, or holds
+            non-float or non-finite values.
     """
+    config_types = config_types or {"LORA": LoraConfig}
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     if not directory.exists():
@@ -222,8 +227,14 @@ def read_adapter(directory: str | os.PathLike) -> SavedAdapter:
         raise AdapterLoadError(f"{config_path} is not valid JSON ({err}); the file is corrupt.") from None
     if not isinstance(data, dict):
         raise AdapterLoadError(f"{config_path} holds a JSON {type(data).__name__}, not an object of config fields; the file is corrupt.")
+    peft_type = data.get("peft_type", "LORA")
+    if not isinstance(peft_type, str) or peft_type not in config_types:
+        raise AdapterLoadError(
+            f"{config_path} holds a peft_type={peft_type!r} adapter; this loader reads {sorted(config_types)}. Load it with "
+            "lorakit.load_peft_model(model, directory), which picks the method from the file."
+        )
     try:
-        config = LoraConfig.from_peft_dict(data)
+        config = config_types[peft_type].from_peft_dict(data)
     except (LoraConfigError, TypeError) as err:
         raise AdapterLoadError(f"{config_path} holds a config lorakit cannot use: {err}") from None
     tensors = _read_tensors(directory / WEIGHTS_NAME, directory)

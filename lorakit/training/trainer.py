@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from ..core.adapter_model import AdapterModel
 from ..core.atomic import atomic_write_text, staged_directory
 from ..core.errors import (
     DataError,
@@ -41,8 +42,6 @@ from ..core.examples import (
     collate_classification,
     completion_logprobs,
 )
-from ..core.loading import adapter_parameters
-from ..core.lora_model import LoraModel
 from ..core.peft_format import read_adapter
 from ..core.run_layout import RunLayout
 from ..methods.plora.periodic import stage_lr_lambda
@@ -265,7 +264,7 @@ class Trainer:
         import xxhash
 
         settings = {"training": self.config.math_settings(), **extra}
-        if isinstance(model, LoraModel) and model.active_adapters:
+        if isinstance(model, AdapterModel) and model.active_adapters:
             settings["adapter"] = model.peft_config[model.active_adapters[0]].to_peft_dict()
         as_json = lambda value: value.tolist() if hasattr(value, "tolist") else str(value)  # noqa: E731
         settings["data"] = xxhash.xxh3_128_hexdigest(json.dumps(self.items, sort_keys=True, default=as_json).encode())
@@ -439,22 +438,21 @@ class Trainer:
             )
 
     def _trainable_live(self) -> dict[str, torch.Tensor]:
-        """Saved name -> live tensor of what this run trains."""
-        if isinstance(self.module, LoraModel):
-            return dict(adapter_parameters(self.module, self.module.active_adapters[0]))
+        """Name -> live tensor of everything this run trains (an adapter model's `training_state`)."""
+        if isinstance(self.module, AdapterModel):
+            return self.module.training_state(self.module.active_adapters[0])
         return {name: p for name, p in self.module.named_parameters() if p.requires_grad}
 
     def _save_trainable(self, folder: Path) -> None:
-        """A LoraModel's adapter in PEFT format; for other models the trained tensors as safetensors."""
-        if isinstance(self.module, LoraModel):
+        """The trained tensors as safetensors, and an adapter model's adapter in PEFT format beside them."""
+        save_file({k: v.detach().contiguous() for k, v in self._trainable_live().items()}, folder / RunLayout.TRAINABLE_FILE)
+        if isinstance(self.module, AdapterModel):
             self.module.save_pretrained(RunLayout(folder).adapter, adapter_name=self.module.active_adapters[0])
-        else:
-            save_file({k: v.detach().contiguous() for k, v in self._trainable_live().items()}, folder / RunLayout.TRAINABLE_FILE)
 
     def _trainable_tensors(self, checkpoint: Path) -> dict[str, torch.Tensor]:
         try:
-            if isinstance(self.module, LoraModel):
-                return read_adapter(RunLayout(checkpoint).adapter).tensors
+            if not (checkpoint / RunLayout.TRAINABLE_FILE).is_file() and isinstance(self.module, AdapterModel):
+                return read_adapter(RunLayout(checkpoint).adapter, self.module.config_types).tensors  # checkpoints of lorakit < 0.3
             return load_file(checkpoint / RunLayout.TRAINABLE_FILE)
         except Exception as err:
             raise ResumeError(f"{checkpoint} is damaged ({err}); delete it to resume from the checkpoint before it.") from None
