@@ -15,9 +15,9 @@ from torch import nn
 from .config import ALL_LINEAR, LAYERS_PATTERN_REGEX, PATTERN_KEY_REGEX, SAVED_MODULE_REGEX, LoraConfig
 from .errors import TargetModuleError
 from .layers import SUPPORTED_TYPES, LoraLayer
-from .saved_modules import ModulesToSave
+from .routing import AdapterWrapper
 
-__all__ = ["AdapterPlan", "Target", "module_names", "plan_targets"]
+__all__ = ["AdapterPlan", "Target", "matches_spec", "module_names", "plan_modules_to_save", "plan_targets"]
 
 _SHOWN_NAMES = 25
 
@@ -56,13 +56,21 @@ def module_names(model: nn.Module) -> list[str]:
         if not name or (inside and name.startswith(inside)):
             continue
         names.append(name)
-        if isinstance(module, (LoraLayer, ModulesToSave)):
+        if isinstance(module, AdapterWrapper):  # LoRA/IA3 layers, saved modules
             inside = inside + (name + ".",)
     return names
 
 
-def _matches(spec: list[str] | str, path: str) -> bool:
-    """PEFT's rule: a string is a full-match regex; a list matches the exact path or a dotted suffix."""
+def matches_spec(spec: list[str] | str, path: str) -> bool:
+    """PEFT's rule: a string is a full-match regex; a list matches the exact path or a dotted suffix.
+
+    Args:
+        spec: module names, or one regex string.
+        path: a module path.
+
+    Returns:
+        Whether `spec` covers `path`.
+    """
     if isinstance(spec, str):
         return re.fullmatch(spec, path) is not None
     return path in spec or any(path.endswith("." + name) for name in spec)
@@ -108,14 +116,14 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 
 
 def _is_target(config: LoraConfig, path: str, module: nn.Module, head: nn.Module | None) -> bool:
-    if config.exclude_modules and _matches(config.exclude_modules, path):
+    if config.exclude_modules and matches_spec(config.exclude_modules, path):
         return False
     if config.modules_to_save and any(re.match(SAVED_MODULE_REGEX.format(m), path) for m in config.modules_to_save):
         return False
     if config.target_modules == ALL_LINEAR:
         base = _base_of(module)
         return isinstance(base, SUPPORTED_TYPES[:2]) and base is not head
-    return _matches(config.target_modules, path) and _in_layers(config, path)
+    return matches_spec(config.target_modules, path) and _in_layers(config, path)
 
 
 def _describe(names: list[str]) -> str:
@@ -159,7 +167,7 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> AdapterPlan:
             f"target_modules={config.target_modules!r} matches no Linear, Conv1D or Embedding module. "
             f"The model's modules include: {_describe(names)}."
         )
-    return AdapterPlan(targets, _plan_modules_to_save(model, config, names))
+    return AdapterPlan(targets, plan_modules_to_save(model, config, names))
 
 
 def _target(config: LoraConfig, path: str, base: nn.Module) -> Target:
@@ -175,10 +183,28 @@ def _target(config: LoraConfig, path: str, base: nn.Module) -> Target:
     return Target(path, isinstance(base, nn.Embedding), fan_in_fan_out, out_features, in_features, rank, alpha, config.scale_for(rank, alpha))
 
 
-def _plan_modules_to_save(model: nn.Module, config: LoraConfig, names: list[str]) -> list[str]:
+def plan_modules_to_save(model: nn.Module, config, names: list[str]) -> list[str]:
+    """Paths of the modules a config's ``modules_to_save`` names (exact paths or dotted suffixes).
+
+    Args:
+        model: the model.
+        config: any method's config with a ``modules_to_save`` field.
+        names: the model's module paths (`module_names`).
+
+    Returns:
+        The matching paths, in the order of the config's entries.
+
+    Raises:
+        TargetModuleError: an entry matches no module (PEFT's automatic ``classifier``/``score`` entries of a
+            ``SEQ_CLS`` config may match nothing).
+    """
     paths = []
+    # PEFT adds both heads' names for sequence classification; a model has one of them.
+    optional = {"classifier", "score"} if getattr(config, "task_type", None) == "SEQ_CLS" else set()
     for wanted in config.modules_to_save or []:
         found = [p for p in names if p == wanted or p.endswith("." + wanted)]
+        if not found and wanted in optional:
+            continue
         if not found:
             raise TargetModuleError(
                 f"modules_to_save entry {wanted!r} matches no module. The model's modules include: {_describe(names)}."
