@@ -3,7 +3,7 @@
 The package is layered, each layer importing nothing above it (checked by import-linter in CI)::
 
     lorakit.core       the adapter library: LoraConfig, layers, LoraModel, inits, the PEFT file format
-    lorakit.methods    built on the core: PiSSA/MiLoRA export, PLoRA, LoraHub
+    lorakit.methods    built on the core: PiSSA/MiLoRA export, PLoRA, LoraHub, IA3, the prompt methods
     lorakit.training   the application: base models, data, evaluation, the trainer, YAML recipes
     lorakit.cli        the `lorakit` command
 
@@ -34,6 +34,16 @@ _EXPORTS = {
     "PLoRAConfig": "lorakit.methods.plora.config",
     "export_plora": "lorakit.methods.plora.export",
     "export_plain_lora": "lorakit.methods.residual",
+    "AdapterModel": "lorakit.core.adapter_model",
+    "IA3Config": "lorakit.methods.ia3.config",
+    "IA3Model": "lorakit.methods.ia3.model",
+    "PromptTuningConfig": "lorakit.methods.prompt.config",
+    "PromptEncoderConfig": "lorakit.methods.prompt.config",
+    "PrefixTuningConfig": "lorakit.methods.prompt.config",
+    "PromptModel": "lorakit.methods.prompt.model",
+    "get_peft_model": "lorakit.methods.peft_methods",
+    "load_peft_model": "lorakit.methods.peft_methods",
+    "UnsupportedModelError": "lorakit.core.errors",
     "LoraError": "lorakit.core.errors",
     "LoraConfigError": "lorakit.core.errors",
     "TargetModuleError": "lorakit.core.errors",
@@ -53,8 +63,11 @@ __all__ = [
     "BASE_ROW",
     "INIT_STRATEGIES",
     "AdapterLoadError",
+    "AdapterModel",
     "AdapterNameError",
     "AdapterSaveError",
+    "IA3Config",
+    "IA3Model",
     "LoraConfig",
     "LoraConfigError",
     "LoraEmbedding",
@@ -65,18 +78,26 @@ __all__ = [
     "ModulesToSave",
     "PLoRAConfig",
     "PeriodicLoRA",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptModel",
+    "PromptTuningConfig",
     "TargetModuleError",
+    "UnsupportedModelError",
     "base_models",
     "data",
     "evaluate",
     "export_plain_lora",
     "export_plora",
     "get_lora_model",
+    "get_peft_model",
+    "load_peft_model",
     "lorahub",
     "register_init",
 ]
 
 if TYPE_CHECKING:
+    from .core.adapter_model import AdapterModel
     from .core.config import LoraConfig
     from .core.errors import (
         AdapterLoadError,
@@ -85,16 +106,22 @@ if TYPE_CHECKING:
         LoraConfigError,
         LoraError,
         TargetModuleError,
+        UnsupportedModelError,
     )
     from .core.inits import INIT_STRATEGIES, register_init
     from .core.layers import LoraEmbedding, LoraLayer, LoraLinear
     from .core.lora_model import LoraModel, get_lora_model
     from .core.names import BASE_ROW
     from .core.saved_modules import ModulesToSave
+    from .methods.ia3.config import IA3Config
+    from .methods.ia3.model import IA3Model
     from .methods.lorahub import search as lorahub
+    from .methods.peft_methods import get_peft_model, load_peft_model
     from .methods.plora.config import PLoRAConfig
     from .methods.plora.export import export_plora
     from .methods.plora.periodic import PeriodicLoRA
+    from .methods.prompt.config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+    from .methods.prompt.model import PromptModel
     from .methods.residual import export_plain_lora
     from .training import base_models, data, evaluate
 

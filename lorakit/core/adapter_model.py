@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .errors import AdapterLoadError, AdapterNameError, LoraError, MixedBatchError
 from .journal import Journal
 from .names import BASE_ROW, check_adapter_name
-from .peft_format import SavedAdapter, read_adapter, write_adapters
+from .peft_format import PREFIX, SavedAdapter, read_adapter, write_adapters
 from .routing import AdapterWrapper, RowAdapters
 from .saved_modules import ModulesToSave
 
@@ -148,12 +148,12 @@ class AdapterModel(nn.Module):
                 self._journal.added.append((wrapper, name))
             wrapper.add_adapter(name)
 
-    def _saved_module_parameters(self, name: str) -> Iterator[tuple[str, Tensor]]:
-        """(saved key, live tensor) of adapter `name`'s modules_to_save copies, under PEFT's keys."""
+    def _saved_module_parameters(self, name: str, prefix: str = PREFIX) -> Iterator[tuple[str, Tensor]]:
+        """(saved key, live tensor) of adapter `name`'s modules_to_save copies, under PEFT's keys (`prefix` + path)."""
         for path, wrapper in self.saved_modules():
             if name in wrapper.copies:
                 for key, value in wrapper.copies[name].state_dict(keep_vars=True).items():
-                    yield f"base_model.model.{path}.{key}", value
+                    yield f"{prefix}{path}.{key}", value
 
     # -- adapters ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: Any) -> None:

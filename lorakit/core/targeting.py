@@ -17,7 +17,7 @@ from .errors import TargetModuleError
 from .layers import SUPPORTED_TYPES, LoraLayer
 from .routing import AdapterWrapper
 
-__all__ = ["AdapterPlan", "Target", "matches_spec", "module_names", "plan_modules_to_save", "plan_targets"]
+__all__ = ["AdapterPlan", "Target", "matches_spec", "module_names", "plan_modules_to_save", "plan_targets", "with_classifier_heads"]
 
 _SHOWN_NAMES = 25
 
@@ -183,6 +183,22 @@ def _target(config: LoraConfig, path: str, base: nn.Module) -> Target:
     return Target(path, isinstance(base, nn.Embedding), fan_in_fan_out, out_features, in_features, rank, alpha, config.scale_for(rank, alpha))
 
 
+CLASSIFIER_HEADS = ("classifier", "score")  # PEFT trains the head of a SEQ_CLS model as a module to save
+
+
+def with_classifier_heads(modules_to_save: list[str] | None) -> list[str]:
+    """PEFT's rule for ``task_type="SEQ_CLS"``: the classification head (``classifier`` or ``score``) trains too.
+
+    Args:
+        modules_to_save: the config's own list, or None.
+
+    Returns:
+        The list with both head names added (a model has one of them; the other matches nothing and is skipped).
+    """
+    found = list(modules_to_save or [])
+    return found + [name for name in CLASSIFIER_HEADS if name not in found]
+
+
 def plan_modules_to_save(model: nn.Module, config, names: list[str]) -> list[str]:
     """Paths of the modules a config's ``modules_to_save`` names (exact paths or dotted suffixes).
 
@@ -200,7 +216,7 @@ def plan_modules_to_save(model: nn.Module, config, names: list[str]) -> list[str
     """
     paths = []
     # PEFT adds both heads' names for sequence classification; a model has one of them.
-    optional = {"classifier", "score"} if getattr(config, "task_type", None) == "SEQ_CLS" else set()
+    optional = set(CLASSIFIER_HEADS) if getattr(config, "task_type", None) == "SEQ_CLS" else set()
     for wanted in config.modules_to_save or []:
         found = [p for p in names if p == wanted or p.endswith("." + wanted)]
         if not found and wanted in optional:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ...core.adapter_model import AdapterModel
 from ...core.errors import AdapterLoadError, TargetModuleError
 from ...core.peft_format import PREFIX, SavedAdapter
-from ...core.targeting import matches_spec, module_names, plan_modules_to_save
+from ...core.targeting import matches_spec, module_names, plan_modules_to_save, with_classifier_heads
 from .config import IA3Config, default_ia3_modules
 from .layers import SUPPORTED_TYPES, IA3Layer
 
@@ -19,7 +19,8 @@ __all__ = ["IA3Model", "get_ia3_model", "plan_ia3_targets", "resolve_config"]
 
 
 def resolve_config(model: nn.Module, config: IA3Config) -> IA3Config:
-    """`config` with PEFT's per-model-type defaults filled in where target/feedforward modules are unset.
+    """`config` with PEFT's per-model-type defaults filled in where target/feedforward modules are unset, and for
+    ``task_type="SEQ_CLS"`` the classification head among the modules to save (as PEFT).
 
     Args:
         model: the model to adapt (its ``config.model_type`` picks the defaults).
@@ -31,6 +32,8 @@ def resolve_config(model: nn.Module, config: IA3Config) -> IA3Config:
     Raises:
         LoraConfigError: no default exists for the model type and target_modules is unset.
     """
+    if config.task_type == "SEQ_CLS":
+        config = config.replace(modules_to_save=with_classifier_heads(config.modules_to_save))
     if config.target_modules is None or config.feedforward_modules is None:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         targets, feedforward = default_ia3_modules(model_type)

@@ -7,6 +7,7 @@ from typing import Literal
 from torch import nn
 
 from ...core.errors import LoraConfigError
+from ...core.targeting import with_classifier_heads
 from .config import PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig
 
 __all__ = ["model_kind", "resolve_shapes", "task_type"]
@@ -103,6 +104,8 @@ def resolve_shapes(model: nn.Module, config: PromptLearningConfig) -> PromptLear
         if filled[name] != value and (name != "num_layers" or isinstance(config, PrefixTuningConfig)):
             raise LoraConfigError(f"{name}={filled[name]} does not fit {type(model).__name__}, which needs {value}: "
                                   f"leave {name} unset (null) to take it from the model.")
+    if filled["task_type"] == "SEQ_CLS":
+        filled["modules_to_save"] = with_classifier_heads(config.modules_to_save)
     if isinstance(config, (PromptEncoderConfig, PrefixTuningConfig)) and config.encoder_hidden_size is None:
         filled["encoder_hidden_size"] = filled["token_dim"]
     return config.replace(**filled)

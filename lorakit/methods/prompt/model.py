@@ -29,6 +29,8 @@ from .prefix import prefix_cache
 
 __all__ = ["PromptModel", "get_prompt_model"]
 
+SAVED_PREFIX = "base_model."  # PEFT's prompt models hold the base model directly, so saved modules are keyed base_model.<path>
+
 
 class PromptModel(AdapterModel):
     """A model with prompt-method adapters (prompt tuning, P-tuning, prefix tuning / P-tuning v2).
@@ -215,6 +217,8 @@ class PromptModel(AdapterModel):
             return self.model(**inputs)
         if isinstance(config, PrefixTuningConfig):
             inputs["past_key_values"] = prefix_cache(self.model, config, self.prompts(name), batch)
+            if "decoder_attention_mask" in inputs:  # the prefix sits in the decoder's self-attention
+                inputs["decoder_attention_mask"] = _ones_before(inputs["decoder_attention_mask"], n)
             return self.model(**inputs)
         return self._with_virtual_tokens(inputs, config, self.prompts(name), batch, width)
 
@@ -291,7 +295,7 @@ class PromptModel(AdapterModel):
             ``(key, tensor)`` under PEFT's keys; ``prompt_embeddings`` is computed, the others are live parameters.
         """
         yield "prompt_embeddings", fold(self.prompt_encoder[name])
-        yield from self._saved_module_parameters(name)
+        yield from self._saved_module_parameters(name, SAVED_PREFIX)
 
     def training_state(self, name: str) -> dict[str, Tensor]:
         """Everything adapter `name` trains: the encoder's parameters (embedding, MLP/LSTM, prefix projection) and
@@ -304,7 +308,7 @@ class PromptModel(AdapterModel):
             Name -> live tensor.
         """
         state = {f"prompt_encoder.{key}": value for key, value in self.prompt_encoder[name].named_parameters()}
-        return state | dict(self._saved_module_parameters(name))
+        return state | dict(self._saved_module_parameters(name, SAVED_PREFIX))
 
     def _check_fits(self, model: nn.Module, adapter: SavedAdapter, source) -> None:
         try:
@@ -316,7 +320,7 @@ class PromptModel(AdapterModel):
         for path in plan_modules_to_save(model, config, module_names(model)):
             module = model.get_submodule(path)
             for key, value in getattr(module, "base_layer", module).state_dict().items():
-                expected[f"base_model.model.{path}.{key}"] = tuple(value.shape)
+                expected[f"{SAVED_PREFIX}{path}.{key}"] = tuple(value.shape)
         for key, tensor in adapter.tensors.items():
             if key not in expected:
                 raise AdapterLoadError(f"the adapter in {source} has {key!r}, which a {config.peft_type} adapter of this model has no place for.")
@@ -334,7 +338,7 @@ class PromptModel(AdapterModel):
         loaded adapter trains its virtual tokens directly."""
         with self.transaction():
             self.add_adapter(name, adapter.config, initialize=False)
-            live = {"prompt_embeddings": self.prompt_encoder[name].embedding.weight} | dict(self._saved_module_parameters(name))
+            live = {"prompt_embeddings": self.prompt_encoder[name].embedding.weight} | dict(self._saved_module_parameters(name, SAVED_PREFIX))
             with torch.no_grad():
                 for key, tensor in adapter.tensors.items():
                     live[key].copy_(tensor.to(live[key].dtype))
@@ -365,10 +369,10 @@ def _shift_inputs(inputs: dict, n: int) -> None:
 
 
 def _check_supported(kind: str, config: PromptLearningConfig) -> None:
-    if kind == "seq2seq" and isinstance(config, PrefixTuningConfig):
+    if kind == "encoder" and isinstance(config, PrefixTuningConfig):
         raise UnsupportedModelError(
-            "prefix tuning on encoder-decoder models is not available in lorakit yet; use prompt tuning or P-tuning there, "
-            "or prefix tuning on a decoder-only model."
+            "prefix tuning needs a model that takes a key/value cache (a decoder or encoder-decoder); encoder-only models "
+            "such as BERT do not (PEFT refuses them too). Use prompt tuning or P-tuning there."
         )
 
 
