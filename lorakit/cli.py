@@ -1,4 +1,4 @@
-"""`lorakit` command line: train, eval, merge, export, info."""
+"""`lorakit` command line: train, eval, merge, export, info (every method: LoRA, IA3, the prompt methods)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from .core.lora_model import LoraModel
-    from .core.peft_format import read_adapter
+    from .methods.peft_methods import load_peft_model, read_any_adapter
     from .training import base_models, data, evaluate
     from .training.settings import size_of
 
@@ -33,10 +32,10 @@ def _eval(args: argparse.Namespace) -> None:
     _positive(args.batch_size, "--batch-size")
     splits = data.split_examples(data.load_examples(args.data), args.seed, size_of(section.test_size), size_of(section.validation_size))
     if args.adapter:
-        read_adapter(args.adapter)  # a broken adapter fails before the model loads
+        read_any_adapter(args.adapter)  # a broken adapter fails before the model loads
     model, tokenizer = base_models.load(args.model)
     if args.adapter:
-        model = LoraModel.from_pretrained(model, args.adapter)
+        model = load_peft_model(model, args.adapter)
     print(json.dumps(evaluate.evaluate(model, tokenizer, splits.test, args.batch_size), indent=2))
 
 
@@ -46,36 +45,47 @@ def _positive(value: int, flag: str) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from .core.lora_model import LoraModel
-    from .core.peft_format import read_adapter
+    from .core.errors import LoraError
+    from .methods.peft_methods import load_peft_model, model_class_for, read_any_adapter
     from .training import base_models
 
-    read_adapter(args.adapter)  # a broken adapter fails before the model loads
+    adapter = read_any_adapter(args.adapter)  # a broken or unmergeable adapter fails before the model loads
+    refusal = model_class_for(adapter.config).merge_refusal
+    if refusal:
+        raise LoraError(refusal)
     if Path(args.out).exists() and any(Path(args.out).iterdir()):
         raise LoraConfigError(f"--out {args.out} exists and is not empty: name a new folder for the merged model.")
     model, tokenizer = base_models.load(args.model)
-    merged = LoraModel.from_pretrained(model, args.adapter).merge_and_unload()
+    merged = load_peft_model(model, args.adapter).merge_and_unload()
     merged.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
     print(f"merged model written to {args.out}")
 
 
 def _info(args: argparse.Namespace) -> None:
-    from .core.peft_format import is_a_key, read_adapter
+    from .core.peft_format import is_a_key
     from .core.run_layout import RunLayout
+    from .methods.peft_methods import read_any_adapter
 
     if RunLayout(args.adapter).is_run():  # a training run directory
         _run_info(Path(args.adapter), [Path(other) for other in args.compare])
         return
-    adapter = read_adapter(args.adapter)
+    adapter = read_any_adapter(args.adapter)
     config, tensors = adapter.config, adapter.tensors
-    ranks = {}
-    for key, tensor in tensors.items():
-        if is_a_key(key):
-            ranks[tensor.shape[0]] = ranks.get(tensor.shape[0], 0) + 1
     print(f"adapter: {args.adapter}")
     print(json.dumps({k: v for k, v in config.to_peft_dict().items() if v not in (None, False, {}, [])}, indent=2))
-    print(f"modules adapted: {sum(ranks.values())}  ranks: {dict(sorted(ranks.items()))}")
+    if "prompt_embeddings" in tensors:
+        print(f"virtual tokens: {config.num_virtual_tokens}  saved table: {tuple(tensors['prompt_embeddings'].shape)}")
+    elif any(key.endswith(".ia3_l") for key in tensors):
+        scaled = [tensor.shape for key, tensor in tensors.items() if key.endswith(".ia3_l")]
+        inputs = sum(shape[0] == 1 for shape in scaled)
+        print(f"modules rescaled: {len(scaled)} ({len(scaled) - inputs} outputs, {inputs} inputs)")
+    else:
+        ranks: dict[int, int] = {}
+        for key, tensor in tensors.items():
+            if is_a_key(key):
+                ranks[tensor.shape[0]] = ranks.get(tensor.shape[0], 0) + 1
+        print(f"modules adapted: {sum(ranks.values())}  ranks: {dict(sorted(ranks.items()))}")
     print(f"parameters: {sum(t.numel() for t in tensors.values()):,d} in {len(tensors)} tensors")
 
 

@@ -127,7 +127,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.parametrize("method", ["lora", "plora"])
+@pytest.mark.parametrize("method", ["lora", "plora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"])
 def test_two_process_ddp_matches_one_process(workspace, method):
     # no dropout: its masks depend on how rows are spread over processes; PLoRA unloads every 2 steps
     settings = ["lora.lora_dropout=0.0", f"training.method={method}", "plora.unload_every=8"]

@@ -40,6 +40,7 @@ class AdapterModel(nn.Module):
     """
 
     config_types: ClassVar[dict[str, type]] = {}
+    merge_refusal: ClassVar[str | None] = None  # why this method's adapters cannot be merged, if they cannot
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()

@@ -14,11 +14,13 @@ from ..core.adapter_model import AdapterModel
 from ..core.config import LoraConfig
 from ..core.errors import AdapterLoadError, LoraConfigError
 from ..core.lora_model import LoraModel
-from ..core.peft_format import CONFIG_NAME
-from .ia3 import IA3Config, IA3Model
-from .prompt import PrefixTuningConfig, PromptEncoderConfig, PromptModel, PromptTuningConfig
+from ..core.peft_format import CONFIG_NAME, SavedAdapter, read_adapter
+from .ia3.config import IA3Config
+from .ia3.model import IA3Model
+from .prompt.config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from .prompt.model import PromptModel
 
-__all__ = ["MODEL_CLASSES", "get_peft_model", "load_peft_model", "model_class_for", "read_peft_type"]
+__all__ = ["MODEL_CLASSES", "get_peft_model", "load_peft_model", "model_class_for", "read_any_adapter", "read_peft_type"]
 
 # PEFT's peft_type -> (config class, model class)
 MODEL_CLASSES: dict[str, tuple[type, type[AdapterModel]]] = {
@@ -96,6 +98,21 @@ def read_peft_type(directory: str | os.PathLike) -> str:
     if peft_type not in MODEL_CLASSES:
         raise AdapterLoadError(f"{path} holds a {peft_type!r} adapter; lorakit implements {sorted(MODEL_CLASSES)}.")
     return peft_type
+
+
+def read_any_adapter(directory: str | os.PathLike) -> SavedAdapter:
+    """Config and tensors of an adapter of any method lorakit implements (see `lorakit.core.peft_format.read_adapter`).
+
+    Args:
+        directory: a PEFT-format adapter folder.
+
+    Returns:
+        The `SavedAdapter`, its config of the method's own class.
+
+    Raises:
+        AdapterLoadError: a file is missing or corrupt, or the method is not one lorakit implements.
+    """
+    return read_adapter(directory, {peft_type: config_class for peft_type, (config_class, _) in MODEL_CLASSES.items()})
 
 
 def load_peft_model(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",

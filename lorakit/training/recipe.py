@@ -1,4 +1,4 @@
-"""A training run from a YAML config: model + data + LoRA + training sections, zero-shot and fine-tuned
+"""A training run from a YAML config: model + data + adapter + training sections, zero-shot and fine-tuned
 evaluation, and the run directory (adapter, metrics.jsonl, loss.png, summary.md)."""
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def load_run_config(path: str | Path | None = None, overrides: Sequence[str] = (
     Text values are converted to each field's type (``training.lr=1e-3`` is a float).
 
     Args:
-        path: a YAML file with model/data/lora/training/plora sections, or None for the defaults alone.
+        path: a YAML file with model/data/training sections and the method's section (lora, plora, ia3, prompt_tuning,
+            p_tuning, prefix_tuning), or None for the defaults alone.
         overrides: ``section.key=value`` assignments applied after the file, in order; values are read as YAML.
 
     Returns:
@@ -145,6 +146,7 @@ def _summary(config: RunConfig, before: dict, after: dict, trainable: int, total
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rows = [
         ("task", config.data.source),
+        ("method", config.training.method),
         ("test items", str(after["items"])),
         ("majority-label rate", f"{after['majority']:.3f}"),
         ("zero-shot accuracy", f"{before['accuracy']:.3f}" if before else "not measured"),
@@ -177,12 +179,14 @@ def run(config: RunConfig) -> dict[str, Any]:
         DataError: the data cannot be read or split.
         LoraConfigError: the training split is smaller than one batch, or the LoRA or PLoRA settings do not fit.
         ModelNotFoundError: the model is neither embedded nor a local directory.
-        TargetModuleError: ``lora.target_modules`` or ``lora.modules_to_save`` do not fit the model.
+        TargetModuleError: the method's ``target_modules`` or ``modules_to_save`` do not fit the model.
+        UnsupportedModelError: the method is not available for the model (e.g. prefix tuning on an encoder).
         UnsupportedModelError: a multiple-choice task on a model that returns no key/value cache.
         ResumeError: a resumed run's checkpoint belongs to other settings or is damaged.
         TrainingDivergedError: the loss or the gradients became NaN or infinite.
     """
-    from ..core.lora_model import get_lora_model
+    from ..core.lora_model import LoraModel
+    from ..methods.peft_methods import get_peft_model
     from . import base_models, data, evaluate
     from .trainer import Trainer
 
@@ -200,38 +204,40 @@ def run(config: RunConfig) -> dict[str, Any]:
     model, tokenizer = base_models.load(config.model.name, dtype=getattr(torch, config.model.dtype))
     before = {} if config.training.resume else evaluate.evaluate(model, tokenizer, splits.test, config.training.eval_batch_size)
     torch.manual_seed(config.training.seed)  # the adapter's init is part of the run: seed it
-    lora_model = get_lora_model(model, config.lora)
+    adapter_config = config.adapter_config()
+    options = {"tokenizer": tokenizer} if config.training.method == "prompt_tuning" else {}
+    adapted = get_peft_model(model, adapter_config, **options)
     items = [tokenize_example(tokenizer, ex.prompt, ex.target, config.training.max_length) for ex in splits.train]
     eval_fn = None
     if splits.validation:
-        eval_fn = lambda: {"loss": evaluate.token_loss(lora_model, tokenizer, splits.validation, config.training.eval_batch_size)}  # noqa: E731
+        eval_fn = lambda: {"loss": evaluate.token_loss(adapted, tokenizer, splits.validation, config.training.eval_batch_size)}  # noqa: E731
     plora = None
     if config.training.method == "plora":
         from ..methods.plora.periodic import PeriodicLoRA
 
-        plora = PeriodicLoRA(lora_model, config.plora, history_dir=layout.plora_stages, seed=config.training.seed)
-    settings = {"model": dataclasses.asdict(config.model), "data": dataclasses.asdict(config.data)}
+        plora = PeriodicLoRA(adapted, config.plora, history_dir=layout.plora_stages, seed=config.training.seed)
+    settings = {"model": dataclasses.asdict(config.model), "data": dataclasses.asdict(config.data), "method": config.training.method}
     if plora is not None:
         settings["plora"] = dataclasses.asdict(config.plora)
-    trainer = Trainer(lora_model, items, config.training, tokenizer.pad_token_id, eval_fn, plora=plora, settings=settings)
+    trainer = Trainer(adapted, items, config.training, tokenizer.pad_token_id, eval_fn, plora=plora, settings=settings)
     started = time.perf_counter()
     trainer.fit()
     seconds = time.perf_counter() - started
     if not trainer.is_main:
         return {}
-    after = evaluate.evaluate(lora_model, tokenizer, splits.test, config.training.eval_batch_size)
-    lora_model.save_pretrained(layout.adapter)
-    if any(layer.initial_factors for _, layer in lora_model.lora_layers()):  # PiSSA/MiLoRA: base was residualised
+    after = evaluate.evaluate(adapted, tokenizer, splits.test, config.training.eval_batch_size)
+    adapted.save_pretrained(layout.adapter)
+    if isinstance(adapted, LoraModel) and any(layer.initial_factors for _, layer in adapted.lora_layers()):  # PiSSA/MiLoRA
         from ..methods.residual import export_plain_lora
 
-        export_plain_lora(lora_model, layout.adapter_for_original_base)
+        export_plain_lora(adapted, layout.adapter_for_original_base)
     if plora is not None and plora.stages:  # the live adapter only fits the unloaded-into base
         from ..methods.plora.export import export_plora
 
         export_plora(layout.root, layout.adapter_for_original_base)
     history = [json.loads(line) for line in layout.metrics.read_text().splitlines()]
     _plot_losses(history, layout.loss_plot)
-    trainable, total = lora_model.get_nb_trainable_parameters()
+    trainable, total = adapted.get_nb_trainable_parameters()
     table = _summary(config, before, after, trainable, total, seconds, plora)
     atomic_write_text(layout.summary, table + "\n")
     atomic_write_text(layout.config, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -13,9 +13,13 @@ from typing import Literal
 
 from ..core.config import LoraConfig
 from ..core.validation import check_range, check_types
+from ..methods.ia3.config import IA3Config
 from ..methods.plora.config import PLoRAConfig
+from ..methods.prompt.config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
-__all__ = ["SECTIONS", "DataSection", "ModelSection", "RunConfig", "TrainingConfig", "size_of"]
+DEFAULT_PROMPT_TEXT = "Read the question and answer with the correct option."  # prompt tuning's text init
+
+__all__ = ["DEFAULT_PROMPT_TEXT", "SECTIONS", "DataSection", "ModelSection", "RunConfig", "TrainingConfig", "size_of"]
 
 
 @dataclass
@@ -37,7 +41,9 @@ class TrainingConfig:
     max_length: int = 128
     eval_batch_size: int = 32
     resume: bool = False
-    method: Literal["lora", "plora"] = "lora"  # "plora": periodic unloading, see the plora section
+    # which adapter trains: "lora" (the lora section), "plora" (lora + periodic unloading, the plora section),
+    # or "ia3", "prompt_tuning", "p_tuning", "prefix_tuning" (each configured by the section of that name)
+    method: Literal["lora", "plora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"] = "lora"
 
     def __post_init__(self) -> None:
         check_types(self, "training.")
@@ -95,6 +101,21 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.05))
     training: TrainingConfig = field(default_factory=TrainingConfig)
     plora: PLoRAConfig = field(default_factory=PLoRAConfig)  # used when training.method is "plora"
+    ia3: IA3Config = field(default_factory=IA3Config)  # the model type's PEFT defaults (Llama: k_proj, v_proj, down_proj)
+    prompt_tuning: PromptTuningConfig = field(default_factory=lambda: PromptTuningConfig(
+        num_virtual_tokens=20, prompt_tuning_init="TEXT", prompt_tuning_init_text=DEFAULT_PROMPT_TEXT))
+    p_tuning: PromptEncoderConfig = field(default_factory=lambda: PromptEncoderConfig(num_virtual_tokens=20, encoder_hidden_size=128))
+    prefix_tuning: PrefixTuningConfig = field(default_factory=lambda: PrefixTuningConfig(
+        num_virtual_tokens=20, prefix_projection=True, encoder_hidden_size=128))
+
+    def adapter_config(self):
+        """The config of the adapter `training.method` trains (the ``lora`` section for "lora" and "plora").
+
+        Returns:
+            A `LoraConfig`, `IA3Config`, `PromptTuningConfig`, `PromptEncoderConfig` or `PrefixTuningConfig`.
+        """
+        method = self.training.method
+        return self.lora if method in ("lora", "plora") else getattr(self, method)
 
     def to_dict(self) -> dict:
         """Every section as plain nested dicts (``dataclasses.asdict``), as written to ``config.yaml``.
@@ -107,6 +128,7 @@ class RunConfig:
 
 SECTIONS: dict[str, type] = {
     "model": ModelSection, "data": DataSection, "lora": LoraConfig, "training": TrainingConfig, "plora": PLoRAConfig,
+    "ia3": IA3Config, "prompt_tuning": PromptTuningConfig, "p_tuning": PromptEncoderConfig, "prefix_tuning": PrefixTuningConfig,
 }
 
 

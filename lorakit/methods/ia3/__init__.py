@@ -1,7 +1,3 @@
-"""(IA)³: learned rescaling vectors (Liu et al. 2022), in PEFT's format."""
+"""(IA)³: learned rescaling vectors (Liu et al. 2022), in PEFT's format: `config` (light), `layers`, `model`.
 
-from .config import IA3Config
-from .layers import IA3Layer
-from .model import IA3Model, get_ia3_model
-
-__all__ = ["IA3Config", "IA3Layer", "IA3Model", "get_ia3_model"]
+This package's __init__ imports nothing, so reading a config stays light (no torch)."""

@@ -146,6 +146,19 @@ class IA3Layer(nn.Module):
         return per_row.view(per_row.shape[0], *([1] * (x.dim() - 2)), dim)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """The base layer's output, rescaled (or its input rescaled) by the active adapters' vectors.
+
+        Args:
+            x: (batch, ..., in) input.
+            *args: further positional inputs of the base layer.
+            **kwargs: further keyword inputs of the base layer.
+
+        Returns:
+            (batch, ..., out) output.
+
+        Raises:
+            MixedBatchError: rows are routed and `x` does not have one row per entry.
+        """
         if self.disabled:
             return self.base_layer(x, *args, **kwargs)
         if self.row_adapters is not None:

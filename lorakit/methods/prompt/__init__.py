@@ -1,6 +1,4 @@
-"""Prompt methods in PEFT's format: prompt tuning, P-tuning, prefix tuning / P-tuning v2."""
+"""Prompt methods in PEFT's format: prompt tuning, P-tuning, prefix tuning / P-tuning v2: `config` (light),
+`encoders`, `prefix`, `generation`, `model`.
 
-from .config import PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig, PromptTuningConfig
-from .model import PromptModel, get_prompt_model
-
-__all__ = ["PrefixTuningConfig", "PromptEncoderConfig", "PromptLearningConfig", "PromptModel", "PromptTuningConfig", "get_prompt_model"]
+This package's __init__ imports nothing, so reading a config stays light (no torch)."""

@@ -53,6 +53,10 @@ class PromptModel(AdapterModel):
     config_types: ClassVar[dict[str, type]] = {
         "PROMPT_TUNING": PromptTuningConfig, "P_TUNING": PromptEncoderConfig, "PREFIX_TUNING": PrefixTuningConfig,
     }
+    merge_refusal: ClassVar[str | None] = (
+        "prompt tuning, P-tuning and prefix tuning add inputs (virtual tokens, keys/values), not weight updates: there is "
+        "nothing to merge. Keep the adapter, or use LoRA/IA3 for a mergeable one."
+    )
 
     def __init__(self, model: nn.Module, config: PromptLearningConfig | None = None, adapter_name: str = "default",
                  tokenizer: Any = None) -> None:
@@ -144,8 +148,7 @@ class PromptModel(AdapterModel):
         Raises:
             LoraError: always.
         """
-        raise LoraError("prompt tuning, P-tuning and prefix tuning add inputs (virtual tokens, keys/values), not weight "
-                        "updates: there is nothing to merge. Keep the adapter, or use LoRA/IA3 for a mergeable one.")
+        raise LoraError(self.merge_refusal)
 
     def merge_and_unload(self) -> nn.Module:
         """Refused, as `merge_adapter`.
