@@ -10,6 +10,7 @@ a time (as in PEFT); mixed-adapter batches are refused.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
@@ -62,6 +63,7 @@ class PromptModel(AdapterModel):
                  tokenizer: Any = None) -> None:
         super().__init__(model)
         self.kind = model_kind(model)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.prompt_encoder = nn.ModuleDict()
         self._disabled = False
         if config is not None:
@@ -243,11 +245,20 @@ class PromptModel(AdapterModel):
         if "position_ids" in inputs:
             first = torch.arange(n, device=embeds.device).expand(batch, n)
             inputs["position_ids"] = torch.cat([first, inputs["position_ids"]], dim=1)
-        if "labels" in inputs and self.kind == "causal":
-            inputs["labels"] = torch.cat([torch.full((batch, n), IGNORE_INDEX, device=embeds.device), inputs["labels"]], dim=1)
+        if self.kind != "causal":
+            return self.model(**inputs)
+        if not inputs.get("logits_to_keep") and self._keeps_logits:
+            # the LM head runs on the caller's tokens only (no logits to cut off afterwards); with labels also on the
+            # last virtual position, which predicts the first token in PEFT's loss
+            skipped = 1 if "labels" in inputs else 0
+            inputs["logits_to_keep"] = width + skipped
+        else:
+            skipped = n
+        if "labels" in inputs:
+            inputs["labels"] = torch.cat([torch.full((batch, skipped), IGNORE_INDEX, device=embeds.device), inputs["labels"]], dim=1)
         output = self.model(**inputs)
         logits = getattr(output, "logits", None)
-        if self.kind == "causal" and logits is not None and logits.shape[1] > width:
+        if logits is not None and logits.shape[1] > width:
             output.logits = logits[:, -width:]  # (batch, seq, vocab): the caller's tokens
         return output
 
