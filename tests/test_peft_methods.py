@@ -331,3 +331,9 @@ def test_loaded_encoder_adapters_train_their_folded_table(tmp_path):
     loaded = load_peft_model(make_model("llama"), tmp_path, is_trainable=True)
     assert loaded.get_nb_trainable_parameters()[0] == 4 * 32
     torch.testing.assert_close(loaded.prompts(), model.prompts().detach())
+
+
+def test_seq2seq_prefix_generation_is_refused_not_wrong():
+    model = get_peft_model(make_model("t5"), PrefixTuningConfig(num_virtual_tokens=3))
+    with pytest.raises(UnsupportedModelError, match="encoder-decoder"):
+        model.generate(input_ids=make_inputs("t5")["input_ids"], max_new_tokens=2)

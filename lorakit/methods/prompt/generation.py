@@ -32,7 +32,8 @@ def generate_with_prompts(model: nn.Module, kind: str, config: PromptLearningCon
         Causal LMs: (batch, seq + new) ids; encoder-decoder models: the decoder's ids.
 
     Raises:
-        UnsupportedModelError: the model is an encoder, which does not generate.
+        UnsupportedModelError: the model is an encoder, which does not generate, or prefix tuning meets an
+            encoder-decoder model.
     """
     kwargs = dict(kwargs)
     input_ids = kwargs.pop("input_ids")
@@ -42,6 +43,11 @@ def generate_with_prompts(model: nn.Module, kind: str, config: PromptLearningCon
     mask = torch.cat([mask.new_ones(batch, n), mask], dim=1)  # (batch, n + seq)
     embeddings = model.get_input_embeddings()
     virtual = table[:n].to(embeddings.weight.dtype).unsqueeze(0).expand(batch, -1, -1)  # (batch, n, dim)
+    if kind == "seq2seq" and isinstance(config, PrefixTuningConfig):
+        raise UnsupportedModelError(
+            "generate() with prefix tuning on encoder-decoder models is not available in lorakit (the forward pass and "
+            "training are); use prompt tuning or P-tuning to generate with T5-style models."
+        )
     if kind == "seq2seq":
         embeds = torch.cat([virtual, embeddings(input_ids)], dim=1)
         return model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
