@@ -337,3 +337,14 @@ def test_seq2seq_prefix_generation_is_refused_not_wrong():
     model = get_peft_model(make_model("t5"), PrefixTuningConfig(num_virtual_tokens=3))
     with pytest.raises(UnsupportedModelError, match="encoder-decoder"):
         model.generate(input_ids=make_inputs("t5")["input_ids"], max_new_tokens=2)
+
+
+def test_failed_prompt_adapter_changes_nothing():
+    model = get_peft_model(make_model("llama"), PromptTuningConfig(num_virtual_tokens=3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LoraError, match="tokenizer"):
+        model.add_adapter("text", PromptTuningConfig(num_virtual_tokens=3, prompt_tuning_init="TEXT", prompt_tuning_init_text="hi"))
+    with pytest.raises(LoraError, match="token_dim=7 does not fit"):
+        model.add_adapter("wide", PromptTuningConfig(num_virtual_tokens=3, token_dim=7))
+    assert list(model.peft_config) == ["default"] and list(model.prompt_encoder) == ["default"]
+    assert model.state_dict().keys() == before.keys() and all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -22,7 +22,18 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from lorakit import LoraConfig, LoraError, LoraModel, get_lora_model
+from lorakit import (
+    IA3Config,
+    LoraConfig,
+    LoraError,
+    LoraModel,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    get_lora_model,
+    get_peft_model,
+    load_peft_model,
+)
 from lorakit.training.recipe import RunConfig, load_run_config, valid_keys
 
 CONFIG_EXAMPLES = int(os.environ.get("LORAKIT_FUZZ_CONFIGS", 3000))
@@ -332,3 +343,82 @@ def test_any_train_command_line_is_one_line_and_exit_2_when_refused(assignments)
     text = err.getvalue()
     assert text.startswith("lorakit: error: ") and text.count("\n") == 1, text
     event("refused: output_dir is a file" if "is a file" in text else "refused: an override")
+
+
+# -- the other PEFT methods ------------------------------------------------------------------------
+METHOD_FIELDS = {
+    IA3Config: {"target_modules": st.one_of(st.none(), st.just(["k_proj", "v_proj", "down_proj"]), st.just("k_proj"), anything),
+                "feedforward_modules": st.one_of(st.none(), st.just(["down_proj"]), st.just([]), anything),
+                "init_ia3_weights": st.one_of(st.booleans(), anything)},
+    PromptTuningConfig: {"num_virtual_tokens": st.one_of(st.integers(-3, 50), anything), "token_dim": st.one_of(st.none(), st.integers(-1, 64), anything),
+                         "prompt_tuning_init": st.one_of(st.sampled_from(["RANDOM", "SAMPLE_VOCAB", "TEXT"]), anything),
+                         "prompt_tuning_init_text": st.one_of(st.none(), st.text(max_size=8))},
+    PromptEncoderConfig: {"num_virtual_tokens": st.one_of(st.integers(-3, 50), anything), "encoder_hidden_size": st.one_of(st.none(), st.integers(-1, 64)),
+                          "encoder_reparameterization_type": st.one_of(st.sampled_from(["MLP", "LSTM"]), anything),
+                          "encoder_dropout": st.one_of(st.floats(-1, 2), NASTY_FLOATS), "num_layers": st.one_of(st.none(), st.integers(0, 4))},
+    PrefixTuningConfig: {"num_virtual_tokens": st.one_of(st.integers(-3, 50), anything), "prefix_projection": st.one_of(st.booleans(), anything),
+                         "encoder_hidden_size": st.one_of(st.none(), st.integers(-1, 64)), "num_layers": st.one_of(st.none(), st.integers(0, 4)),
+                         "num_attention_heads": st.one_of(st.none(), st.integers(0, 4)), "init_weights": st.one_of(st.none(), st.just("zero"), anything)},
+}
+
+
+@st.composite
+def method_configs(draw):
+    config_class = draw(st.sampled_from(list(METHOD_FIELDS)))
+    fields = METHOD_FIELDS[config_class]
+    chosen = draw(st.lists(st.sampled_from(sorted(fields)), unique=True))
+    return config_class, {name: draw(fields[name]) for name in chosen}
+
+
+@settings(max_examples=PIPELINE_EXAMPLES // 4)
+@given(method_configs())
+def test_any_method_config_wraps_saves_and_reloads_or_is_refused(drawn):
+    """config -> wrap -> forward -> save -> reload (lorakit and PEFT read the same numbers), or a LoraError and no change."""
+    config_class, kwargs = drawn
+    model = make_model("llama")
+    snapshot = _snapshot(model)
+    try:
+        adapted = get_peft_model(model, config_class(**kwargs))
+    except LoraError as err:
+        event(f"{config_class.__name__}: refused ({type(err).__name__})")
+        assert _is_unchanged(model, snapshot)
+        return
+    event(f"{config_class.__name__}: accepted")
+    inputs = {"input_ids": torch.ones(2, 3, dtype=torch.long)}
+    with torch.no_grad():
+        expected = adapted(**inputs).logits
+    assert expected.shape == (2, 3, 96) and torch.isfinite(expected).all()
+    with tempfile.TemporaryDirectory() as root:
+        adapted.save_pretrained(root)
+        again = load_peft_model(make_model("llama"), root)
+        with torch.no_grad():
+            torch.testing.assert_close(again(**inputs).logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def saved_method_adapters(tmp_path_factory) -> dict[str, Path]:
+    folders = {}
+    for config in (IA3Config(init_ia3_weights=False), PromptTuningConfig(num_virtual_tokens=3), PrefixTuningConfig(num_virtual_tokens=2)):
+        folders[config.peft_type] = tmp_path_factory.mktemp("fuzz-methods") / config.peft_type
+        get_peft_model(make_model("llama"), config).save_pretrained(folders[config.peft_type])
+    return folders
+
+
+@settings(max_examples=FILE_EXAMPLES // 4)
+@given(st.sampled_from(["IA3", "PROMPT_TUNING", "PREFIX_TUNING"]), damage)
+def test_any_damaged_method_adapter_loads_correctly_or_is_refused(saved_method_adapters, peft_type, how):
+    with tempfile.TemporaryDirectory() as root:
+        folder = Path(root) / "adapter"
+        shutil.copytree(saved_method_adapters[peft_type], folder)
+        _damage(folder, how)
+        model = make_model("llama")
+        snapshot = _snapshot(model)
+        try:
+            loaded = load_peft_model(model, folder)
+        except LoraError as err:
+            event(f"{peft_type} {how[0]}: refused ({type(err).__name__})")
+            assert _is_unchanged(model, snapshot)
+            return
+        event(f"{peft_type} {how[0]}: loaded")
+        with torch.no_grad():
+            assert torch.isfinite(loaded(input_ids=torch.ones(1, 4, dtype=torch.long)).logits).all()

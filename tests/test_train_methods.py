@@ -18,8 +18,8 @@ METHODS = ["ia3", "prompt_tuning", "p_tuning", "prefix_tuning"]
 PEFT_TYPES = {"ia3": "IA3", "prompt_tuning": "PROMPT_TUNING", "p_tuning": "P_TUNING", "prefix_tuning": "PREFIX_TUNING"}
 
 
-def _cli(workspace, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorakit.cli", *args], env=_env(workspace), capture_output=True, text=True, timeout=600)
+def _cli(root, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorakit.cli", *args], env=_env(root), capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("method", METHODS)
