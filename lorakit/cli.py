@@ -63,16 +63,21 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
-    from .core.peft_format import is_a_key
     from .core.run_layout import RunLayout
-    from .methods.peft_methods import read_any_adapter
 
     if RunLayout(args.adapter).is_run():  # a training run directory
         _run_info(Path(args.adapter), [Path(other) for other in args.compare])
         return
-    adapter = read_any_adapter(args.adapter)
+    _adapter_info(args.adapter)
+
+
+def _adapter_info(directory: str | Path) -> None:
+    from .core.peft_format import is_a_key
+    from .methods.peft_methods import read_any_adapter
+
+    adapter = read_any_adapter(directory)
     config, tensors = adapter.config, adapter.tensors
-    print(f"adapter: {args.adapter}")
+    print(f"adapter: {directory}")
     print(json.dumps({k: v for k, v in config.to_peft_dict().items() if v not in (None, False, {}, [])}, indent=2))
     if "prompt_embeddings" in tensors:
         print(f"virtual tokens: {config.num_virtual_tokens}  saved table: {tuple(tensors['prompt_embeddings'].shape)}")
@@ -92,8 +97,14 @@ def _info(args: argparse.Namespace) -> None:
 def _run_info(run_dir: Path, others: list[Path]) -> None:
     """The rank structure of a run's total update, and a diagnostics plot (with `others` beside it)."""
     from .core.run_layout import RunLayout
+    from .methods.peft_methods import read_peft_type
     from .methods.plora.diagnostics import plot_diagnostics
 
+    layout = RunLayout(run_dir)
+    if layout.adapter.is_dir() and read_peft_type(layout.adapter) != "LORA":  # rank diagnostics are about LoRA updates
+        print(layout.summary.read_text() if layout.summary.is_file() else f"run: {run_dir} (no summary yet)")
+        _adapter_info(layout.adapter)
+        return
     runs = {run_dir.name: run_dir}
     for other in others:  # labelled by folder name, by full path where two names are equal
         runs[str(other) if other.name in runs else other.name] = other

@@ -58,6 +58,8 @@ def test_method_trains_from_the_cli_and_resumes_exactly(workspace, method):  # n
     assert yaml.safe_load(evaluation.stdout)["items"] == 10
     info = _cli(workspace, "info", str(run / "adapter"))
     assert info.returncode == 0 and PEFT_TYPES[method] in info.stdout and "parameters" in info.stdout
+    run_info = _cli(workspace, "info", str(run))
+    assert run_info.returncode == 0 and "fine-tuned accuracy" in run_info.stdout and PEFT_TYPES[method] in run_info.stdout
     merged = _cli(workspace, "merge", str(run / "adapter"), "--model", str(workspace / "model"), "--out", str(workspace / f"merged-{method}"))
     if method == "ia3":
         assert merged.returncode == 0, merged.stderr[-2000:]
