@@ -41,6 +41,17 @@ class PeakRSS:
         return (self.peak - self.start) / 2**20
 
 
+def in_fresh_process(module: str, function: str, *args) -> float:
+    """``module.function(*args)`` (a float, e.g. a peak memory) computed in a new Python process, so that the
+    allocators start clean; `module` is a benchmark script's name (benchmarks/ is put on the path)."""
+    import subprocess
+    import sys
+
+    code = f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import {module} as m; print(m.{function}(*{args!r}))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
 def mean_sd(values: list[float], digits: int) -> str:
     """``mean ± sd`` of a table cell (the value alone for a single run)."""
     import statistics

@@ -19,14 +19,13 @@ import argparse
 import functools
 import os
 import statistics
-import subprocess
 import sys
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _measure import PeakRSS  # noqa: E402
+from _measure import PeakRSS, in_fresh_process  # noqa: E402
 from train_step import SHAPE, batch, step, timed  # noqa: E402
 
 METHODS = ["ia3", "prompt_tuning", "p_tuning", "prefix_tuning"]
@@ -82,14 +81,6 @@ def training_memory(library: str, method: str, layers: int) -> float:
     return peak.mib
 
 
-def measure_memory(library: str, method: str, layers: int) -> float:
-    code = "import sys; sys.path.insert(0, %r); import peft_methods as b; print(b.training_memory(%r, %r, %d))" % (
-        os.path.dirname(os.path.abspath(__file__)), library, method, layers,
-    )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
-    return float(out.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -120,9 +111,10 @@ def main() -> None:
     del models, floor_model
     print("\ntraining memory above the model (MiB, peak of 3 steps, fresh process each):")
     print("| method | PEFT | lorakit | lorakit / PEFT |\n|---|---|---|---|")
-    floor_mib = measure_memory("floor", "", args.layers)
+    floor_mib = in_fresh_process("peft_methods", "training_memory", "floor", "", args.layers)
     for method in args.methods:
-        ours, theirs = measure_memory("lorakit", method, args.layers), measure_memory("peft", method, args.layers)
+        ours = in_fresh_process("peft_methods", "training_memory", "lorakit", method, args.layers)
+        theirs = in_fresh_process("peft_methods", "training_memory", "peft", method, args.layers)
         print(f"| {method} | {theirs:.0f} | {ours:.0f} | {ours / theirs:.3f}x |")
     print(f"(floor: {floor_mib:.0f} MiB)")
 

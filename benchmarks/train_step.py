@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -26,7 +25,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _measure import PeakRSS  # noqa: E402
+from _measure import PeakRSS, in_fresh_process  # noqa: E402
 
 SHAPE = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -100,15 +99,6 @@ def training_memory(kind: str, layers: int, device: str) -> float:
     return peak.mib
 
 
-def measure_memory(kind: str, layers: int, device: str) -> float:
-    """`training_memory` in a fresh child process, so the allocators start clean for each kind."""
-    code = "import sys; sys.path.insert(0, %r); import train_step as t; print(t.training_memory(%r, %d, %r))" % (
-        os.path.dirname(os.path.abspath(__file__)), kind, layers, device,
-    )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
-    return float(out.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
@@ -146,7 +136,7 @@ def main() -> None:
     print(f"lorakit step / floor     = {med['lorakit'] / med['floor']:.3f} (target <= 1.15)")
     if not args.no_memory:
         del models
-        peak = {k: measure_memory(k, args.layers, args.device) for k in kinds}
+        peak = {k: in_fresh_process("train_step", "training_memory", k, args.layers, args.device) for k in kinds}
         print("\ntraining memory above the model (MiB, peak over 3 steps, fresh process each):")
         for kind in kinds:
             print(f"  {kind:8s} {peak[kind]:9.1f}")

@@ -24,6 +24,7 @@ from .names import BASE_ROW, check_adapter_name
 from .peft_format import PREFIX, SavedAdapter, read_adapter, write_adapters
 from .routing import AdapterWrapper, RowAdapters
 from .saved_modules import ModulesToSave
+from .targeting import module_names, plan_modules_to_save
 
 __all__ = ["AdapterModel"]
 
@@ -106,15 +107,26 @@ class AdapterModel(nn.Module):
             return getattr(self.model, name)
 
     # -- modules ----------------------------------------------------------------------------------
+    def modules_of_type(self, kind: type) -> Iterator[tuple[str, Any]]:
+        """(path, module) for every module of class `kind` in the wrapped model, paths relative to it.
+
+        Args:
+            kind: a module class, e.g. `ModulesToSave` or a method's layer class.
+
+        Yields:
+            ``(path, module)`` in ``named_modules`` order.
+        """
+        for path, module in self.model.named_modules():
+            if isinstance(module, kind):
+                yield path, module
+
     def saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
         """(path, wrapper) for every module trained in full (``modules_to_save``), paths relative to the wrapped model.
 
         Yields:
             ``(path, module)`` for every `ModulesToSave` in the wrapped model.
         """
-        for path, module in self.model.named_modules():
-            if isinstance(module, ModulesToSave):
-                yield path, module
+        return self.modules_of_type(ModulesToSave)
 
     def _wrappers(self) -> Iterator[AdapterWrapper]:
         """Every adapter wrapper in the module tree (the method's layers and saved modules)."""
@@ -155,6 +167,25 @@ class AdapterModel(nn.Module):
             if name in wrapper.copies:
                 for key, value in wrapper.copies[name].state_dict(keep_vars=True).items():
                     yield f"{prefix}{path}.{key}", value
+
+    @staticmethod
+    def _saved_module_shapes(model: nn.Module, config: Any, prefix: str = PREFIX) -> dict[str, tuple]:
+        """Saved key -> shape of the modules_to_save `config` names in `model` (a plain model or ``self.model``)."""
+        shapes = {}
+        for path in plan_modules_to_save(model, config, module_names(model)):
+            module = model.get_submodule(path)
+            for key, value in getattr(module, "base_layer", module).state_dict().items():
+                shapes[f"{prefix}{path}.{key}"] = tuple(value.shape)
+        return shapes
+
+    def _fill(self, live: dict[str, Tensor], tensors: dict[str, Tensor], is_trainable: bool) -> None:
+        """Copy checked `tensors` into the `live` ones (cast to their dtypes); freeze them unless `is_trainable`."""
+        with torch.no_grad():
+            for key, tensor in tensors.items():
+                live[key].copy_(tensor.to(live[key].dtype))
+        if not is_trainable:
+            for tensor in live.values():
+                tensor.requires_grad_(False)
 
     # -- adapters ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: Any) -> None:

@@ -47,9 +47,7 @@ class LoraModel(AdapterModel):
         Yields:
             ``(path, layer)`` for every `LoraLayer` in the wrapped model.
         """
-        for path, module in self.model.named_modules():
-            if isinstance(module, LoraLayer):
-                yield path, module
+        return self.modules_of_type(LoraLayer)
 
     # -- adapters ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: LoraConfig, *, initialize: bool = True) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "b_key",
     "bias_parameters",
     "check_adapter_fits",
+    "check_tensors",
     "factor_keys",
     "is_a_key",
     "read_adapter",
@@ -302,6 +303,36 @@ def _expected_shapes(model: nn.Module, config: LoraConfig, plan: AdapterPlan) ->
     return required, optional
 
 
+def check_tensors(tensors: dict[str, Tensor], required: dict[str, tuple], source, optional: dict[str, tuple] | None = None) -> None:
+    """Every saved tensor has a place of its shape, and every required place is filled; change nothing.
+
+    Args:
+        tensors: saved key -> tensor, as read from the file.
+        required: key -> shape the model needs.
+        source: where the adapter comes from (e.g. its folder), shown in messages.
+        optional: key -> shape the file may hold (e.g. biases, embedding bases), or None.
+
+    Raises:
+        AdapterLoadError: a tensor has no place or the wrong shape, or a required one is missing.
+    """
+    optional = optional or {}
+    for key, tensor in tensors.items():
+        shape = required.get(key, optional.get(key))
+        if shape is None:
+            raise AdapterLoadError(
+                f"the adapter in {source} has {key!r}, which this model has no place for: the adapter was "
+                "trained on a different model, with other target modules or with another method."
+            )
+        if tuple(tensor.shape) != shape:
+            raise AdapterLoadError(
+                f"shape mismatch for {key.removeprefix(PREFIX)!r}: the adapter file has {tuple(tensor.shape)}, "
+                f"this model needs {shape}. The adapter was trained on a model of another size or with other settings."
+            )
+    missing = [k for k in required if k not in tensors]
+    if missing:
+        raise AdapterLoadError(f"the adapter in {source} lacks {len(missing)} tensors this model needs, e.g. {missing[0]!r}.")
+
+
 def check_adapter_fits(model: nn.Module, adapter: SavedAdapter, source) -> AdapterPlan:
     """Raise `AdapterLoadError` naming the first module whose key or shape does not fit; change nothing.
 
@@ -322,21 +353,7 @@ def check_adapter_fits(model: nn.Module, adapter: SavedAdapter, source) -> Adapt
     except ValueError as err:
         raise AdapterLoadError(f"the adapter in {source} does not fit this model: {err}") from None
     required, optional = _expected_shapes(model, adapter.config, plan)
-    for key, tensor in adapter.tensors.items():
-        shape = required.get(key, optional.get(key))
-        if shape is None:
-            raise AdapterLoadError(
-                f"the adapter in {source} has {key!r}, which this model has no place for: the adapter was "
-                "trained on a different model or with different target_modules."
-            )
-        if tuple(tensor.shape) != shape:
-            raise AdapterLoadError(
-                f"shape mismatch for module {key.removeprefix(PREFIX)!r}: the adapter file has {tuple(tensor.shape)}, "
-                f"this model needs {shape}. The adapter was trained on a model of another size or with another rank."
-            )
-    missing = [k for k in required if k not in adapter.tensors]
-    if missing:
-        raise AdapterLoadError(f"the adapter in {source} lacks {len(missing)} tensors this model needs, e.g. {missing[0]!r}.")
+    check_tensors(adapter.tensors, required, source, optional)
     return plan
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from ...core.adapter_model import AdapterModel
 from ...core.errors import AdapterLoadError, TargetModuleError
-from ...core.peft_format import PREFIX, SavedAdapter
+from ...core.peft_format import PREFIX, SavedAdapter, check_tensors
 from ...core.targeting import matches_spec, module_names, plan_modules_to_save, with_classifier_heads
 from .config import IA3Config, default_ia3_modules
 from .layers import SUPPORTED_TYPES, IA3Layer
@@ -109,9 +108,7 @@ class IA3Model(AdapterModel):
         Yields:
             ``(path, layer)`` for every `IA3Layer` in the wrapped model.
         """
-        for path, module in self.model.named_modules():
-            if isinstance(module, IA3Layer):
-                yield path, module
+        return self.modules_of_type(IA3Layer)
 
     # -- adapters ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: IA3Config) -> None:
@@ -184,42 +181,14 @@ class IA3Model(AdapterModel):
             base = _base(model, path)
             out_features, in_features = base.weight.shape if isinstance(base, nn.Linear) else base.weight.shape[::-1]
             expected[f"{PREFIX}{path}.ia3_l"] = (1, in_features) if config.is_feedforward(path) else (out_features, 1)
-        for path in plan_modules_to_save(model, config, module_names(model)):
-            module = model.get_submodule(path)
-            for key, value in getattr(module, "base_layer", module).state_dict().items():
-                expected[f"{PREFIX}{path}.{key}"] = tuple(value.shape)
-        _check_tensors(adapter.tensors, expected, source)
+        check_tensors(adapter.tensors, expected | self._saved_module_shapes(model, config), source)
 
     def _apply_saved(self, name: str, adapter: SavedAdapter, is_trainable: bool) -> None:
         with self.transaction():
             self.add_adapter(name, adapter.config)
-            live = dict(self.adapter_parameters(name))
-            with torch.no_grad():
-                for key, tensor in adapter.tensors.items():
-                    live[key].copy_(tensor.to(live[key].dtype))
-            if not is_trainable:
-                for tensor in live.values():
-                    tensor.requires_grad_(False)
+            self._fill(dict(self.adapter_parameters(name)), adapter.tensors, is_trainable)
         if not is_trainable:
             self.eval()
-
-
-def _check_tensors(tensors: dict[str, Tensor], expected: dict[str, tuple], source) -> None:
-    """Every saved tensor has a place of its shape, and every place is filled; else `AdapterLoadError`."""
-    for key, tensor in tensors.items():
-        if key not in expected:
-            raise AdapterLoadError(
-                f"the adapter in {source} has {key!r}, which this model has no place for: it was trained on another model "
-                "or with other target_modules."
-            )
-        if tuple(tensor.shape) != expected[key]:
-            raise AdapterLoadError(
-                f"shape mismatch for {key.removeprefix(PREFIX)!r}: the file has {tuple(tensor.shape)}, this model needs "
-                f"{expected[key]}. The adapter was trained on a model of another size."
-            )
-    missing = [key for key in expected if key not in tensors]
-    if missing:
-        raise AdapterLoadError(f"the adapter in {source} lacks {len(missing)} tensors this model needs, e.g. {missing[0]!r}.")
 
 
 def get_ia3_model(model: nn.Module, config: IA3Config, adapter_name: str = "default") -> IA3Model:

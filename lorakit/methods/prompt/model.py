@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ...core.adapter_model import AdapterModel
 from ...core.errors import AdapterLoadError, LoraConfigError, LoraError, MixedBatchError, UnsupportedModelError
 from ...core.examples import IGNORE_INDEX
-from ...core.peft_format import SavedAdapter
+from ...core.peft_format import SavedAdapter, check_tensors
 from ...core.targeting import module_names, plan_modules_to_save
 from .config import PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig, PromptTuningConfig
 from .encoders import PrefixEncoder, PromptEncoder, PromptTable, fold
@@ -330,22 +330,8 @@ class PromptModel(AdapterModel):
             _check_supported(model_kind(model), config)
         except LoraError as err:
             raise AdapterLoadError(f"the adapter in {source} does not fit this model: {err}") from None
-        expected = {"prompt_embeddings": _folded_shape(config)}
-        for path in plan_modules_to_save(model, config, module_names(model)):
-            module = model.get_submodule(path)
-            for key, value in getattr(module, "base_layer", module).state_dict().items():
-                expected[f"{SAVED_PREFIX}{path}.{key}"] = tuple(value.shape)
-        for key, tensor in adapter.tensors.items():
-            if key not in expected:
-                raise AdapterLoadError(f"the adapter in {source} has {key!r}, which a {config.peft_type} adapter of this model has no place for.")
-            if tuple(tensor.shape) != expected[key]:
-                raise AdapterLoadError(
-                    f"shape mismatch for {key!r}: the file has {tuple(tensor.shape)}, this model needs {expected[key]} "
-                    f"({config.peft_type}, num_virtual_tokens={config.num_virtual_tokens}). It was trained on another model."
-                )
-        missing = [key for key in expected if key not in adapter.tensors]
-        if missing:
-            raise AdapterLoadError(f"the adapter in {source} lacks {missing[0]!r}.")
+        expected = {"prompt_embeddings": _folded_shape(config)} | self._saved_module_shapes(model, config, SAVED_PREFIX)
+        check_tensors(adapter.tensors, expected, source)
 
     def _apply_saved(self, name: str, adapter: SavedAdapter, is_trainable: bool) -> None:
         """Load the folded table: P-tuning's encoder and the prefix projection are not saved (as in PEFT), so a
@@ -353,12 +339,7 @@ class PromptModel(AdapterModel):
         with self.transaction():
             self.add_adapter(name, adapter.config, initialize=False)
             live = {"prompt_embeddings": self.prompt_encoder[name].embedding.weight} | dict(self._saved_module_parameters(name, SAVED_PREFIX))
-            with torch.no_grad():
-                for key, tensor in adapter.tensors.items():
-                    live[key].copy_(tensor.to(live[key].dtype))
-            if not is_trainable:
-                for tensor in live.values():
-                    tensor.requires_grad_(False)
+            self._fill(live, adapter.tensors, is_trainable)
         if not is_trainable:
             self.eval()
 
