@@ -21,10 +21,9 @@ from torch import Tensor, nn
 from .errors import AdapterLoadError, AdapterNameError, LoraError, MixedBatchError
 from .journal import Journal
 from .names import BASE_ROW, check_adapter_name
-from .peft_format import PREFIX, SavedAdapter, read_adapter, write_adapters
+from .peft_format import SavedAdapter, read_adapter, write_adapters
 from .routing import AdapterWrapper, RowAdapters
 from .saved_modules import ModulesToSave
-from .targeting import module_names, plan_modules_to_save
 
 __all__ = ["AdapterModel"]
 
@@ -160,23 +159,6 @@ class AdapterModel(nn.Module):
             else:
                 self._journal.added.append((wrapper, name))
             wrapper.add_adapter(name)
-
-    def _saved_module_parameters(self, name: str, prefix: str = PREFIX) -> Iterator[tuple[str, Tensor]]:
-        """(saved key, live tensor) of adapter `name`'s modules_to_save copies, under PEFT's keys (`prefix` + path)."""
-        for path, wrapper in self.saved_modules():
-            if name in wrapper.copies:
-                for key, value in wrapper.copies[name].state_dict(keep_vars=True).items():
-                    yield f"{prefix}{path}.{key}", value
-
-    @staticmethod
-    def _saved_module_shapes(model: nn.Module, config: Any, prefix: str = PREFIX) -> dict[str, tuple]:
-        """Saved key -> shape of the modules_to_save `config` names in `model` (a plain model or ``self.model``)."""
-        shapes = {}
-        for path in plan_modules_to_save(model, config, module_names(model)):
-            module = model.get_submodule(path)
-            for key, value in getattr(module, "base_layer", module).state_dict().items():
-                shapes[f"{prefix}{path}.{key}"] = tuple(value.shape)
-        return shapes
 
     def _fill(self, live: dict[str, Tensor], tensors: dict[str, Tensor], is_trainable: bool) -> None:
         """Copy checked `tensors` into the `live` ones (cast to their dtypes); freeze them unless `is_trainable`."""
@@ -398,8 +380,7 @@ class AdapterModel(nn.Module):
         device = next(self.model.parameters()).device
         layout = (tuple(adapter_names), device)
         if self._last_rows is None or self._last_rows[0] != layout:  # the same layout reuses its RowAdapters (layer caches)
-            slot = {name: i for i, name in enumerate(unique)} | {BASE_ROW: len(unique)}
-            self._last_rows = (layout, RowAdapters(tuple(unique), torch.tensor([slot[n] for n in adapter_names], device=device)))
+            self._last_rows = (layout, RowAdapters.for_rows(adapter_names, unique, device))
         rows = self._last_rows[1]
         wrappers = list(self._wrappers())
         for wrapper in wrappers:  # every wrapper kind routes rows
@@ -545,14 +526,3 @@ class AdapterModel(nn.Module):
             wrapped.restore_original_flags()
             raise
         return wrapped
-
-    def train(self, mode: bool = True) -> AdapterModel:
-        """Set training or evaluation mode.
-
-        Args:
-            mode: True for training mode, False for evaluation mode.
-
-        Returns:
-            This model.
-        """
-        return super().train(mode)

@@ -13,7 +13,6 @@ from .config import LoraConfig
 from .layers import LoraEmbedding
 from .peft_format import (
     PREFIX,
-    SavedAdapter,
     bias_parameters,
     factor_keys,
 )
@@ -23,7 +22,6 @@ __all__ = [
     "adapter_state_dict",
     "apply_adapter",
     "initial_factors",
-    "saved_adapter",
 ]
 
 # `model` below is a lorakit LoraModel (duck-typed: this module must not import lora_model, which imports it).
@@ -74,28 +72,6 @@ def adapter_parameters(model: nn.Module, name: str, with_embedding_bases: bool =
             for key, value in wrapper.copies[name].state_dict(keep_vars=True).items():
                 yield f"{PREFIX}{path}.{key}", value
     yield from bias_parameters(model.model, model.peft_config[name].bias, lora_paths).items()
-
-
-def saved_adapter(model: nn.Module, name: str) -> SavedAdapter:
-    """Adapter `name` of `model` as it would be written (tensors copied to the CPU).
-
-    Args:
-        model: a `LoraModel` holding the adapter.
-        name: the adapter's name.
-
-    Returns:
-        A `SavedAdapter`: the config (``base_model_name_or_path`` filled in from the model's config when unset),
-        the tensors, and the PiSSA/MiLoRA initial factors (empty for other inits).
-
-    Raises:
-        AdapterNameError: `model` has no adapter `name`.
-    """
-    model.check_names([name])
-    config = model.peft_config[name]
-    if config.base_model_name_or_path is None:
-        source = getattr(getattr(model.model, "config", None), "_name_or_path", None)
-        config = config.replace(base_model_name_or_path=source or None)
-    return SavedAdapter(config, adapter_state_dict(model, name), initial_factors(model, name))
 
 
 def initial_factors(model: nn.Module, name: str) -> dict[str, Tensor]:

@@ -14,7 +14,7 @@ from .config import LoraConfig
 from .errors import LoraConfigError
 from .inits import get_init, moves_base
 from .layers import LoraLayer, wrap_module
-from .loading import adapter_parameters, apply_adapter, saved_adapter
+from .loading import adapter_parameters, apply_adapter, initial_factors
 from .names import BASE_ROW, check_adapter_name
 from .peft_format import SavedAdapter, check_adapter_fits
 from .saved_modules import ModulesToSave
@@ -175,7 +175,7 @@ class LoraModel(AdapterModel):
         yield from adapter_parameters(self, name, with_embedding_bases=False)
 
     def saved_adapter(self, name: str) -> SavedAdapter:
-        """Adapter `name` as written, with the PiSSA/MiLoRA initial factors (see `lorakit.core.loading.saved_adapter`).
+        """Adapter `name` as written (see `AdapterModel.saved_adapter`), with the PiSSA/MiLoRA initial factors.
 
         Args:
             name: the adapter's name.
@@ -186,7 +186,9 @@ class LoraModel(AdapterModel):
         Raises:
             AdapterNameError: the model has no adapter `name`.
         """
-        return saved_adapter(self, name)
+        adapter = super().saved_adapter(name)
+        adapter.initial = initial_factors(self, name)
+        return adapter
 
     def _check_fits(self, model: nn.Module, adapter: SavedAdapter, source) -> None:
         check_adapter_fits(model, adapter, source)

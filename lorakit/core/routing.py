@@ -6,12 +6,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
 from .errors import MixedBatchError
+from .names import BASE_ROW
 
 __all__ = ["AdapterWrapper", "RowAdapters", "check_rows"]
 
@@ -23,6 +26,21 @@ class RowAdapters:
 
     names: tuple[str, ...]
     row_slot: Tensor  # (batch,) int64
+
+    @classmethod
+    def for_rows(cls, adapter_names: Sequence[str], unique: Sequence[str], device) -> RowAdapters:
+        """The routing of one batch: row i uses ``adapter_names[i]`` (``"__base__"``: the base model).
+
+        Args:
+            adapter_names: one name per row.
+            unique: the adapter names among them, in first-seen order, without ``"__base__"``.
+            device: where ``row_slot`` goes.
+
+        Returns:
+            The `RowAdapters`.
+        """
+        slot = {name: i for i, name in enumerate(unique)} | {BASE_ROW: len(unique)}
+        return cls(tuple(unique), torch.tensor([slot[n] for n in adapter_names], device=device))
 
 
 @runtime_checkable

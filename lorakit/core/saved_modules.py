@@ -4,13 +4,15 @@ trainable copy per adapter, the original kept in ``base_layer``; saved under the
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from typing import Any
 
 from torch import Tensor, nn
 
 from .errors import MixedBatchError
 from .routing import RowAdapters, check_rows
 
-__all__ = ["ModulesToSave"]
+__all__ = ["ModulesToSave", "saved_module_parameters", "saved_module_shapes"]
 
 
 class ModulesToSave(nn.Module):
@@ -119,3 +121,44 @@ def _select_rows(values, index: Tensor, batch: int):
     if isinstance(values, dict):
         return {k: pick(v) for k, v in values.items()}
     return tuple(pick(v) for v in values)
+
+
+def saved_module_parameters(model: nn.Module, name: str, prefix: str) -> Iterator[tuple[str, Tensor]]:
+    """(saved key, live tensor) of adapter `name`'s modules_to_save copies in `model`, keyed `prefix` + path.
+
+    Args:
+        model: the wrapped model, holding `ModulesToSave` wrappers.
+        name: the adapter's name.
+        prefix: PEFT's key prefix (``base_model.model.``; ``base_model.`` for the prompt methods).
+
+    Yields:
+        ``(key, parameter or buffer)`` of the adapter's copies.
+    """
+    for path, wrapper in model.named_modules():
+        if isinstance(wrapper, ModulesToSave) and name in wrapper.copies:
+            for key, value in wrapper.copies[name].state_dict(keep_vars=True).items():
+                yield f"{prefix}{path}.{key}", value
+
+
+def saved_module_shapes(model: nn.Module, config: Any, prefix: str) -> dict[str, tuple]:
+    """Saved key -> shape of the modules_to_save that `config` names in `model` (plain or wrapped).
+
+    Args:
+        model: the model the adapter is for.
+        config: any method's config with ``modules_to_save``.
+        prefix: PEFT's key prefix, as in `saved_module_parameters`.
+
+    Returns:
+        Key -> shape of every tensor of those modules.
+
+    Raises:
+        TargetModuleError: an entry matches no module.
+    """
+    from .targeting import module_names, plan_modules_to_save
+
+    shapes = {}
+    for path in plan_modules_to_save(model, config, module_names(model)):
+        module = model.get_submodule(path)
+        for key, value in getattr(module, "base_layer", module).state_dict().items():
+            shapes[f"{prefix}{path}.{key}"] = tuple(value.shape)
+    return shapes

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ...core.adapter_model import AdapterModel
 from ...core.errors import AdapterLoadError, TargetModuleError
 from ...core.peft_format import PREFIX, SavedAdapter, check_tensors
+from ...core.saved_modules import saved_module_parameters, saved_module_shapes
 from ...core.targeting import matches_spec, module_names, plan_modules_to_save, with_classifier_heads
 from .config import IA3Config, default_ia3_modules
 from .layers import SUPPORTED_TYPES, IA3Layer
@@ -168,7 +169,7 @@ class IA3Model(AdapterModel):
         for path, layer in self.ia3_layers():
             if name in layer.ia3_l:
                 yield f"{PREFIX}{path}.ia3_l", layer.ia3_l[name]
-        yield from self._saved_module_parameters(name)
+        yield from saved_module_parameters(self.model, name, PREFIX)
 
     def _check_fits(self, model: nn.Module, adapter: SavedAdapter, source) -> None:
         try:
@@ -181,7 +182,7 @@ class IA3Model(AdapterModel):
             base = _base(model, path)
             out_features, in_features = base.weight.shape if isinstance(base, nn.Linear) else base.weight.shape[::-1]
             expected[f"{PREFIX}{path}.ia3_l"] = (1, in_features) if config.is_feedforward(path) else (out_features, 1)
-        check_tensors(adapter.tensors, expected | self._saved_module_shapes(model, config), source)
+        check_tensors(adapter.tensors, expected | saved_module_shapes(model, config, PREFIX), source)
 
     def _apply_saved(self, name: str, adapter: SavedAdapter, is_trainable: bool) -> None:
         with self.transaction():

@@ -22,6 +22,7 @@ from ...core.adapter_model import AdapterModel
 from ...core.errors import AdapterLoadError, LoraConfigError, LoraError, MixedBatchError, UnsupportedModelError
 from ...core.examples import IGNORE_INDEX
 from ...core.peft_format import SavedAdapter, check_tensors
+from ...core.saved_modules import saved_module_parameters, saved_module_shapes
 from ...core.targeting import module_names, plan_modules_to_save
 from .config import PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig, PromptTuningConfig
 from .encoders import PrefixEncoder, PromptEncoder, PromptTable, fold
@@ -309,7 +310,7 @@ class PromptModel(AdapterModel):
             ``(key, tensor)`` under PEFT's keys; ``prompt_embeddings`` is computed, the others are live parameters.
         """
         yield "prompt_embeddings", fold(self.prompt_encoder[name])
-        yield from self._saved_module_parameters(name, SAVED_PREFIX)
+        yield from saved_module_parameters(self.model, name, SAVED_PREFIX)
 
     def training_state(self, name: str) -> dict[str, Tensor]:
         """Everything adapter `name` trains: the encoder's parameters (embedding, MLP/LSTM, prefix projection) and
@@ -322,7 +323,7 @@ class PromptModel(AdapterModel):
             Name -> live tensor.
         """
         state = {f"prompt_encoder.{key}": value for key, value in self.prompt_encoder[name].named_parameters()}
-        return state | dict(self._saved_module_parameters(name, SAVED_PREFIX))
+        return state | dict(saved_module_parameters(self.model, name, SAVED_PREFIX))
 
     def _check_fits(self, model: nn.Module, adapter: SavedAdapter, source) -> None:
         try:
@@ -330,7 +331,7 @@ class PromptModel(AdapterModel):
             _check_supported(model_kind(model), config)
         except LoraError as err:
             raise AdapterLoadError(f"the adapter in {source} does not fit this model: {err}") from None
-        expected = {"prompt_embeddings": _folded_shape(config)} | self._saved_module_shapes(model, config, SAVED_PREFIX)
+        expected = {"prompt_embeddings": _folded_shape(config)} | saved_module_shapes(model, config, SAVED_PREFIX)
         check_tensors(adapter.tensors, expected, source)
 
     def _apply_saved(self, name: str, adapter: SavedAdapter, is_trainable: bool) -> None:
@@ -338,7 +339,7 @@ class PromptModel(AdapterModel):
         loaded adapter trains its virtual tokens directly."""
         with self.transaction():
             self.add_adapter(name, adapter.config, initialize=False)
-            live = {"prompt_embeddings": self.prompt_encoder[name].embedding.weight} | dict(self._saved_module_parameters(name, SAVED_PREFIX))
+            live = {"prompt_embeddings": self.prompt_encoder[name].embedding.weight} | dict(saved_module_parameters(self.model, name, SAVED_PREFIX))
             self._fill(live, adapter.tensors, is_trainable)
         if not is_trainable:
             self.eval()
