@@ -4,6 +4,8 @@ For causal LMs the virtual positions get placeholder ids in front of the caller'
 mask 1), so the model's generation loop counts positions and cache lengths itself: prompt tuning and
 P-tuning hand it the embeddings of those positions, prefix tuning hands it a cache already holding them.
 The placeholders are cut from the result, which is then the caller's ids followed by the new tokens.
+Encoder-decoder models get the virtual tokens before the encoder's input (prompt tuning, P-tuning) or the
+prefix in the decoder's self-attention cache, with placeholders before the decoder's start token.
 """
 
 from __future__ import annotations
@@ -29,11 +31,10 @@ def generate_with_prompts(model: nn.Module, kind: str, config: PromptLearningCon
         kwargs: ``generate`` keyword arguments with ``input_ids`` (batch, seq) and optionally ``attention_mask``.
 
     Returns:
-        Causal LMs: (batch, seq + new) ids; encoder-decoder models: the decoder's ids.
+        Causal LMs: (batch, seq + new) ids; encoder-decoder models: the decoder's ids (start token first).
 
     Raises:
-        UnsupportedModelError: the model is an encoder, which does not generate, or prefix tuning meets an
-            encoder-decoder model.
+        UnsupportedModelError: the model is an encoder, which does not generate.
     """
     kwargs = dict(kwargs)
     input_ids = kwargs.pop("input_ids")
@@ -44,10 +45,7 @@ def generate_with_prompts(model: nn.Module, kind: str, config: PromptLearningCon
     embeddings = model.get_input_embeddings()
     virtual = table[:n].to(embeddings.weight.dtype).unsqueeze(0).expand(batch, -1, -1)  # (batch, n, dim)
     if kind == "seq2seq" and isinstance(config, PrefixTuningConfig):
-        raise UnsupportedModelError(
-            "generate() with prefix tuning on encoder-decoder models is not available in lorakit (the forward pass and "
-            "training are); use prompt tuning or P-tuning to generate with T5-style models."
-        )
+        return _generate_seq2seq_with_prefix(model, config, table, input_ids, mask[:, n:], kwargs)
     if kind == "seq2seq":
         embeds = torch.cat([virtual, embeddings(input_ids)], dim=1)
         return model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
@@ -59,4 +57,19 @@ def generate_with_prompts(model: nn.Module, kind: str, config: PromptLearningCon
     else:
         embeds = torch.cat([virtual, embeddings(input_ids)], dim=1)  # (batch, n + seq, dim)
         output = model.generate(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, **kwargs)
+    return output[:, n:]
+
+
+def _generate_seq2seq_with_prefix(model: nn.Module, config: PrefixTuningConfig, table: Tensor, input_ids: Tensor,
+                                  mask: Tensor, kwargs: dict) -> Tensor:
+    """The prefix sits in the decoder's self-attention cache: the decoder gets placeholders for the prefix positions
+    before its start token, so its cache length and positions line up; the placeholders are cut from the result."""
+    batch, n = input_ids.shape[0], config.num_virtual_tokens
+    start = kwargs.pop("decoder_input_ids", None)
+    if start is None:
+        start = torch.full((batch, 1), model.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
+    decoder_ids = torch.cat([start.new_zeros(batch, n), start], dim=1)  # (batch, n + start)
+    output = model.generate(input_ids=input_ids, attention_mask=mask, decoder_input_ids=decoder_ids,
+                            decoder_attention_mask=torch.ones_like(decoder_ids), past_key_values=prefix_cache(model, config, table, batch),
+                            **kwargs)
     return output[:, n:]
