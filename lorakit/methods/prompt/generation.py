@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ...core.errors import UnsupportedModelError
 from .config import PrefixTuningConfig, PromptLearningConfig
-from .prefix import prefix_cache
+from .prefix import cache_keyword, prefix_cache
 
 __all__ = ["generate_with_prompts"]
 
@@ -53,7 +53,8 @@ def generate_with_prompts(model: nn.Module, kind: str, config: PromptLearningCon
         raise UnsupportedModelError(f"{type(model).__name__} is an encoder; it does not generate text.")
     ids = torch.cat([input_ids.new_zeros(batch, n), input_ids], dim=1)  # placeholders for the virtual positions
     if isinstance(config, PrefixTuningConfig):
-        output = model.generate(input_ids=ids, attention_mask=mask, past_key_values=prefix_cache(model, config, table, batch), **kwargs)
+        prefix = {cache_keyword(model): prefix_cache(model, config, table, batch)}
+        output = model.generate(input_ids=ids, attention_mask=mask, **prefix, **kwargs)
     else:
         embeds = torch.cat([virtual, embeddings(input_ids)], dim=1)  # (batch, n + seq, dim)
         output = model.generate(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, **kwargs)
@@ -70,6 +71,6 @@ def _generate_seq2seq_with_prefix(model: nn.Module, config: PrefixTuningConfig, 
         start = torch.full((batch, 1), model.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
     decoder_ids = torch.cat([start.new_zeros(batch, n), start], dim=1)  # (batch, n + start)
     output = model.generate(input_ids=input_ids, attention_mask=mask, decoder_input_ids=decoder_ids,
-                            decoder_attention_mask=torch.ones_like(decoder_ids), past_key_values=prefix_cache(model, config, table, batch),
-                            **kwargs)
+                            decoder_attention_mask=torch.ones_like(decoder_ids),
+                            **{cache_keyword(model): prefix_cache(model, config, table, batch)}, **kwargs)
     return output[:, n:]

@@ -27,7 +27,7 @@ from ...core.targeting import module_names, plan_modules_to_save
 from .config import PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig, PromptTuningConfig
 from .encoders import PrefixEncoder, PromptEncoder, PromptTable, fold
 from .kinds import model_kind, resolve_shapes
-from .prefix import prefix_cache
+from .prefix import cache_keyword, prefix_cache
 
 __all__ = ["PromptModel", "get_prompt_model"]
 
@@ -64,7 +64,9 @@ class PromptModel(AdapterModel):
                  tokenizer: Any = None) -> None:
         super().__init__(model)
         self.kind = model_kind(model)
-        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        parameters = inspect.signature(model.forward).parameters
+        self._keeps_logits = "logits_to_keep" in parameters
+        self._cache_keyword = cache_keyword(model)
         self.prompt_encoder = nn.ModuleDict()
         self._disabled = False
         if config is not None:
@@ -184,7 +186,7 @@ class PromptModel(AdapterModel):
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, *, inputs_embeds: Tensor | None = None,
                 position_ids: Tensor | None = None, labels: Tensor | None = None, past_key_values: Any = None,
-                token_type_ids: Tensor | None = None, adapter_names: Sequence[str] | None = None, **kwargs):
+                token_type_ids: Tensor | None = None, adapter_names: Sequence[str] | None = None, cache: Any = None, **kwargs):
         """Call the wrapped model with the active adapter's virtual tokens or prefix.
 
         Args:
@@ -195,6 +197,7 @@ class PromptModel(AdapterModel):
                 ``num_virtual_tokens``).
             labels: (batch, seq) labels of the caller's tokens; virtual tokens are never in the loss.
             past_key_values: a cache returned by this model (its virtual tokens are in it already).
+            cache: the same under transformers 5's name; give one of the two.
             token_type_ids: (batch, seq) segment ids (BERT); virtual tokens get segment 0.
             adapter_names: refused unless every row names the active adapter: prompt methods have no mixed batches.
             **kwargs: other inputs of the wrapped model (``use_cache``, ``logits_to_keep``, ``decoder_input_ids``...).
@@ -206,8 +209,9 @@ class PromptModel(AdapterModel):
             MixedBatchError: `adapter_names` asks for a mixed batch.
         """
         self._refuse_rows(adapter_names)
+        past_key_values = cache if cache is not None else past_key_values
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "inputs_embeds": inputs_embeds, "position_ids": position_ids,
-                  "labels": labels, "past_key_values": past_key_values, "token_type_ids": token_type_ids, **kwargs}
+                  "labels": labels, self._cache_keyword: past_key_values, "token_type_ids": token_type_ids, **kwargs}
         inputs = {k: v for k, v in inputs.items() if v is not None}
         active = self._active()
         if active is None:
@@ -222,7 +226,7 @@ class PromptModel(AdapterModel):
         if continuing:
             return self.model(**inputs)
         if isinstance(config, PrefixTuningConfig):
-            inputs["past_key_values"] = prefix_cache(self.model, config, self.prompts(name), batch)
+            inputs[self._cache_keyword] = prefix_cache(self.model, config, self.prompts(name), batch)
             if "decoder_attention_mask" in inputs:  # the prefix sits in the decoder's self-attention
                 inputs["decoder_attention_mask"] = _ones_before(inputs["decoder_attention_mask"], n)
             return self.model(**inputs)
