@@ -141,19 +141,20 @@ def plot(rows: dict, base: dict, tasks: list[str], path: Path) -> None:
 def table(rows: dict, base: dict, tasks: list[str], args: argparse.Namespace) -> str:
     lines = [
         f"`python benchmarks/peft_methods_study.py`: SmolLM2-135M-Instruct, {args.steps} steps of 8 for every method, "
-        f"{args.test_items} test items per seed, seeds {args.seeds} (split, init and data order; mean ± sd over seeds).",
+        f"{args.test_items} test items per seed; each seed has its own split, init and data order (mean ± sd over the seeds "
+        "measured, column n).",
         "",
-        "| task | method | lr | test accuracy | trainable parameters | training memory above the model (MiB) | step time (s) | training loss first 5 → last 10 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task | method | lr | n | test accuracy | trainable parameters | training memory above the model (MiB) | step time (s) | training loss first 5 → last 10 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for task in [t for t in tasks if base[t]]:
         majority = statistics.mean(b["majority"] for b in base[task])
-        lines.append(f"| {task} | zero-shot (majority {majority:.3f}) | | {mean_sd([b['accuracy'] for b in base[task]], 3)} | 0 | | | |")
+        lines.append(f"| {task} | zero-shot (majority {majority:.3f}) | | {len(base[task])} | {mean_sd([b['accuracy'] for b in base[task]], 3)} | 0 | | | |")
         for method, results in rows[task].items():
             if not results:
                 continue
             cell = lambda key, digits: mean_sd([r[key] for r in results], digits)  # noqa: E731
-            lines.append(f"| {task} | {method} | {METHODS[method][0]:g} | {cell('accuracy', 3)} | {results[0]['trainable']:,d} | "
+            lines.append(f"| {task} | {method} | {METHODS[method][0]:g} | {len(results)} | {cell('accuracy', 3)} | {results[0]['trainable']:,d} | "
                          f"{cell('memory_mib', 0)} | {cell('step_s', 2)} | {cell('first_loss', 3)} → {cell('final_loss', 3)} |")
     return "\n".join(lines)
 
@@ -165,6 +166,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--test-items", type=int, default=200)
     parser.add_argument("--out", type=Path, default=RESULTS / "peft_methods_study_runs")  # small JSONs, kept in the repo
+    parser.add_argument("--report", action="store_true", help="only tabulate and plot the finished runs")
     parser.add_argument("--one", nargs=3, metavar=("TASK", "METHOD", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("--zero-shot", nargs=2, metavar=("TASK", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -177,15 +179,25 @@ def main() -> None:
     settings = {"steps": args.steps, "test_items": args.test_items, "model": MODEL}
     rows = {task: {method: [] for method in METHODS} for task in args.tasks}
     base = {task: [] for task in args.tasks}
+    def result(path: Path, job_settings: dict, compute) -> dict | None:
+        if args.report:  # finished runs only
+            kept = json.loads(path.read_text()) if path.is_file() else None
+            return kept if kept is not None and kept.get("settings") == job_settings else None
+        return cached_json(path, job_settings, compute)
+
     for seed in args.seeds:  # seed-major, so an interrupted study leaves whole seeds of every task behind
         for task in args.tasks:
-            base[task].append(cached_json(args.out / f"{task}-zero-shot-seed{seed}.json", settings,
-                                          lambda: in_fresh_process(args, task, str(seed), zero_shot=True)))
+            zero = result(args.out / f"{task}-zero-shot-seed{seed}.json", settings, lambda: in_fresh_process(args, task, str(seed), zero_shot=True))
+            if zero is not None:
+                base[task].append(zero)
             for method in METHODS:
                 name = f"{task}-{method.replace(' ', '_')}-seed{seed}.json"
                 settings_m = settings | {"lr": METHODS[method][0], "config": repr(METHODS[method][1](task))}
-                print(f"{task} {method} seed {seed}", flush=True)
-                rows[task][method].append(cached_json(args.out / name, settings_m, lambda: in_fresh_process(args, task, method, str(seed))))
+                if not args.report:
+                    print(f"{task} {method} seed {seed}", flush=True)
+                found = result(args.out / name, settings_m, lambda: in_fresh_process(args, task, method, str(seed)))
+                if found is not None:
+                    rows[task][method].append(found)
             text = table(rows, base, args.tasks, args)
             RESULTS.mkdir(exist_ok=True)
             (RESULTS / "peft_methods_study.md").write_text(text + "\n")
