@@ -115,17 +115,18 @@ def in_fresh_process(args: argparse.Namespace, *job: str, zero_shot: bool = Fals
 
 
 def plot(rows: dict, base: dict, tasks: list[str], path: Path) -> None:
-    """Accuracy per method and task (mean ± sd over seeds), with the zero-shot and majority rates as lines."""
+    """Accuracy per method and task (mean ± sd over seeds) with the zero-shot and majority rates as lines, and the
+    training memory per method with its trainable-parameter count written on the bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = [t for t in tasks if base[t]]
-    figure, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.8), squeeze=False)
+    figure, axes = plt.subplots(1, len(tasks) + 1, figsize=(5.2 * (len(tasks) + 1), 3.8), squeeze=False)
     for axis, task in zip(axes[0], tasks):
-        values = [[r["accuracy"] for r in rows[task][m]] for m in METHODS if rows[task][m]]
         names = [m for m in METHODS if rows[task][m]]
+        values = [[r["accuracy"] for r in rows[task][m]] for m in names]
         spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
         axis.bar(names, [statistics.mean(v) for v in values], yerr=spread, capsize=4, color=COLORS[: len(names)])
         axis.axhline(statistics.mean(b["accuracy"] for b in base[task]), color="black", linestyle="--", linewidth=0.8, label="zero-shot")
@@ -134,6 +135,16 @@ def plot(rows: dict, base: dict, tasks: list[str], path: Path) -> None:
         axis.set_title(f"{task}: test accuracy", fontsize=10)
         axis.tick_params(axis="x", labelsize=8, rotation=15)
         axis.legend(fontsize=8, loc="lower right")
+    axis = axes[0][-1]
+    runs = {m: [r for task in tasks for r in rows[task][m]] for m in METHODS}
+    names = [m for m in METHODS if runs[m]]
+    memory = [statistics.mean(r["memory_mib"] for r in runs[m]) for m in names]
+    bars = axis.bar(names, memory, color=COLORS[: len(names)])
+    for bar, name in zip(bars, names):
+        axis.annotate(f"{runs[name][0]['trainable']:,d} params", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                      ha="center", va="bottom", fontsize=7)
+    axis.set_title("training memory above the model (MiB)", fontsize=10)
+    axis.tick_params(axis="x", labelsize=8, rotation=15)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
