@@ -1,0 +1,105 @@
+"""Ladder side-tuning: the backbone is reproduced exactly at init, gradients reach only the side network, the
+backbone keeps no autograd graph, and pruning copies the chosen weights exactly."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_inputs, make_model
+
+from lorakit.core.errors import LoraConfigError, UnsupportedModelError
+from lorakit.methods.lst.config import LSTConfig
+from lorakit.methods.lst.model import LSTModel
+from lorakit.methods.lst.pruning import kept_indices, magnitude
+
+FAMILIES = ["llama", "gpt2"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_up_projection_or_closed_gates_reproduce_the_backbone(family):
+    base = make_model(family)
+    inputs = make_inputs(family)
+    model = LSTModel(copy.deepcopy(base), LSTConfig(reduction_factor=2))
+    with torch.no_grad():
+        expected = base(**inputs).logits
+        torch.testing.assert_close(model(**inputs).logits, expected, atol=0, rtol=0)  # up-projection starts at zero
+        torch.nn.init.normal_(model.side.up.weight, std=0.5)
+        assert not torch.allclose(model(**inputs).logits, expected, atol=1e-3)
+        model.side.up.weight.zero_()
+        model.side.gates.fill_(-1e4)  # μ = 0: the side stream ignores every ladder
+        torch.testing.assert_close(model(**inputs).logits, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradients_reach_only_the_side_network_and_the_backbone_keeps_no_graph(family):
+    model = LSTModel(make_model(family), LSTConfig(reduction_factor=2, side_layers=[1]))
+    torch.nn.init.normal_(model.side.up.weight, std=0.1)
+    outputs = []
+    hooks = [block.register_forward_hook(lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+             for block in model.arch.blocks]
+    ids = make_inputs(family)["input_ids"]
+    model(input_ids=ids, labels=ids).loss.backward()
+    for hook in hooks:
+        hook.remove()
+    assert outputs and all(out.grad_fn is None and not out.requires_grad for out in outputs)  # nothing to backpropagate through
+    trained = {name for name, p in model.named_parameters() if p.grad is not None}
+    assert trained and all(name.startswith("side.") for name in trained)
+    assert all(not p.requires_grad for p in model.model.parameters())
+    assert {"side.gates", "side.up.weight", "side.ladders.0.weight"} <= trained
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruning_keeps_the_chosen_dimensions_exactly(family):
+    base = make_model(family)
+    model = LSTModel(copy.deepcopy(base), LSTConfig(reduction_factor=2))
+    arch = model.arch
+    for k, index in enumerate(model.side.layers):
+        kept = kept_indices(arch.blocks[index], arch, 2, magnitude)
+        side = dict(model.side.blocks[k].named_parameters())
+        for name, (in_role, out_role) in arch.roles.items():
+            full = dict(arch.blocks[index].named_parameters())[name]
+            if full.dim() == 1:
+                expected = full[kept[out_role]]
+            elif arch.stored_in_out:
+                expected = full[kept[in_role]][:, kept[out_role]]
+            else:
+                expected = full[kept[out_role]][:, kept[in_role]]
+            assert torch.equal(side[name], expected), name
+        ladder = model.side.ladders[k].weight  # starts as the selection of the kept residual dimensions
+        assert torch.equal(ladder.argmax(1), kept["hidden"]) and ladder.sum() == kept["hidden"].numel()
+    if arch.rotary is not None:  # whole rotary pairs
+        dims = kept["head_dim"]
+        half = arch.dims["head_dim"] // 2
+        assert torch.equal(dims[len(dims) // 2:], dims[: len(dims) // 2] + half)
+
+
+def test_fisher_init_ranks_by_gradients_and_training_lowers_the_loss():
+    base = make_model("llama")
+    ids = make_inputs("llama", batch=4)["input_ids"]
+    batches = [{"input_ids": ids, "labels": ids}]
+    model = LSTModel(copy.deepcopy(base), LSTConfig(reduction_factor=2, init="fisher"), fisher_batches=batches)
+    assert all(not p.requires_grad for p in model.model.parameters())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(LoraConfigError, match="reduction_factor"):
+        LSTConfig(reduction_factor=0)
+    with pytest.raises(LoraConfigError, match="does not divide"):
+        LSTModel(make_model("llama"), LSTConfig(reduction_factor=3))
+    with pytest.raises(LoraConfigError, match="side_layers"):
+        LSTModel(make_model("llama"), LSTConfig(reduction_factor=2, side_layers=[5]))
+    with pytest.raises(LoraConfigError, match="fisher_batches"):
+        LSTModel(make_model("llama"), LSTConfig(reduction_factor=2, init="fisher"))
+    with pytest.raises(UnsupportedModelError, match="Llama-family and GPT-2"):
+        LSTModel(make_model("bert"), LSTConfig(reduction_factor=2))
