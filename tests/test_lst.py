@@ -103,3 +103,33 @@ def test_bad_settings_are_refused():
         LSTModel(make_model("llama"), LSTConfig(reduction_factor=2, init="fisher"))
     with pytest.raises(UnsupportedModelError, match="Llama-family and GPT-2"):
         LSTModel(make_model("bert"), LSTConfig(reduction_factor=2))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_reload_gives_the_same_logits_and_peft_refuses_the_folder(family, tmp_path):
+    import peft
+    from safetensors.torch import load_file, save_file
+
+    from lorakit.core.errors import AdapterLoadError
+
+    base = make_model(family)
+    model = LSTModel(copy.deepcopy(base), LSTConfig(reduction_factor=2, side_layers=[0, 1]))
+    with torch.no_grad():
+        for p in model.side.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "lst")
+    again = LSTModel.from_pretrained(copy.deepcopy(base), tmp_path / "lst")
+    inputs = make_inputs(family)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
+    assert again.config == model.config and not any(p.requires_grad for p in again.parameters())
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lst")
+    tensors = load_file(tmp_path / "lst" / "lst_model.safetensors")
+    tensors["side.up.weight"] = tensors["side.up.weight"][:, :-1].contiguous()
+    save_file(tensors, tmp_path / "lst" / "lst_model.safetensors")
+    fresh = copy.deepcopy(base)
+    flags = [p.requires_grad for p in fresh.parameters()]
+    with pytest.raises(AdapterLoadError, match="shape mismatch.*side.up.weight"):
+        LSTModel.from_pretrained(fresh, tmp_path / "lst")
+    assert [p.requires_grad for p in fresh.parameters()] == flags

@@ -36,9 +36,11 @@ __all__ = [
     "b_key",
     "bias_parameters",
     "check_adapter_fits",
+    "check_replaceable",
     "check_tensors",
     "factor_keys",
     "is_a_key",
+    "load_checked_tensors",
     "read_adapter",
     "write_adapter",
     "write_adapters",
@@ -136,16 +138,24 @@ class SavedAdapter:
     initial: dict[str, Tensor] = field(default_factory=dict)
 
 
-def _check_replaceable(folder: Path) -> None:
-    """A save replaces its folder whole. Refuse a folder that holds files but no adapter (neither
-    ``adapter_config.json`` nor adapter sub-folders, PEFT's multi-adapter layout), so a save never
-    deletes a folder of other things."""
+def check_replaceable(folder: Path, marker: str = CONFIG_NAME) -> None:
+    """A save replaces its folder whole. Refuse a folder that holds files but no adapter (neither `marker`, by
+    default ``adapter_config.json``, nor sub-folders holding it, PEFT's multi-adapter layout), so a save never
+    deletes a folder of other things.
+
+    Args:
+        folder: the folder a save would replace.
+        marker: the file that marks an adapter folder.
+
+    Raises:
+        AdapterSaveError: `folder` is a file, or holds other things than adapters.
+    """
     if not folder.exists():
         return
     if not folder.is_dir():
         raise AdapterSaveError(f"{folder} is a file, not a folder: save the adapter to a folder path.")
     entries = [entry for entry in folder.iterdir() if not entry.name.startswith(".")]
-    holds_adapter = (folder / CONFIG_NAME).is_file() or any((entry / CONFIG_NAME).is_file() for entry in entries if entry.is_dir())
+    holds_adapter = (folder / marker).is_file() or any((entry / marker).is_file() for entry in entries if entry.is_dir())
     if entries and not holds_adapter:
         raise AdapterSaveError(
             f"{folder} holds {sorted(e.name for e in entries)[:5]} but no adapter; a save replaces the whole folder, so "
@@ -186,7 +196,7 @@ def write_adapters(directory: str | os.PathLike, adapters: dict[str, SavedAdapte
         AdapterSaveError: `directory` is a file, or a folder holding other things than adapters.
     """
     target = Path(directory)
-    _check_replaceable(target)
+    check_replaceable(target)
     with staged_directory(target) as staging:
         for name, content in (extra_files or {}).items():
             (staging / name).write_bytes(content.encode() if isinstance(content, str) else content)
@@ -242,8 +252,18 @@ def read_adapter(directory: str | os.PathLike, config_types: Mapping[str, type] 
     return SavedAdapter(config, tensors, _read_initial_factors(directory / INITIAL_NAME, tensors))
 
 
-def _load_checked(path: Path) -> dict[str, Tensor]:
-    """A safetensors file's tensors, refusing anything but finite floating-point values."""
+def load_checked_tensors(path: Path) -> dict[str, Tensor]:
+    """A safetensors file's tensors, refusing anything but finite floating-point values.
+
+    Args:
+        path: a ``.safetensors`` file.
+
+    Returns:
+        Name -> CPU tensor.
+
+    Raises:
+        AdapterLoadError: the file is unreadable, or holds non-float or non-finite values.
+    """
     try:
         tensors = load_file(path, device="cpu")
     except Exception as err:  # safetensors raises several types for damaged files
@@ -258,7 +278,7 @@ def _load_checked(path: Path) -> dict[str, Tensor]:
 
 def _read_tensors(weights: Path, directory: Path) -> dict[str, Tensor]:
     if weights.is_file():
-        return _load_checked(weights)
+        return load_checked_tensors(weights)
     if (directory / LEGACY_WEIGHTS_NAME).is_file():
         raise AdapterLoadError(
             f"{directory} holds only {LEGACY_WEIGHTS_NAME} (a pickle); lorakit loads adapters from safetensors only. Convert it "
@@ -272,7 +292,7 @@ def _read_initial_factors(path: Path, tensors: dict[str, Tensor]) -> dict[str, T
     if not path.is_file():
         return {}
     try:
-        initial = _load_checked(path)
+        initial = load_checked_tensors(path)
     except AdapterLoadError as err:
         raise AdapterLoadError(f"{err} Delete it to load the adapter without it (as a plain adapter on the base it was saved for).") from None
     for key, value in initial.items():

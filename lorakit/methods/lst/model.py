@@ -7,6 +7,8 @@ activations are stored for backward. Only the side network, its ladders, gates a
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Any
 
 import torch
@@ -14,10 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ...core.errors import LoraConfigError
+from ...core.errors import AdapterLoadError, LoraConfigError, LoraError
 from ...core.examples import IGNORE_INDEX
+from ...core.peft_format import check_tensors
 from .architectures import Architecture, describe
 from .config import LSTConfig
+from .files import read_lst, write_lst
 from .pruning import kept_indices, magnitude, prune_into
 
 __all__ = ["LSTModel", "SideNetwork"]
@@ -121,6 +125,7 @@ class LSTModel(nn.Module):
             scores = fisher_scores(model, arch, fisher_batches[: config.fisher_batches]) if config.init == "fisher" else None
             self._prune(scores)
         model.requires_grad_(False)
+        self.train(model.training)  # the side network starts in the backbone's mode (HF models load in eval mode)
 
     @torch.no_grad()
     def _prune(self, fisher: dict[int, dict[str, Tensor]] | None) -> None:
@@ -189,6 +194,70 @@ class LSTModel(nn.Module):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    # -- files --------------------------------------------------------------------------------------
+    def training_state(self, name: str = "default") -> dict[str, Tensor]:
+        """Everything that trains (the side network), by name.
+
+        Args:
+            name: ignored (an LST model has one side network); kept for the trainer's interface.
+
+        Returns:
+            ``side.<name>`` -> live parameter.
+        """
+        return {f"side.{key}": value for key, value in self.side.named_parameters()}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+        """Write the side network in lorakit's LST format (`lorakit.methods.lst.files`), atomically.
+
+        Args:
+            save_directory: the folder; it is replaced whole.
+            adapter_name: ignored (one side network).
+
+        Raises:
+            AdapterSaveError: `save_directory` is a file, or a folder holding other things.
+        """
+        config = self.config
+        if config.base_model_name_or_path is None:
+            source = getattr(getattr(self.model, "config", None), "_name_or_path", None)
+            config = dataclasses.replace(config, base_model_name_or_path=source or None)
+        tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in self.side.state_dict().items()}
+        write_lst(save_directory, config, {f"side.{key}": value for key, value in tensors.items()})
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike, is_trainable: bool = False) -> LSTModel:
+        """Build the side network saved in `directory` beside `model`.
+
+        Args:
+            model: the backbone it was trained on.
+            directory: a folder written by `save_pretrained`.
+            is_trainable: False freezes the side network and puts the model in eval mode.
+
+        Returns:
+            The `LSTModel`.
+
+        Raises:
+            AdapterLoadError: the files are missing, corrupt, or do not fit `model`.
+        """
+        config, tensors = read_lst(directory)
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        try:
+            wrapped = cls(model, dataclasses.replace(config, init="random"))
+        except LoraError as err:
+            raise AdapterLoadError(f"the LST side network in {directory} does not fit this model: {err}") from None
+        expected = {f"side.{key}": tuple(value.shape) for key, value in wrapped.side.state_dict().items()}
+        try:
+            check_tensors(tensors, expected, directory)
+        except AdapterLoadError:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            raise
+        wrapped.side.load_state_dict({key.removeprefix("side."): value for key, value in tensors.items()})
+        wrapped.config = wrapped.peft_config["default"] = config
+        if not is_trainable:
+            wrapped.side.requires_grad_(False)
+            wrapped.eval()
+        return wrapped
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts.
