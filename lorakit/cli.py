@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -31,10 +32,16 @@ def _eval(args: argparse.Namespace) -> None:
     section = DataSection(args.data, args.seed, args.test_size, args.validation_size)  # checks the sizes
     _positive(args.batch_size, "--batch-size")
     splits = data.split_examples(data.load_examples(args.data), args.seed, size_of(section.test_size), size_of(section.validation_size))
+    from .methods.lst.files import is_lst_folder, read_lst
+
     if args.adapter:
-        read_any_adapter(args.adapter)  # a broken adapter fails before the model loads
+        (read_lst if is_lst_folder(args.adapter) else read_any_adapter)(args.adapter)  # a broken adapter fails before the model loads
     model, tokenizer = base_models.load(args.model)
-    if args.adapter:
+    if args.adapter and is_lst_folder(args.adapter):
+        from .methods.lst.model import LSTModel
+
+        model = LSTModel.from_pretrained(model, args.adapter)
+    elif args.adapter:
         model = load_peft_model(model, args.adapter)
     print(json.dumps(evaluate.evaluate(model, tokenizer, splits.test, args.batch_size), indent=2))
 
@@ -46,9 +53,13 @@ def _positive(value: int, flag: str) -> None:
 
 def _merge(args: argparse.Namespace) -> None:
     from .core.errors import LoraError
+    from .methods.lst.files import is_lst_folder
     from .methods.peft_methods import load_peft_model, model_class_for, read_any_adapter
     from .training import base_models
 
+    if is_lst_folder(args.adapter):
+        raise LoraError("an LST side network runs beside the backbone, it is not an update of its weights: there is nothing to "
+                        "merge. Load it with lorakit.methods.lst.model.LSTModel.from_pretrained(model, directory).")
     adapter = read_any_adapter(args.adapter)  # a broken or unmergeable adapter fails before the model loads
     refusal = model_class_for(adapter.config).merge_refusal
     if refusal:
@@ -73,8 +84,16 @@ def _info(args: argparse.Namespace) -> None:
 
 def _adapter_info(directory: str | Path) -> None:
     from .core.peft_format import is_a_key
+    from .methods.lst.files import is_lst_folder, read_lst
     from .methods.peft_methods import read_any_adapter
 
+    if is_lst_folder(directory):
+        lst_config, lst_tensors = read_lst(directory)
+        print(f"LST side network: {directory}")
+        print(json.dumps({k: v for k, v in dataclasses.asdict(lst_config).items() if v is not None}, indent=2))
+        print(f"side blocks: {sum(1 for key in lst_tensors if key.startswith('side.ladders.') and key.endswith('.weight'))}  "
+              f"parameters: {sum(t.numel() for t in lst_tensors.values()):,d} in {len(lst_tensors)} tensors")
+        return
     adapter = read_any_adapter(directory)
     config, tensors = adapter.config, adapter.tensors
     print(f"adapter: {directory}")
@@ -97,11 +116,12 @@ def _adapter_info(directory: str | Path) -> None:
 def _run_info(run_dir: Path, others: list[Path]) -> None:
     """The rank structure of a run's total update, and a diagnostics plot (with `others` beside it)."""
     from .core.run_layout import RunLayout
+    from .methods.lst.files import is_lst_folder
     from .methods.peft_methods import read_peft_type
     from .methods.plora.diagnostics import plot_diagnostics
 
     layout = RunLayout(run_dir)
-    if layout.adapter.is_dir() and read_peft_type(layout.adapter) != "LORA":  # rank diagnostics are about LoRA updates
+    if layout.adapter.is_dir() and (is_lst_folder(layout.adapter) or read_peft_type(layout.adapter) != "LORA"):  # rank diagnostics: LoRA only
         print(layout.summary.read_text() if layout.summary.is_file() else f"run: {run_dir} (no summary yet)")
         _adapter_info(layout.adapter)
         return

@@ -57,3 +57,34 @@ def test_exact_match_against_one_by_one_greedy_decoding(tiny):
         answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     examples = [Example(prompts[0], answers[0]), Example(prompts[1], "wrong", targets=("wrong", answers[1])), Example(prompts[2], answers[2] + "!")]
     assert evaluate.exact_match(model, tokenizer, examples, batch_size=3, max_new_tokens=4) == pytest.approx(2 / 3)
+
+
+def test_options_are_scored_alike_without_a_cache():
+    """Models that keep no key/value cache (LST) get every (prompt, option) in a full pass: the same scores."""
+    import torch
+    from offline_fixtures import tiny_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit.core.examples import Example
+    from lorakit.training import evaluate
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)).eval()
+
+    class WithoutCache(torch.nn.Module):
+        returns_cache = False
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **inputs):
+            return self.inner(**inputs)
+
+    examples = [Example(prompt=f"{i} even?", target="yes", options=("yes", "no", "maybe so"), label=0) for i in range(5)]
+    with_cache = evaluate.option_logprobs(model, tokenizer, examples)
+    full_passes = evaluate.option_logprobs(WithoutCache(model), tokenizer, examples)
+    for cached, full in zip(with_cache, full_passes):
+        assert full == pytest.approx(cached, abs=1e-4)

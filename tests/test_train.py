@@ -127,16 +127,17 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.parametrize("method", ["lora", "plora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"])
+@pytest.mark.parametrize("method", ["lora", "plora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "lst"])
 def test_two_process_ddp_matches_one_process(workspace, method):
     # no dropout: its masks depend on how rows are spread over processes; PLoRA unloads every 2 steps
-    settings = ["lora.lora_dropout=0.0", f"training.method={method}", "plora.unload_every=8"]
+    settings = ["lora.lora_dropout=0.0", f"training.method={method}", "plora.unload_every=8", "lst.reduction_factor=2"]
     _train_cli(workspace, _config_file(workspace, f"one-{method}", steps=5), *settings)
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "lorakit.cli")
     _train_cli(workspace, _config_file(workspace, f"two-{method}", steps=5), *settings, launcher=launcher)
+    weights = "lst_model.safetensors" if method == "lst" else "adapter_model.safetensors"
     for folder in ["adapter"] + (["adapter_for_original_base"] if method == "plora" else []):
-        one = load_file(workspace / f"one-{method}" / folder / "adapter_model.safetensors")
-        two = load_file(workspace / f"two-{method}" / folder / "adapter_model.safetensors")
+        one = load_file(workspace / f"one-{method}" / folder / weights)
+        two = load_file(workspace / f"two-{method}" / folder / weights)
         for key in one:  # same global batch; only the order of float sums differs
             torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4, msg=key)
 

@@ -14,8 +14,9 @@ import yaml
 from safetensors.torch import load_file
 from test_train import _config_file, _env, _train_cli, workspace  # noqa: F401  (the module's tiny model and data)
 
-METHODS = ["ia3", "prompt_tuning", "p_tuning", "prefix_tuning"]
-PEFT_TYPES = {"ia3": "IA3", "prompt_tuning": "PROMPT_TUNING", "p_tuning": "P_TUNING", "prefix_tuning": "PREFIX_TUNING"}
+METHODS = ["ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "lst"]
+PEFT_TYPES = {"ia3": "IA3", "prompt_tuning": "PROMPT_TUNING", "p_tuning": "P_TUNING", "prefix_tuning": "PREFIX_TUNING", "lst": "LST"}
+OVERRIDES = {"lst": ["lst.reduction_factor=2"]}  # the tiny model's heads are 8 wide: r=8 would not divide their rotary pairs
 
 
 def _cli(root, *args: str) -> subprocess.CompletedProcess:
@@ -25,12 +26,13 @@ def _cli(root, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("method", METHODS)
 def test_method_trains_from_the_cli_and_resumes_exactly(workspace, method):  # noqa: F811
     config = _config_file(workspace, f"run-{method}", steps=6, eval_every=3, save_every=2, method=method)
-    _train_cli(workspace, config)
+    _train_cli(workspace, config, *OVERRIDES.get(method, []))
     run = workspace / f"run-{method}"
     assert {"metrics.jsonl", "loss.png", "summary.md", "config.yaml", "adapter", "checkpoints"} <= {p.name for p in run.iterdir()}
     summary = (run / "summary.md").read_text()
     assert f"| method               | {method} |" in summary and "zero-shot accuracy" in summary and "fine-tuned accuracy" in summary
-    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["peft_type"] == PEFT_TYPES[method]
+    saved = run / "adapter" / ("lst_config.json" if method == "lst" else "adapter_config.json")
+    assert json.loads(saved.read_text()).get("peft_type", json.loads(saved.read_text()).get("method")) == PEFT_TYPES[method]
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in history] == list(range(1, 7)) and "eval_loss" in history[2]
 
@@ -42,8 +44,9 @@ def test_method_trains_from_the_cli_and_resumes_exactly(workspace, method):  # n
         if checkpoint.name != "step-000002":
             shutil.rmtree(checkpoint)
     resumed_config = _config_file(workspace, f"stopped-{method}", steps=6, eval_every=3, save_every=2, method=method)
-    _train_cli(workspace, resumed_config, "--resume")
-    straight, resumed = load_file(run / "adapter" / "adapter_model.safetensors"), load_file(stopped / "adapter" / "adapter_model.safetensors")
+    _train_cli(workspace, resumed_config, *OVERRIDES.get(method, []), "--resume")
+    weights = "lst_model.safetensors" if method == "lst" else "adapter_model.safetensors"
+    straight, resumed = load_file(run / "adapter" / weights), load_file(stopped / "adapter" / weights)
     assert straight.keys() == resumed.keys()
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=0, msg=key)
@@ -63,6 +66,8 @@ def test_method_trains_from_the_cli_and_resumes_exactly(workspace, method):  # n
     merged = _cli(workspace, "merge", str(run / "adapter"), "--model", str(workspace / "model"), "--out", str(workspace / f"merged-{method}"))
     if method == "ia3":
         assert merged.returncode == 0, merged.stderr[-2000:]
+    elif method == "lst":
+        assert merged.returncode == 2 and "nothing to merge" in merged.stderr and "Traceback" not in merged.stderr
     else:
         assert merged.returncode == 2 and "nothing to merge" in merged.stderr and "Traceback" not in merged.stderr
         assert not (workspace / f"merged-{method}").exists()

@@ -41,7 +41,8 @@ def option_logprobs(model, tokenizer, examples: Sequence[Example], batch_size: i
     so k options cost one prompt pass plus k short ones instead of k full passes.
 
     Args:
-        model: a causal LM that returns a key/value cache (``use_cache=True``).
+        model: a causal LM that returns a key/value cache (``use_cache=True``), or one whose ``returns_cache`` is
+            False (LST), whose options are scored in full passes.
         tokenizer: its tokenizer, with a pad token.
         examples: multiple-choice examples; their options are scored.
         batch_size: examples per forward.
@@ -60,9 +61,29 @@ def option_logprobs(model, tokenizer, examples: Sequence[Example], batch_size: i
 
 
 @torch.no_grad()
+def _score_options_without_cache(model, tokenizer, chunk: Sequence[Example], prompts: list[list[int]]) -> list[list[float]]:
+    """Each (prompt, option) pair in one full forward pass, for models that keep no key/value cache (LST)."""
+    device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
+    pairs, owners = [], []
+    for row, (ex, prompt) in enumerate(zip(chunk, prompts)):
+        for option in ex.options:
+            option_ids = tokenizer(option, add_special_tokens=False)["input_ids"]
+            pairs.append({"input_ids": prompt + option_ids, "labels": [IGNORE_INDEX] * len(prompt) + option_ids})
+            owners.append(row)
+    batch = {k: v.to(device) for k, v in collate(pairs, pad_id).items()}
+    logprobs, _ = completion_logprobs(model, batch)  # (pairs, k)
+    scores: list[list[float]] = [[] for _ in chunk]
+    for owner, total in zip(owners, logprobs.sum(-1).tolist()):
+        scores[owner].append(total)
+    return scores
+
+
+@torch.no_grad()
 def _score_options(model, tokenizer, chunk: Sequence[Example], max_length: int) -> list[list[float]]:
     device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
     prompts = [tokenizer(format_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"][-max_length:] for ex in chunk]
+    if not getattr(model, "returns_cache", True):
+        return _score_options_without_cache(model, tokenizer, chunk, prompts)
     prompt = {k: v.to(device) for k, v in collate([{"input_ids": p, "labels": p} for p in prompts], pad_id).items()}
     out = model(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"], position_ids=prompt["position_ids"],
                 use_cache=True, logits_to_keep=1)

@@ -162,6 +162,23 @@ def _summary(config: RunConfig, before: dict, after: dict, trainable: int, total
     return "\n".join(["| what | value |", "|---|---|"] + [f"| {name:{width}} | {value} |" for name, value in rows])
 
 
+def _adapted_model(model, tokenizer, config: RunConfig, items: list[dict]):
+    """The model with the adapter (or LST side network) `training.method` trains."""
+    method = config.training.method
+    if method == "lst":
+        from ..core.examples import collate
+        from ..methods.lst.model import LSTModel
+
+        size = config.training.batch_size
+        batches = [{k: v for k, v in collate(items[i : i + size], tokenizer.pad_token_id).items() if k != "position_ids"}
+                   for i in range(0, min(len(items), size * config.lst.fisher_batches), size)] if config.lst.init == "fisher" else None
+        return LSTModel(model, config.lst, fisher_batches=batches)
+    from ..methods.peft_methods import get_peft_model
+
+    options = {"tokenizer": tokenizer} if method == "prompt_tuning" else {}
+    return get_peft_model(model, config.adapter_config(), **options)
+
+
 def run(config: RunConfig) -> dict[str, Any]:
     """Train and evaluate as `config` says; returns the summary numbers.
 
@@ -186,7 +203,6 @@ def run(config: RunConfig) -> dict[str, Any]:
         TrainingDivergedError: the loss or the gradients became NaN or infinite.
     """
     from ..core.lora_model import LoraModel
-    from ..methods.peft_methods import get_peft_model
     from . import base_models, data, evaluate
     from .trainer import Trainer
 
@@ -204,10 +220,8 @@ def run(config: RunConfig) -> dict[str, Any]:
     model, tokenizer = base_models.load(config.model.name, dtype=getattr(torch, config.model.dtype))
     before = {} if config.training.resume else evaluate.evaluate(model, tokenizer, splits.test, config.training.eval_batch_size)
     torch.manual_seed(config.training.seed)  # the adapter's init is part of the run: seed it
-    adapter_config = config.adapter_config()
-    options = {"tokenizer": tokenizer} if config.training.method == "prompt_tuning" else {}
-    adapted = get_peft_model(model, adapter_config, **options)
     items = [tokenize_example(tokenizer, ex.prompt, ex.target, config.training.max_length) for ex in splits.train]
+    adapted = _adapted_model(model, tokenizer, config, items)
     eval_fn = None
     if splits.validation:
         eval_fn = lambda: {"loss": evaluate.token_loss(adapted, tokenizer, splits.validation, config.training.eval_batch_size)}  # noqa: E731
@@ -217,6 +231,8 @@ def run(config: RunConfig) -> dict[str, Any]:
 
         plora = PeriodicLoRA(adapted, config.plora, history_dir=layout.plora_stages, seed=config.training.seed)
     settings = {"model": dataclasses.asdict(config.model), "data": dataclasses.asdict(config.data), "method": config.training.method}
+    if config.training.method == "lst":  # the other methods' configs are recorded by the trainer
+        settings["lst"] = dataclasses.asdict(config.lst)
     if plora is not None:
         settings["plora"] = dataclasses.asdict(config.plora)
     trainer = Trainer(adapted, items, config.training, tokenizer.pad_token_id, eval_fn, plora=plora, settings=settings)

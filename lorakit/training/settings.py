@@ -14,6 +14,7 @@ from typing import Literal
 from ..core.config import LoraConfig
 from ..core.validation import check_range, check_types
 from ..methods.ia3.config import IA3Config
+from ..methods.lst.config import LSTConfig
 from ..methods.plora.config import PLoRAConfig
 from ..methods.prompt.config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
@@ -42,8 +43,8 @@ class TrainingConfig:
     eval_batch_size: int = 32
     resume: bool = False
     # which adapter trains: "lora" (the lora section), "plora" (lora + periodic unloading, the plora section),
-    # or "ia3", "prompt_tuning", "p_tuning", "prefix_tuning" (each configured by the section of that name)
-    method: Literal["lora", "plora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"] = "lora"
+    # or "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "lst" (each configured by the section of that name)
+    method: Literal["lora", "plora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "lst"] = "lora"
 
     def __post_init__(self) -> None:
         check_types(self, "training.")
@@ -107,12 +108,13 @@ class RunConfig:
     p_tuning: PromptEncoderConfig = field(default_factory=lambda: PromptEncoderConfig(num_virtual_tokens=20, encoder_hidden_size=128))
     prefix_tuning: PrefixTuningConfig = field(default_factory=lambda: PrefixTuningConfig(
         num_virtual_tokens=20, prefix_projection=True, encoder_hidden_size=128))
+    lst: LSTConfig = field(default_factory=LSTConfig)  # ladder side-tuning, the paper's r = 8
 
     def adapter_config(self):
         """The config of the adapter `training.method` trains (the ``lora`` section for "lora" and "plora").
 
         Returns:
-            A `LoraConfig`, `IA3Config`, `PromptTuningConfig`, `PromptEncoderConfig` or `PrefixTuningConfig`.
+            A `LoraConfig`, `IA3Config`, `PromptTuningConfig`, `PromptEncoderConfig`, `PrefixTuningConfig` or `LSTConfig`.
         """
         method = self.training.method
         return self.lora if method in ("lora", "plora") else getattr(self, method)
@@ -129,6 +131,7 @@ class RunConfig:
 SECTIONS: dict[str, type] = {
     "model": ModelSection, "data": DataSection, "lora": LoraConfig, "training": TrainingConfig, "plora": PLoRAConfig,
     "ia3": IA3Config, "prompt_tuning": PromptTuningConfig, "p_tuning": PromptEncoderConfig, "prefix_tuning": PrefixTuningConfig,
+    "lst": LSTConfig,
 }
 
 

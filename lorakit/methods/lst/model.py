@@ -110,6 +110,8 @@ class LSTModel(nn.Module):
         torch.Size([1, 3, 64])
     """
 
+    returns_cache = False  # the side network keeps no key/value cache: evaluation scores options in full passes
+
     def __init__(self, model: nn.Module, config: LSTConfig, fisher_batches: list[dict] | None = None) -> None:
         super().__init__()
         arch = describe(model, config.reduction_factor)
