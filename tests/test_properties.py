@@ -422,3 +422,26 @@ def test_any_damaged_method_adapter_loads_correctly_or_is_refused(saved_method_a
         event(f"{peft_type} {how[0]}: loaded")
         with torch.no_grad():
             assert torch.isfinite(loaded(input_ids=torch.ones(1, 4, dtype=torch.long)).logits).all()
+
+
+@settings(max_examples=CONFIG_EXAMPLES // 10)
+@given(st.fixed_dictionaries({}, optional={
+    "reduction_factor": st.one_of(st.integers(-2, 9), anything), "side_layers": st.one_of(st.none(), st.lists(st.integers(-1, 3), max_size=4), anything),
+    "gate_temperature": st.one_of(st.floats(-1, 1), NASTY_FLOATS), "init": st.one_of(st.sampled_from(["magnitude", "random", "fisher"]), anything),
+}))
+def test_any_lst_config_builds_a_side_network_or_is_refused(kwargs):
+    from lorakit.methods.lst.config import LSTConfig
+    from lorakit.methods.lst.model import LSTModel
+
+    model = make_model("llama")
+    snapshot = _snapshot(model)
+    try:
+        lst = LSTModel(model, LSTConfig(**kwargs))
+    except LoraError as err:
+        event(f"refused: {type(err).__name__}")
+        assert _is_unchanged(model, snapshot)
+        return
+    event("accepted")
+    with torch.no_grad():
+        torch.testing.assert_close(lst(input_ids=torch.ones(1, 3, dtype=torch.long)).logits,
+                                   model(input_ids=torch.ones(1, 3, dtype=torch.long)).logits, atol=0, rtol=0)
