@@ -41,6 +41,14 @@ class PeakRSS:
         return (self.peak - self.start) / 2**20
 
 
+def peak_of_steps(run_step: Callable[[], None], steps: int = 3) -> float:
+    """Peak RSS (MiB) above the current level while `run_step` runs `steps` times (a training-memory measure)."""
+    with PeakRSS() as peak:
+        for _ in range(steps):
+            run_step()
+    return peak.mib
+
+
 def in_fresh_process(module: str, function: str, *args) -> float:
     """``module.function(*args)`` (a float, e.g. a peak memory) computed in a new Python process, so that the
     allocators start clean; `module` is a benchmark script's name (benchmarks/ is put on the path)."""

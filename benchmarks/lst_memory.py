@@ -26,7 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _measure import PeakRSS, in_fresh_process  # noqa: E402
+from _measure import in_fresh_process, peak_of_steps  # noqa: E402
 
 KINDS = ["floor", "lst", "lora", "full"]
 BATCH = 8
@@ -68,10 +68,7 @@ def training_memory(kind: str, length: int) -> float:
     """Peak RSS (MiB) of 3 steps above the built model."""
     model, optimizer = build(kind)
     ids = batch(length)
-    with PeakRSS() as peak:
-        for _ in range(3):
-            step(model, optimizer, ids)
-    return peak.mib
+    return peak_of_steps(lambda: step(model, optimizer, ids))
 
 
 def main() -> None:

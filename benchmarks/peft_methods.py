@@ -25,7 +25,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _measure import PeakRSS, in_fresh_process  # noqa: E402
+from _measure import in_fresh_process, peak_of_steps  # noqa: E402
 from train_step import SHAPE, batch, step, timed  # noqa: E402
 
 METHODS = ["ia3", "prompt_tuning", "p_tuning", "prefix_tuning"]
@@ -75,10 +75,7 @@ def training_memory(library: str, method: str, layers: int) -> float:
     """Peak RSS (MiB) of 3 training steps above the built model."""
     model, optimizer = build(library, method, layers)
     ids = batch("cpu")
-    with PeakRSS() as peak:
-        for _ in range(3):
-            step(model, optimizer, ids)
-    return peak.mib
+    return peak_of_steps(lambda: step(model, optimizer, ids))
 
 
 def main() -> None:

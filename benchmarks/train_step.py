@@ -25,7 +25,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _measure import PeakRSS, in_fresh_process  # noqa: E402
+from _measure import in_fresh_process, peak_of_steps  # noqa: E402
 
 SHAPE = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -93,10 +93,7 @@ def training_memory(kind: str, layers: int, device: str) -> float:
         for _ in range(3):
             step(model, optimizer, ids)
         return (torch.cuda.max_memory_allocated() - start) / 2**20
-    with PeakRSS() as peak:
-        for _ in range(3):
-            step(model, optimizer, ids)
-    return peak.mib
+    return peak_of_steps(lambda: step(model, optimizer, ids))
 
 
 def main() -> None:
