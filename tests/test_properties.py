@@ -115,6 +115,19 @@ def _is_unchanged(model: torch.nn.Module, snapshot) -> bool:
         and all(torch.equal(now[n], value) and now[n].requires_grad == flag for n, (value, flag) in params.items())
     )
 
+def _built_or_refused(model: torch.nn.Module, build, label: str):
+    """`build()`'s result, or None after a LoraError that left `model` exactly as it was (events name the outcome)."""
+    snapshot = _snapshot(model)
+    try:
+        built = build()
+    except LoraError as err:
+        event(f"{label}: refused ({type(err).__name__})")
+        assert _is_unchanged(model, snapshot)
+        return None
+    event(f"{label}: accepted")
+    return built
+
+
 
 # -- configs ---------------------------------------------------------------------------------------
 @settings(max_examples=CONFIG_EXAMPLES)
@@ -139,14 +152,9 @@ def test_any_config_is_valid_or_a_config_error(kwargs):
 def test_config_wrap_train_save_reload(kwargs, seed):
     """config -> wrap -> forward -> backward -> save -> reload: equal logits, or a LoraError and no change."""
     model = make_model("llama")
-    snapshot = _snapshot(model)
-    try:
-        lora_model = get_lora_model(model, LoraConfig(**kwargs))
-    except LoraError as err:
-        event(f"refused: {type(err).__name__}")
-        assert _is_unchanged(model, snapshot)
+    lora_model = _built_or_refused(model, lambda: get_lora_model(model, LoraConfig(**kwargs)), "wrap")
+    if lora_model is None:
         return
-    event("trained, saved and reloaded")
     ids = torch.randint(1, 96, (2, 6), generator=torch.Generator().manual_seed(seed))
     lora_model.train()
     loss = lora_model(input_ids=ids, labels=ids).loss
@@ -376,14 +384,9 @@ def test_any_method_config_wraps_saves_and_reloads_or_is_refused(drawn):
     """config -> wrap -> forward -> save -> reload (lorakit and PEFT read the same numbers), or a LoraError and no change."""
     config_class, kwargs = drawn
     model = make_model("llama")
-    snapshot = _snapshot(model)
-    try:
-        adapted = get_peft_model(model, config_class(**kwargs))
-    except LoraError as err:
-        event(f"{config_class.__name__}: refused ({type(err).__name__})")
-        assert _is_unchanged(model, snapshot)
+    adapted = _built_or_refused(model, lambda: get_peft_model(model, config_class(**kwargs)), config_class.__name__)
+    if adapted is None:
         return
-    event(f"{config_class.__name__}: accepted")
     inputs = {"input_ids": torch.ones(2, 3, dtype=torch.long)}
     with torch.no_grad():
         expected = adapted(**inputs).logits
@@ -412,14 +415,9 @@ def test_any_damaged_method_adapter_loads_correctly_or_is_refused(saved_method_a
         shutil.copytree(saved_method_adapters[peft_type], folder)
         _damage(folder, how)
         model = make_model("llama")
-        snapshot = _snapshot(model)
-        try:
-            loaded = load_peft_model(model, folder)
-        except LoraError as err:
-            event(f"{peft_type} {how[0]}: refused ({type(err).__name__})")
-            assert _is_unchanged(model, snapshot)
+        loaded = _built_or_refused(model, lambda: load_peft_model(model, folder), f"{peft_type} {how[0]}")
+        if loaded is None:
             return
-        event(f"{peft_type} {how[0]}: loaded")
         with torch.no_grad():
             assert torch.isfinite(loaded(input_ids=torch.ones(1, 4, dtype=torch.long)).logits).all()
 
@@ -434,14 +432,9 @@ def test_any_lst_config_builds_a_side_network_or_is_refused(kwargs):
     from lorakit.methods.lst.model import LSTModel
 
     model = make_model("llama")
-    snapshot = _snapshot(model)
-    try:
-        lst = LSTModel(model, LSTConfig(**kwargs))
-    except LoraError as err:
-        event(f"refused: {type(err).__name__}")
-        assert _is_unchanged(model, snapshot)
+    lst = _built_or_refused(model, lambda: LSTModel(model, LSTConfig(**kwargs)), "LST")
+    if lst is None:
         return
-    event("accepted")
     with torch.no_grad():
         torch.testing.assert_close(lst(input_ids=torch.ones(1, 3, dtype=torch.long)).logits,
                                    model(input_ids=torch.ones(1, 3, dtype=torch.long)).logits, atol=0, rtol=0)

@@ -95,7 +95,7 @@ def read_peft_type(directory: str | os.PathLike) -> str:
         peft_type = json.loads(path.read_text(encoding="utf-8")).get("peft_type", "LORA")
     except (OSError, ValueError, AttributeError) as err:
         raise AdapterLoadError(f"{path} could not be read as an adapter config ({type(err).__name__}: {err}).") from None
-    if peft_type not in MODEL_CLASSES:
+    if not isinstance(peft_type, str) or peft_type not in MODEL_CLASSES:
         raise AdapterLoadError(f"{path} holds a {peft_type!r} adapter; lorakit implements {sorted(MODEL_CLASSES)}.")
     return peft_type
 
