@@ -161,8 +161,7 @@ class PromptModel(AdapterModel):
         Raises:
             LoraError: always.
         """
-        self.merge_adapter()
-        raise AssertionError("unreachable")
+        raise LoraError(self.merge_refusal)
 
     # -- the virtual tokens -----------------------------------------------------------------------
     def _active(self) -> tuple[str, PromptLearningConfig] | None:
