@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .errors import AdapterLoadError, AdapterNameError, LoraError, MixedBatchError
+from .errors import AdapterLoadError, AdapterNameError, LoraConfigError, LoraError, MixedBatchError
 from .journal import Journal
 from .names import BASE_ROW, check_adapter_name
 from .peft_format import SavedAdapter, read_adapter, write_adapters
@@ -181,8 +181,6 @@ class AdapterModel(nn.Module):
 
     def _check_new(self, name: str, config: Any) -> None:
         """Refuse a bad or taken name, or a config of another method, before anything changes."""
-        from .errors import LoraConfigError
-
         check_adapter_name(name)
         if name in self.peft_config:
             raise AdapterNameError(f"an adapter named {name!r} exists already; pick another name or delete it first.")
