@@ -43,10 +43,13 @@ OVERRIDE_EXAMPLES = int(os.environ.get("LORAKIT_FUZZ_OVERRIDES", 1500))
 
 @pytest.fixture(scope="module", autouse=True)
 def private_cache(tmp_path_factory):
-    """SVD inits cache decompositions: keep them out of the user's cache."""
-    previous = os.environ.get("LORAKIT_CACHE")
+    """SVD inits cache decompositions: keep them out of the user's cache, and run in a scratch folder, since a
+    generated ``svd_cache`` may be any relative folder name (which the config rightly accepts)."""
+    previous, cwd = os.environ.get("LORAKIT_CACHE"), os.getcwd()
     os.environ["LORAKIT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.chdir(tmp_path_factory.mktemp("cwd"))
     yield
+    os.chdir(cwd)
     if previous is None:
         del os.environ["LORAKIT_CACHE"]
     else:
