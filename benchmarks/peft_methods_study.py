@@ -1,4 +1,4 @@
-"""LoRA vs IA3 vs prompt tuning vs P-tuning vs prefix tuning on SmolLM2-135M-Instruct, real BIG-bench tasks.
+"""LoRA vs IA3 vs prompt tuning vs P-tuning vs prefix tuning vs LST on SmolLM2-135M-Instruct, real BIG-bench tasks.
 
 Every method at its usual settings, the same steps, batch, data and test items:
 
@@ -7,7 +7,8 @@ Every method at its usual settings, the same steps, batch, data and test items:
 * prompt tuning, 20 virtual tokens initialised from the text of the task's instruction, lr 3e-2
   (PEFT's causal-LM prompt-tuning example);
 * P-tuning, 20 virtual tokens from an MLP prompt encoder (hidden 128), lr 1e-3 (PEFT's P-tuning example);
-* prefix tuning with the projection MLP (hidden 128), 20 prefix positions, lr 1e-2 (PEFT's prefix example).
+* prefix tuning with the projection MLP (hidden 128), 20 prefix positions, lr 1e-2 (PEFT's prefix example);
+* LST, a ladder side network at 1/8 of the width (magnitude-pruned init), lr 3e-3 (the LST paper's rate).
 
 Tasks: hyperbaton (zero-shot 0.48) and sports_understanding (zero-shot 0.45, always "plausible"): both near
 chance before tuning. Per (task, method, seed): test accuracy on a seeded split, trainable parameters,
@@ -36,6 +37,8 @@ import torch
 from lorakit import (
     IA3Config,
     LoraConfig,
+    LSTConfig,
+    LSTModel,
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
@@ -65,8 +68,9 @@ METHODS = {
                                                             prompt_tuning_init_text=INIT_TEXT[task])),
     "P-tuning": (1e-3, lambda task: PromptEncoderConfig(num_virtual_tokens=20, encoder_hidden_size=128)),
     "prefix tuning": (1e-2, lambda task: PrefixTuningConfig(num_virtual_tokens=20, prefix_projection=True, encoder_hidden_size=128)),
+    "LST": (3e-3, lambda task: LSTConfig(reduction_factor=8)),
 }
-COLORS = ["#777", "#c84", "#4a8", "#48c", "#a5c"]
+COLORS = ["#777", "#c84", "#4a8", "#48c", "#a5c", "#c55"]
 
 
 def splits_for(task: str, seed: int, test_items: int):
@@ -81,7 +85,8 @@ def run_one(task: str, method: str, seed: int, steps: int, test_items: int) -> d
     lr, make_config = METHODS[method]
     torch.manual_seed(seed)
     options = {"tokenizer": tokenizer} if method == "prompt tuning" else {}
-    adapted = get_peft_model(model, make_config(task), **options)
+    method_config = make_config(task)
+    adapted = LSTModel(model, method_config) if isinstance(method_config, LSTConfig) else get_peft_model(model, method_config, **options)
     items = [examples.tokenize_example(tokenizer, ex.prompt, ex.target, 128) for ex in splits.train]
     config = TrainingConfig(output_dir=str(cache_dir() / "bench" / "peft_methods_runs" / f"{task}-{method}-{seed}".replace(" ", "_")),
                             steps=steps, batch_size=8, lr=lr, warmup_steps=6, save_every=0, eval_every=0, seed=seed)

@@ -3,7 +3,7 @@
 The package is layered, each layer importing nothing above it (checked by import-linter in CI)::
 
     lorakit.core       the adapter library: LoraConfig, layers, LoraModel, inits, the PEFT file format
-    lorakit.methods    built on the core: PiSSA/MiLoRA export, PLoRA, LoraHub, IA3, the prompt methods
+    lorakit.methods    built on the core: PiSSA/MiLoRA export, PLoRA, LoraHub, IA3, the prompt methods, LST
     lorakit.training   the application: base models, data, evaluation, the trainer, YAML recipes
     lorakit.cli        the `lorakit` command
 
@@ -41,6 +41,8 @@ _EXPORTS = {
     "PromptEncoderConfig": "lorakit.methods.prompt.config",
     "PrefixTuningConfig": "lorakit.methods.prompt.config",
     "PromptModel": "lorakit.methods.prompt.model",
+    "LSTConfig": "lorakit.methods.lst.config",
+    "LSTModel": "lorakit.methods.lst.model",
     "get_peft_model": "lorakit.methods.peft_methods",
     "load_peft_model": "lorakit.methods.peft_methods",
     "UnsupportedModelError": "lorakit.core.errors",
@@ -68,6 +70,8 @@ __all__ = [
     "AdapterSaveError",
     "IA3Config",
     "IA3Model",
+    "LSTConfig",
+    "LSTModel",
     "LoraConfig",
     "LoraConfigError",
     "LoraEmbedding",
@@ -116,6 +120,8 @@ if TYPE_CHECKING:
     from .methods.ia3.config import IA3Config
     from .methods.ia3.model import IA3Model
     from .methods.lorahub import search as lorahub
+    from .methods.lst.config import LSTConfig
+    from .methods.lst.model import LSTModel
     from .methods.peft_methods import get_peft_model, load_peft_model
     from .methods.plora.config import PLoRAConfig
     from .methods.plora.export import export_plora

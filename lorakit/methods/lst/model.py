@@ -1,104 +1,51 @@
-"""`LSTModel`: a frozen causal LM and a trainable ladder side network beside it (Sung, Cho & Bansal 2022).
+"""`LSTModel`: a frozen backbone and a trainable ladder side network beside it (Sung, Cho & Bansal 2022).
 
 The backbone runs under ``torch.no_grad()`` and only its block outputs are kept (read by forward hooks);
 the side network then runs on them, so backpropagation never enters the backbone and none of its
-activations are stored for backward. Only the side network, its ladders, gates and up-projection train.
+activations are stored for backward. Only the side network (ladders, gates, blocks, output) trains.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers import DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutput
 
-from ...core.errors import AdapterLoadError, LoraConfigError, LoraError
+from ...core.errors import AdapterLoadError, LoraConfigError, LoraError, UnsupportedModelError
 from ...core.examples import IGNORE_INDEX
 from ...core.peft_format import check_tensors
-from .architectures import Architecture, describe
+from .architectures import describe
 from .config import LSTConfig
 from .files import read_lst, write_lst
-from .pruning import kept_indices, magnitude, prune_into
+from .pruning import fisher_scores, kept_indices, magnitude, prune_into
+from .side import SideNetwork, block_keywords
 
-__all__ = ["LSTModel", "SideNetwork"]
-
-_BACKBONE_ONLY = ("cache", "past_key_values", "layer_past", "use_cache", "position_embeddings", "cache_position")
-
-
-def _norm_like(norm: nn.Module, width: int) -> nn.Module:
-    eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-6)
-    return type(norm)(width, eps=eps)
-
-
-class SideNetwork(nn.Module):
-    """The ladder side network (LST, Sec. 3.1): an input down-projection of the embeddings, one ladder
-    (down-projection d -> d/r) and gate per side block, the side blocks, a final norm and the up-projection.
-
-    Args:
-        arch: the backbone's `Architecture`.
-        config: the `LSTConfig`.
-        layers: backbone block indices that feed the side blocks.
-    """
-
-    def __init__(self, arch: Architecture, config: LSTConfig, layers: list[int]) -> None:
-        super().__init__()
-        hidden, width = arch.dims["hidden"], arch.dims["hidden"] // config.reduction_factor
-        self.layers = layers
-        self.temperature = config.gate_temperature
-        self.embed_down = nn.Linear(hidden, width)
-        self.ladders = nn.ModuleList(nn.Linear(hidden, width) for _ in layers)
-        self.gates = nn.Parameter(torch.full((len(layers),), float(config.gate_init)))  # α; μ = sigmoid(α / T)
-        self.blocks = nn.ModuleList(type(arch.blocks[i])(arch.side_config, layer_idx=k) for k, i in enumerate(layers))
-        self.norm = _norm_like(arch.final_norm, width)
-        self.rotary = type(arch.rotary)(config=arch.side_config) if arch.rotary is not None else None
-        self.up = nn.Linear(width, hidden)
-        for linear in [self.embed_down, *self.ladders]:
-            nn.init.normal_(linear.weight, std=0.01)  # the official code's init
-            nn.init.zeros_(linear.bias)
-        nn.init.zeros_(self.up.weight)  # the model starts as the backbone (as LoRA's B = 0)
-        nn.init.zeros_(self.up.bias)
-
-    def gate_values(self) -> Tensor:
-        """μ of every side block, (blocks,)."""
-        return torch.sigmoid(self.gates / self.temperature)
-
-    def forward(self, embeddings: Tensor, states: dict[int, Tensor], block_kwargs: dict[str, Any]) -> Tensor:
-        """The side stream's contribution to the backbone's last hidden state.
-
-        Args:
-            embeddings: (batch, seq, d) the input of the backbone's first block.
-            states: backbone block index -> its output (batch, seq, d).
-            block_kwargs: the keyword arguments the backbone's blocks got (masks, positions).
-
-        Returns:
-            (batch, seq, d): ``up(norm(s_K))``.
-        """
-        kwargs = {k: v for k, v in block_kwargs.items() if k not in _BACKBONE_ONLY}
-        side = self.embed_down(embeddings)  # (batch, seq, d/r)
-        if self.rotary is not None:
-            kwargs["position_embeddings"] = self.rotary(side, kwargs["position_ids"])
-        for k, (index, mu) in enumerate(zip(self.layers, self.gate_values())):
-            z = mu * self.ladders[k](states[index]) + (1 - mu) * side  # (batch, seq, d/r)
-            out = self.blocks[k](z, **kwargs)
-            side = out[0] if isinstance(out, tuple) else out
-        return self.up(self.norm(side))  # (batch, seq, d)
+__all__ = ["LSTModel"]
 
 
 class LSTModel(nn.Module):
-    """A frozen causal LM with a ladder side network; the output is ``head(final_norm(h_L + up(norm(s_K))))``.
+    """A frozen backbone with a ladder side network.
+
+    For a causal LM the output is ``head(final_norm(h_L + up(norm(s_K))))`` with the backbone's frozen final norm
+    and head; for a BERT-style sequence classifier the class logits come from the side network's own head on the
+    first token's side state (LST, Sec. 3.1).
 
     Args:
-        model: a Llama-family or GPT-2 causal LM; its parameters are frozen.
+        model: a Llama-family or GPT-2 causal LM, or a BERT-style sequence classifier; its parameters are frozen.
         config: the `LSTConfig`.
         fisher_batches: for ``init="fisher"``: batches (dicts with ``input_ids``, ``labels``, optional
             ``attention_mask``) whose loss gradients rank the backbone's weights.
 
     Raises:
-        UnsupportedModelError: the model is not a supported causal LM.
+        UnsupportedModelError: the model is none of the supported kinds.
         LoraConfigError: the reduction factor does not divide the widths, ``side_layers`` names a missing block, or
             ``init="fisher"`` comes without batches.
 
@@ -110,7 +57,7 @@ class LSTModel(nn.Module):
         torch.Size([1, 3, 64])
     """
 
-    returns_cache = False  # the side network keeps no key/value cache: evaluation scores options in full passes
+    returns_cache = False  # forward keeps no key/value cache: evaluation scores options in full passes (generate keeps one)
 
     def __init__(self, model: nn.Module, config: LSTConfig, fisher_batches: list[dict] | None = None) -> None:
         super().__init__()
@@ -144,51 +91,65 @@ class LSTModel(nn.Module):
                 self.side.embed_down.weight.copy_(self.side.ladders[0].weight)
 
     # -- forward ----------------------------------------------------------------------------------
-    def _run_backbone(self, **inputs) -> tuple[Tensor, dict[int, Tensor], dict[str, Any]]:
-        """The frozen backbone under no_grad: (block 0's input, block outputs by index, block keyword arguments)."""
+    @contextlib.contextmanager
+    def _reading_backbone(self, captured: dict[str, Any]) -> Iterator[None]:
+        """Hooks that keep block 0's input and keyword arguments (``captured["embeddings"]`` / ``["kwargs"]``) and the
+        outputs of the blocks the side network reads (``captured["states"]``) while the backbone runs."""
         wanted = set(self.side.layers) | {len(self.arch.blocks) - 1}
-        captured: dict[str, Any] = {}
-        states: dict[int, Tensor] = {}
+        captured["states"] = {}
 
         def before_first(module, args, kwargs):
-            captured["embeddings"] = args[0] if args else kwargs["hidden_states"]
-            captured["kwargs"] = dict(kwargs)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured["embeddings"], captured["kwargs"] = hidden, block_keywords(module, args, kwargs)
 
         def after(index):
             def hook(module, args, output):
-                states[index] = output[0] if isinstance(output, tuple) else output
+                captured["states"][index] = output[0] if isinstance(output, tuple) else output
             return hook
 
         handles = [self.arch.blocks[0].register_forward_pre_hook(before_first, with_kwargs=True)]
         handles += [self.arch.blocks[i].register_forward_hook(after(i)) for i in sorted(wanted)]
         try:
-            with torch.no_grad():
-                self.arch.body(**{k: v for k, v in inputs.items() if v is not None}, use_cache=False)
+            yield
         finally:
             for handle in handles:
                 handle.remove()
-        return captured["embeddings"], states, captured["kwargs"]
+
+    def _run_backbone(self, **inputs) -> dict[str, Any]:
+        """The frozen backbone's body under no_grad: block 0's input, the block outputs and the blocks' keywords."""
+        captured: dict[str, Any] = {}
+        with self._reading_backbone(captured), torch.no_grad():
+            self.arch.body(**{k: v for k, v in inputs.items() if v is not None}, use_cache=False)
+        return captured
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                inputs_embeds: Tensor | None = None, labels: Tensor | None = None, logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
-        """Logits (and the causal-LM loss with `labels`) of the backbone with the side network's correction.
+                inputs_embeds: Tensor | None = None, labels: Tensor | None = None, logits_to_keep: int = 0,
+                token_type_ids: Tensor | None = None, **kwargs) -> CausalLMOutputWithPast | SequenceClassifierOutput:
+        """Logits (and the loss with `labels`) of the backbone with the side network.
 
         Args:
             input_ids: (batch, seq) token ids.
             attention_mask: (batch, seq) 1 for real tokens.
             position_ids: (batch, seq) positions, or None.
             inputs_embeds: (batch, seq, d) instead of `input_ids`.
-            labels: (batch, seq) next-token targets (-100: not in the loss), or None.
-            logits_to_keep: compute logits for the last k positions only (0: all).
-            **kwargs: ignored backbone options (``use_cache`` is always off in training).
+            labels: causal LM: (batch, seq) next-token targets (-100: not in the loss); classifier: (batch,) classes.
+            logits_to_keep: causal LM: compute logits for the last k positions only (0: all).
+            token_type_ids: (batch, seq) segment ids of an encoder, or None.
+            **kwargs: ignored backbone options (``use_cache`` is always off here; `generate` keeps a cache).
 
         Returns:
-            A `CausalLMOutputWithPast` with ``logits`` (batch, seq or k, vocab) and ``loss``.
+            Causal LM: a `CausalLMOutputWithPast` with ``logits`` (batch, seq or k, vocab); classifier: a
+            `SequenceClassifierOutput` with ``logits`` (batch, classes); each with ``loss`` when `labels` are given.
         """
-        embeddings, states, block_kwargs = self._run_backbone(input_ids=input_ids, attention_mask=attention_mask,
-                                                              position_ids=position_ids, inputs_embeds=inputs_embeds)
-        last = states[len(self.arch.blocks) - 1]
-        hidden = last + self.side(embeddings, states, block_kwargs)  # (batch, seq, d)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "inputs_embeds": inputs_embeds}
+        if self.arch.is_classifier:
+            captured = self._run_backbone(**inputs, token_type_ids=token_type_ids)
+            logits = self.side(captured["embeddings"], captured["states"], captured["kwargs"])  # (batch, classes)
+            loss = None if labels is None else F.cross_entropy(logits.float(), labels)
+            return SequenceClassifierOutput(loss=loss, logits=logits)
+        captured = self._run_backbone(**inputs)
+        last = captured["states"][len(self.arch.blocks) - 1]
+        hidden = last + self.side(captured["embeddings"], captured["states"], captured["kwargs"])  # (batch, seq, d)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.arch.head(self.arch.final_norm(hidden))  # (batch, seq, vocab)
@@ -196,6 +157,41 @@ class LSTModel(nn.Module):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    @torch.no_grad()
+    def generate(self, *args, **kwargs) -> Tensor:
+        """The backbone's own ``generate`` with the side network beside it: the side network keeps its own key/value
+        cache in step with the backbone's, and its output is added to the backbone's last hidden state before the
+        final norm at every step, so each new token comes from the same logits `forward` gives.
+
+        Args:
+            *args: passed to the backbone's ``generate`` (``input_ids`` first).
+            **kwargs: passed to the backbone's ``generate`` (``attention_mask``, ``max_new_tokens``, sampling options, ...).
+
+        Returns:
+            (batch, seq + new) token ids, as the backbone's ``generate`` returns them.
+
+        Raises:
+            UnsupportedModelError: the backbone is a classifier, or beam search is asked for (it reorders the
+                backbone's cache, which the side network's cache would not follow).
+        """
+        if self.arch.is_classifier:
+            raise UnsupportedModelError(f"{type(self.model).__name__} is a sequence classifier; it does not generate text.")
+        if kwargs.get("num_beams", 1) > 1 or getattr(kwargs.get("generation_config"), "num_beams", 1) > 1:
+            raise UnsupportedModelError("LST generates with greedy decoding or sampling; beam search (num_beams > 1) is not supported.")
+        captured: dict[str, Any] = {}
+        cache = DynamicCache()
+
+        def add_side(module, args):
+            side = self.side(captured["embeddings"], captured["states"], captured["kwargs"], cache)  # (batch, new, d)
+            return (args[0] + side.to(args[0].dtype), *args[1:])
+
+        handle = self.arch.final_norm.register_forward_pre_hook(add_side)
+        try:
+            with self._reading_backbone(captured):
+                return self.model.generate(*args, **kwargs)
+        finally:
+            handle.remove()
 
     # -- files --------------------------------------------------------------------------------------
     def training_state(self, name: str = "default") -> dict[str, Tensor]:
@@ -270,34 +266,3 @@ class LSTModel(nn.Module):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return trainable, sum(p.numel() for p in self.parameters())
 
-
-def fisher_scores(model: nn.Module, arch: Architecture, batches: list[dict]) -> dict[int, dict[str, Tensor]]:
-    """Fisher information of every block weight: squared gradients of the loss, summed over `batches` (LST's
-    ranking for pruning, after Michel et al. / the official code's ``fisher.py``).
-
-    Args:
-        model: the backbone (its parameters' requires_grad are restored afterwards).
-        arch: its `Architecture`.
-        batches: dicts with ``input_ids``, ``labels`` and optionally ``attention_mask``.
-
-    Returns:
-        Block index -> parameter name -> summed squared gradient (same shape as the parameter).
-    """
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    totals = {i: {name: torch.zeros_like(p, dtype=torch.float32) for name, p in block.named_parameters()} for i, block in enumerate(arch.blocks)}
-    try:
-        model.requires_grad_(False)
-        for block in arch.blocks:
-            block.requires_grad_(True)
-        for batch in batches:
-            model.zero_grad(set_to_none=True)
-            model(**batch).loss.backward()
-            for i, block in enumerate(arch.blocks):
-                for name, p in block.named_parameters():
-                    if p.grad is not None:
-                        totals[i][name] += p.grad.float() ** 2
-    finally:
-        model.zero_grad(set_to_none=True)
-        for p, flag in flags:
-            p.requires_grad_(flag)
-    return totals

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .architectures import Architecture
 
-__all__ = ["kept_indices", "magnitude", "prune_into"]
+__all__ = ["fisher_scores", "kept_indices", "magnitude", "prune_into"]
 
 Scores = Callable[[str, Tensor], Tensor]  # (block parameter name, parameter) -> importance of each entry, same shape
 
@@ -106,3 +106,35 @@ def prune_into(side_block: nn.Module, block: nn.Module, arch: Architecture, kept
         for role, axis in _axes(arch, value, roles):
             value = value.index_select(axis, kept[role].to(value.device))
         side[name].copy_(value)
+
+
+def fisher_scores(model: nn.Module, arch: Architecture, batches: list[dict]) -> dict[int, dict[str, Tensor]]:
+    """Fisher information of every block weight: squared gradients of the loss, summed over `batches` (LST's
+    ranking for pruning, after Michel et al. / the official code's ``fisher.py``).
+
+    Args:
+        model: the backbone (its parameters' requires_grad are restored afterwards).
+        arch: its `Architecture`.
+        batches: dicts with ``input_ids``, ``labels`` and optionally ``attention_mask``.
+
+    Returns:
+        Block index -> parameter name -> summed squared gradient (same shape as the parameter).
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    totals = {i: {name: torch.zeros_like(p, dtype=torch.float32) for name, p in block.named_parameters()} for i, block in enumerate(arch.blocks)}
+    try:
+        model.requires_grad_(False)
+        for block in arch.blocks:
+            block.requires_grad_(True)
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            model(**batch).loss.backward()
+            for i, block in enumerate(arch.blocks):
+                for name, p in block.named_parameters():
+                    if p.grad is not None:
+                        totals[i][name] += p.grad.float() ** 2
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return totals
