@@ -25,25 +25,27 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from .methods.lst.files import is_lst_folder, read_lst
     from .methods.peft_methods import load_peft_model, read_any_adapter
-    from .training import base_models, data, evaluate
+    from .training import base_models, data
     from .training.settings import size_of
+    from .training.tasks import task_for
 
     section = DataSection(args.data, args.seed, args.test_size, args.validation_size)  # checks the sizes
     _positive(args.batch_size, "--batch-size")
-    splits = data.split_examples(data.load_examples(args.data), args.seed, size_of(section.test_size), size_of(section.validation_size))
-    from .methods.lst.files import is_lst_folder, read_lst
-
+    examples = data.load_examples(args.data)
+    task = task_for(args.task, examples)
+    splits = data.split_examples(examples, args.seed, size_of(section.test_size), size_of(section.validation_size))
     if args.adapter:
         (read_lst if is_lst_folder(args.adapter) else read_any_adapter)(args.adapter)  # a broken adapter fails before the model loads
-    model, tokenizer = base_models.load(args.model)
+    model, tokenizer = base_models.load(args.model, task.model_task, task.num_labels)
     if args.adapter and is_lst_folder(args.adapter):
         from .methods.lst.model import LSTModel
 
         model = LSTModel.from_pretrained(model, args.adapter)
     elif args.adapter:
         model = load_peft_model(model, args.adapter)
-    print(json.dumps(evaluate.evaluate(model, tokenizer, splits.test, args.batch_size), indent=2))
+    print(json.dumps(task.evaluate(model, tokenizer, splits.test, args.batch_size), indent=2))
 
 
 def _positive(value: int, flag: str) -> None:
@@ -194,6 +196,8 @@ def _export(args: argparse.Namespace) -> None:
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     model, data, training = ModelSection(), DataSection(), TrainingConfig()
     parser.add_argument("--model", default=model.name)
+    parser.add_argument("--task", default=model.task, choices=["causal-lm", "classification"],
+                        help="classification: the model gets a sequence-classification head over the data's options")
     parser.add_argument("--adapter")
     parser.add_argument("--data", default=data.source)
     parser.add_argument("--seed", type=int, default=data.seed)

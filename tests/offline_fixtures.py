@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SPECIALS = ["<pad>", "<eos>", "<unk>", "<user>", "<bot>"]
 CHAT_TEMPLATE = "{% for m in messages %}<{{ 'user' if m['role'] == 'user' else 'bot' }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<bot>{% endif %}"
@@ -36,6 +36,17 @@ def write_tiny_model(directory: Path, seed: int = 0) -> Path:
         num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=1,
     )
     LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_tiny_encoder(directory: Path, seed: int = 0) -> Path:
+    """A tiny BERT sequence classifier (2 labels) with the char-level tokenizer."""
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        max_position_embeddings=256, pad_token_id=0, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 

@@ -17,7 +17,6 @@ import yaml
 
 from ..core.atomic import atomic_write, atomic_write_text
 from ..core.errors import LoraConfigError
-from ..core.examples import tokenize_example
 from ..core.run_layout import RunLayout
 from ..core.validation import coerce
 from .settings import (
@@ -119,7 +118,7 @@ def load_run_config(path: str | Path | None = None, overrides: Sequence[str] = (
 
 
 # -- running ---------------------------------------------------------------------------------------
-def _plot_losses(history: list[dict], path: Path) -> None:
+def _plot_losses(history: list[dict], path: Path, loss_unit: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,7 +133,7 @@ def _plot_losses(history: list[dict], path: Path) -> None:
     for i, step in enumerate(m["step"] for m in history if m.get("unloaded")):
         axis.axvline(step, color="grey", linestyle=":", alpha=0.7, label="PLoRA unload" if i == 0 else None)
     axis.set_xlabel("optimizer step")
-    axis.set_ylabel("cross-entropy per completion token")
+    axis.set_ylabel(f"cross-entropy per {loss_unit}")
     axis.legend()
     axis.grid(alpha=0.3)
     figure.tight_layout()
@@ -162,21 +161,27 @@ def _summary(config: RunConfig, before: dict, after: dict, trainable: int, total
     return "\n".join(["| what | value |", "|---|---|"] + [f"| {name:{width}} | {value} |" for name, value in rows])
 
 
-def _adapted_model(model, tokenizer, config: RunConfig, items: list[dict]):
-    """The model with the adapter (or LST side network) `training.method` trains."""
+def _adapted_model(model, tokenizer, config: RunConfig, items: list[dict], task):
+    """The model with the adapter (or LST side network) `training.method` trains. On a classifier, LoRA and IA3
+    also train the new classification head in full (``modules_to_save``), unless the section names other modules."""
     method = config.training.method
     if method == "lst":
-        from ..core.examples import collate
         from ..methods.lst.model import LSTModel
 
-        size = config.training.batch_size
-        batches = [{k: v for k, v in collate(items[i : i + size], tokenizer.pad_token_id).items() if k != "position_ids"}
-                   for i in range(0, min(len(items), size * config.lst.fisher_batches), size)] if config.lst.init == "fisher" else None
+        size, pad_id = config.training.batch_size, tokenizer.pad_token_id
+        batches = None
+        if config.lst.init == "fisher":
+            batches = [{k: v for k, v in task.objective(pad_id).batch(items[i : i + size]).items() if k != "position_ids"}
+                       for i in range(0, min(len(items), size * config.lst.fisher_batches), size)]
         return LSTModel(model, config.lst, fisher_batches=batches)
     from ..methods.peft_methods import get_peft_model
 
+    adapter_config = config.adapter_config()
+    if task.num_labels is not None and method in ("lora", "plora", "ia3") and adapter_config.modules_to_save is None:
+        head = next((name for name in ("classifier", "score") if hasattr(model, name)), None)
+        adapter_config = dataclasses.replace(adapter_config, modules_to_save=[head] if head else None)
     options = {"tokenizer": tokenizer} if method == "prompt_tuning" else {}
-    return get_peft_model(model, config.adapter_config(), **options)
+    return get_peft_model(model, adapter_config, **options)
 
 
 def run(config: RunConfig) -> dict[str, Any]:
@@ -203,28 +208,30 @@ def run(config: RunConfig) -> dict[str, Any]:
         TrainingDivergedError: the loss or the gradients became NaN or infinite.
     """
     from ..core.lora_model import LoraModel
-    from . import base_models, data, evaluate
+    from . import base_models, data
+    from .tasks import task_for
     from .trainer import Trainer
 
     layout = RunLayout(config.training.output_dir)
     check_output_dir(config.training)  # before minutes of loading and zero-shot evaluation
-    splits = data.split_examples(
-        data.load_examples(config.data.source), config.data.seed, size_of(config.data.test_size),
-        size_of(config.data.validation_size), config.data.max_train,
-    )
+    examples = data.load_examples(config.data.source)
+    task = task_for(config.model.task, examples)
+    splits = data.split_examples(examples, config.data.seed, size_of(config.data.test_size), size_of(config.data.validation_size),
+                                 config.data.max_train)
     if len(splits.train) < config.training.batch_size:
         raise LoraConfigError(
             f"the training split has {len(splits.train)} items, fewer than one batch of training.batch_size="
             f"{config.training.batch_size}: lower the batch size or the test/validation sizes."
         )
-    model, tokenizer = base_models.load(config.model.name, dtype=getattr(torch, config.model.dtype))
-    before = {} if config.training.resume else evaluate.evaluate(model, tokenizer, splits.test, config.training.eval_batch_size)
+    model, tokenizer = base_models.load(config.model.name, task.model_task, task.num_labels, getattr(torch, config.model.dtype))
+    sizes = config.training.eval_batch_size, config.training.max_length
+    before = {} if config.training.resume else task.evaluate(model, tokenizer, splits.test, *sizes)
     torch.manual_seed(config.training.seed)  # the adapter's init is part of the run: seed it
-    items = [tokenize_example(tokenizer, ex.prompt, ex.target, config.training.max_length) for ex in splits.train]
-    adapted = _adapted_model(model, tokenizer, config, items)
+    items = task.items(tokenizer, splits.train, config.training.max_length)
+    adapted = _adapted_model(model, tokenizer, config, items, task)
     eval_fn = None
     if splits.validation:
-        eval_fn = lambda: {"loss": evaluate.token_loss(adapted, tokenizer, splits.validation, config.training.eval_batch_size)}  # noqa: E731
+        eval_fn = lambda: {"loss": task.validation_loss(adapted, tokenizer, splits.validation, *sizes)}  # noqa: E731
     plora = None
     if config.training.method == "plora":
         from ..methods.plora.periodic import PeriodicLoRA
@@ -235,13 +242,14 @@ def run(config: RunConfig) -> dict[str, Any]:
         settings["lst"] = dataclasses.asdict(config.lst)
     if plora is not None:
         settings["plora"] = dataclasses.asdict(config.plora)
-    trainer = Trainer(adapted, items, config.training, tokenizer.pad_token_id, eval_fn, plora=plora, settings=settings)
+    trainer = Trainer(adapted, items, config.training, tokenizer.pad_token_id, eval_fn, task.objective(tokenizer.pad_token_id),
+                      plora=plora, settings=settings)
     started = time.perf_counter()
     trainer.fit()
     seconds = time.perf_counter() - started
     if not trainer.is_main:
         return {}
-    after = evaluate.evaluate(adapted, tokenizer, splits.test, config.training.eval_batch_size)
+    after = task.evaluate(adapted, tokenizer, splits.test, *sizes)
     adapted.save_pretrained(layout.adapter)
     if isinstance(adapted, LoraModel) and any(layer.initial_factors for _, layer in adapted.lora_layers()):  # PiSSA/MiLoRA
         from ..methods.residual import export_plain_lora
@@ -252,7 +260,7 @@ def run(config: RunConfig) -> dict[str, Any]:
 
         export_plora(layout.root, layout.adapter_for_original_base)
     history = [json.loads(line) for line in layout.metrics.read_text().splitlines()]
-    _plot_losses(history, layout.loss_plot)
+    _plot_losses(history, layout.loss_plot, task.loss_unit)
     trainable, total = adapted.get_nb_trainable_parameters()
     table = _summary(config, before, after, trainable, total, seconds, plora)
     atomic_write_text(layout.summary, table + "\n")

@@ -69,6 +69,9 @@ class TrainingConfig:
 class ModelSection:
     name: str = "smollm2-135m-instruct"  # an embedded model or a local HF directory
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # "causal-lm" learns completions; "classification" puts a sequence-classification head on the model (e.g. minilm)
+    # whose classes are the data's options
+    task: Literal["causal-lm", "classification"] = "causal-lm"
 
     def __post_init__(self) -> None:
         check_types(self, "model.")

@@ -101,6 +101,17 @@ class TrainingObjective(Protocol):
         """
         ...
 
+    def batch(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        """`items` padded into the model's keyword arguments, ``labels`` included.
+
+        Args:
+            items: tokenized items.
+
+        Returns:
+            Name -> tensor.
+        """
+        ...
+
     def loss_sum(self, model: torch.nn.Module, items: list[dict], device) -> tuple[torch.Tensor, int]:
         """(summed loss, real tokens processed) of `items`.
 
@@ -133,6 +144,17 @@ class CompletionObjective:
         """
         return sum(label != IGNORE_INDEX for label in item["labels"])
 
+    def batch(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        """`items` left-padded into one batch (see `collate`).
+
+        Args:
+            items: tokenized items with ``input_ids`` and ``labels``.
+
+        Returns:
+            ``input_ids``, ``attention_mask``, ``position_ids`` and ``labels``, each (batch, longest item).
+        """
+        return collate(items, self.pad_id)
+
     def loss_sum(self, model, items: list[dict], device) -> tuple[torch.Tensor, int]:
         """Cross-entropy summed over the completion tokens of `items` (left-padded into one batch).
 
@@ -145,7 +167,7 @@ class CompletionObjective:
             ``(loss_sum, tokens)``: the summed loss, a scalar tensor with gradients, and the number of non-padding
             input tokens.
         """
-        batch = {k: v.to(device) for k, v in collate(items, self.pad_id).items()}
+        batch = {k: v.to(device) for k, v in self.batch(items).items()}
         logprobs, _ = completion_logprobs(model, batch)
         return -logprobs.sum(), int(batch["attention_mask"].sum())
 
@@ -167,6 +189,17 @@ class ClassificationObjective:
         """
         return 1
 
+    def batch(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        """`items` right-padded into one batch (see `collate_classification`).
+
+        Args:
+            items: tokenized items with ``input_ids`` and ``label``.
+
+        Returns:
+            ``input_ids``, ``attention_mask`` (batch, longest item) and ``labels`` (batch,).
+        """
+        return collate_classification(items, self.pad_id)
+
     def loss_sum(self, model, items: list[dict], device) -> tuple[torch.Tensor, int]:
         """Cross-entropy of the class logits summed over `items` (right-padded into one batch).
 
@@ -179,7 +212,7 @@ class ClassificationObjective:
             ``(loss_sum, tokens)``: the summed loss, a scalar tensor with gradients, and the number of non-padding
             input tokens.
         """
-        batch = {k: v.to(device) for k, v in collate_classification(items, self.pad_id).items()}
+        batch = {k: v.to(device) for k, v in self.batch(items).items()}
         labels = batch.pop("labels")
         logits = model(**batch).logits  # (batch, classes)
         return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum"), int(batch["attention_mask"].sum())

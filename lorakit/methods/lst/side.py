@@ -116,7 +116,13 @@ class SideNetwork(nn.Module):
         return self.norm(side)
 
     def forward(self, embeddings: Tensor, states: dict[int, Tensor], block_kwargs: dict[str, Any], cache: Any = None) -> Tensor:
-        """The side network's output (see `stream` for the arguments).
+        """The side network's output.
+
+        Args:
+            embeddings: (batch, seq, d) the input of the backbone's first block.
+            states: backbone block index -> its output (batch, seq, d).
+            block_kwargs: the keyword arguments the backbone's blocks got (see `block_keywords`).
+            cache: the side network's own key/value cache (generation), or None.
 
         Returns:
             Causal LM: (batch, seq, d), ``up(norm(s_K))``, added to the backbone's last hidden state.
