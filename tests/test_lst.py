@@ -48,21 +48,38 @@ def test_zero_up_projection_or_closed_gates_reproduce_the_backbone(family):
         torch.testing.assert_close(model(**inputs).logits, expected, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("family", ALL_FAMILIES)
-def test_at_full_width_with_closed_gates_the_side_stream_is_the_backbone(family):
-    """r = 1 keeps every dimension in order, so with μ = 0 the side blocks recompute the backbone from its embeddings:
-    the side stream must equal the backbone's own last (normed) hidden state, padding mask included."""
-    base = make_model(family)
+def _assert_side_stream_is_the_backbone(base, body) -> None:
     model = LSTModel(copy.deepcopy(base), LSTConfig(reduction_factor=1))
     with torch.no_grad():
         model.side.gates.fill_(-1e4)
         ids, mask = left_padded([[5, 6, 7, 8, 9], [11, 12]])
         captured = model._run_backbone(input_ids=ids, attention_mask=mask)
         stream = model.side.stream(captured["embeddings"], captured["states"], captured["kwargs"])
-        body = base.base_model if family == "bert" else base.model if family == "llama" else base.transformer
         expected = body(input_ids=ids, attention_mask=mask).last_hidden_state
     real = mask.bool()
     torch.testing.assert_close(stream[real], expected[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_at_full_width_with_closed_gates_the_side_stream_is_the_backbone(family):
+    """r = 1 keeps every dimension in order, so with μ = 0 the side blocks recompute the backbone from its embeddings:
+    the side stream must equal the backbone's own last (normed) hidden state, padding mask included."""
+    base = make_model(family)
+    _assert_side_stream_is_the_backbone(base, base.base_model if family == "bert" else base.model if family == "llama" else base.transformer)
+
+
+@pytest.mark.parametrize("kind", ["roberta", "electra"])
+def test_encoders_with_berts_layer_names_work_too(kind):
+    from transformers import ElectraConfig, ElectraForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+
+    sizes = {"vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 48,
+             "max_position_embeddings": 64, "num_labels": 3}
+    torch.manual_seed(0)
+    if kind == "roberta":
+        base = RobertaForSequenceClassification(RobertaConfig(**sizes, pad_token_id=1)).eval()
+    else:
+        base = ElectraForSequenceClassification(ElectraConfig(**sizes, embedding_size=32)).eval()
+    _assert_side_stream_is_the_backbone(base, base.base_model)
 
 
 def test_a_classifier_gets_class_logits_from_the_side_head_and_learns():
