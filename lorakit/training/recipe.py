@@ -249,7 +249,8 @@ def run(config: RunConfig) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     if not trainer.is_main:
         return {}
-    after = task.evaluate(adapted, tokenizer, splits.test, *sizes)
+    with trainer.precision.autocast():
+        after = task.evaluate(adapted, tokenizer, splits.test, *sizes)
     adapted.save_pretrained(layout.adapter)
     if isinstance(adapted, LoraModel) and any(layer.initial_factors for _, layer in adapted.lora_layers()):  # PiSSA/MiLoRA
         from ..methods.residual import export_plain_lora

@@ -16,7 +16,7 @@ import torch
 from ..core.errors import DataError
 from ..core.examples import Example, collate_classification, tokenize_example
 from . import evaluate
-from .trainer import ClassificationObjective, CompletionObjective
+from .objectives import ClassificationObjective, CompletionObjective
 
 __all__ = ["ClassificationTask", "CompletionTask", "task_for"]
 

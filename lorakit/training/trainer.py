@@ -21,7 +21,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -36,15 +35,11 @@ from ..core.errors import (
     TrainingDivergedError,
     TrainingOutputError,
 )
-from ..core.examples import (
-    IGNORE_INDEX,
-    collate,
-    collate_classification,
-    completion_logprobs,
-)
 from ..core.peft_format import read_adapter
 from ..core.run_layout import RunLayout
 from ..methods.plora.periodic import stage_lr_lambda
+from .objectives import ClassificationObjective, CompletionObjective, TrainingObjective
+from .precision import Precision, enable_activation_checkpointing
 from .settings import TrainingConfig
 
 __all__ = [
@@ -83,139 +78,6 @@ def batch_indices(n_items: int, seed: int, step: int, batch_size: int) -> list[i
     order = list(range(n_items))
     random.Random(seed * 100_003 + epoch).shuffle(order)
     return order[offset * batch_size : (offset + 1) * batch_size]
-
-
-class TrainingObjective(Protocol):
-    """What the trainer needs of a task: how many loss units an item holds (tokens, items), and the summed
-    loss of a micro-batch. The trainer divides by the global batch's units, so any batching (micro-batches,
-    processes) gives the same update."""
-
-    def units(self, item: dict) -> int:
-        """How many loss units `item` adds to the global batch's normaliser.
-
-        Args:
-            item: one tokenized training item.
-
-        Returns:
-            The number of units (e.g. completion tokens, or 1 per item) its loss is summed over.
-        """
-        ...
-
-    def batch(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        """`items` padded into the model's keyword arguments, ``labels`` included.
-
-        Args:
-            items: tokenized items.
-
-        Returns:
-            Name -> tensor.
-        """
-        ...
-
-    def loss_sum(self, model: torch.nn.Module, items: list[dict], device) -> tuple[torch.Tensor, int]:
-        """(summed loss, real tokens processed) of `items`.
-
-        Args:
-            model: the model being trained (possibly wrapped by accelerate).
-            items: one micro-batch of tokenized items.
-            device: where the batch's tensors go.
-
-        Returns:
-            ``(loss_sum, tokens)``: the loss summed over the items' units, a scalar tensor with gradients, and the
-            number of non-padding input tokens processed (for throughput).
-        """
-        ...
-
-
-class CompletionObjective:
-    """Causal LM: summed cross-entropy over completion tokens; the unit of normalisation is a token."""
-
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
-
-    def units(self, item: dict) -> int:
-        """The completion tokens of `item` (labels other than -100).
-
-        Args:
-            item: a tokenized item with ``input_ids`` and ``labels``.
-
-        Returns:
-            Its number of labelled tokens.
-        """
-        return sum(label != IGNORE_INDEX for label in item["labels"])
-
-    def batch(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        """`items` left-padded into one batch (see `collate`).
-
-        Args:
-            items: tokenized items with ``input_ids`` and ``labels``.
-
-        Returns:
-            ``input_ids``, ``attention_mask``, ``position_ids`` and ``labels``, each (batch, longest item).
-        """
-        return collate(items, self.pad_id)
-
-    def loss_sum(self, model, items: list[dict], device) -> tuple[torch.Tensor, int]:
-        """Cross-entropy summed over the completion tokens of `items` (left-padded into one batch).
-
-        Args:
-            model: a causal LM whose forward accepts ``logits_to_keep``.
-            items: tokenized items with ``input_ids`` and ``labels``.
-            device: where the batch's tensors go.
-
-        Returns:
-            ``(loss_sum, tokens)``: the summed loss, a scalar tensor with gradients, and the number of non-padding
-            input tokens.
-        """
-        batch = {k: v.to(device) for k, v in self.batch(items).items()}
-        logprobs, _ = completion_logprobs(model, batch)
-        return -logprobs.sum(), int(batch["attention_mask"].sum())
-
-
-class ClassificationObjective:
-    """Sequence classification: summed cross-entropy over items ({input_ids, label}); the unit is an item."""
-
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
-
-    def units(self, item: dict) -> int:
-        """One unit per item: the loss is averaged over items.
-
-        Args:
-            item: a tokenized item with ``input_ids`` and ``label``.
-
-        Returns:
-            1.
-        """
-        return 1
-
-    def batch(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        """`items` right-padded into one batch (see `collate_classification`).
-
-        Args:
-            items: tokenized items with ``input_ids`` and ``label``.
-
-        Returns:
-            ``input_ids``, ``attention_mask`` (batch, longest item) and ``labels`` (batch,).
-        """
-        return collate_classification(items, self.pad_id)
-
-    def loss_sum(self, model, items: list[dict], device) -> tuple[torch.Tensor, int]:
-        """Cross-entropy of the class logits summed over `items` (right-padded into one batch).
-
-        Args:
-            model: a sequence classifier returning ``logits`` (batch, classes).
-            items: tokenized items with ``input_ids`` and ``label``.
-            device: where the batch's tensors go.
-
-        Returns:
-            ``(loss_sum, tokens)``: the summed loss, a scalar tensor with gradients, and the number of non-padding
-            input tokens.
-        """
-        batch = {k: v.to(device) for k, v in self.batch(items).items()}
-        labels = batch.pop("labels")
-        logits = model(**batch).logits  # (batch, classes)
-        return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum"), int(batch["attention_mask"].sum())
 
 
 def check_output_dir(config: TrainingConfig) -> None:
@@ -276,6 +138,10 @@ class Trainer:
         self.micro_batch = micro
         torch.manual_seed(config.seed)
         self.module = model
+        self.precision = Precision(config.precision, self.accelerator.device)
+        self.precision.prepare(model)
+        if config.gradient_checkpointing:
+            enable_activation_checkpointing(model)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
@@ -331,8 +197,9 @@ class Trainer:
             last = i == len(chunks) - 1
             context = self.accelerator.no_sync(self.model) if not last else contextlib.nullcontext()
             with context:
-                loss_sum, n_tokens = self.objective.loss_sum(self.model, chunk, self.accelerator.device)
-                self.accelerator.backward(loss_sum * self.world / tokens)
+                with self.precision.autocast():
+                    loss_sum, n_tokens = self.objective.loss_sum(self.model, chunk, self.accelerator.device)
+                self.accelerator.backward(self.precision.scale(loss_sum * self.world / tokens))
             total += loss_sum.item()
             seen += n_tokens
         loss = self._global_mean(total, tokens)
@@ -342,8 +209,10 @@ class Trainer:
                 f"the loss became {loss} at step {self.step + 1}; stopped without saving. The last good checkpoint "
                 f"is {last or 'none'}. Lower training.lr or raise training.warmup_steps, then resume."
             )
+        self.precision.unscale(self.optimizer)
         grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm or math.inf))
-        if not math.isfinite(grad_norm):
+        overflow = not math.isfinite(grad_norm) and self.precision.scaler is not None  # fp16: the scaler skips it
+        if not math.isfinite(grad_norm) and not overflow:
             self.optimizer.zero_grad(set_to_none=True)  # never applied, never saved
             last = self.layout.latest_checkpoint()
             raise TrainingDivergedError(
@@ -352,11 +221,11 @@ class Trainer:
                 "training.warmup_steps or use float32, then resume."
             )
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
-        self.optimizer.step()
+        self.precision.step(self.optimizer)  # with fp16's scaler: skipped when the gradients overflowed
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        metrics = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+        metrics = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm} | ({"overflow": True} if overflow else {})
         if self.plora is not None and self.plora.step(self.optimizer, samples=self.config.batch_size):
             metrics["unloaded"] = len(self.plora.stages)
         return metrics | {"tokens_per_s": seen * self.world / (time.perf_counter() - started)}
@@ -376,7 +245,8 @@ class Trainer:
         while self.step < self.config.steps:
             metrics = self.train_step()
             if self.evaluate and self.config.eval_every and self.step % self.config.eval_every == 0:
-                metrics |= {f"eval_{k}": v for k, v in self.evaluate().items()}
+                with self.precision.autocast():
+                    metrics |= {f"eval_{k}": v for k, v in self.evaluate().items()}
             history.append(metrics)
             self._log(metrics)
             bar.update(1)
@@ -410,6 +280,7 @@ class Trainer:
             state = {
                 "step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "settings": json.dumps(self.settings),
+                "scaler": self.precision.state_dict(),
             }
             if self.plora is not None:
                 state["plora"] = self.plora.state_dict()
@@ -436,6 +307,7 @@ class Trainer:
                 live[key].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.precision.load_state_dict(state.get("scaler", {}))
         if self.plora is not None:
             self.plora.load_state_dict(state["plora"])
         torch.set_rng_state(state["torch_rng"])
