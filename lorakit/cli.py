@@ -38,7 +38,7 @@ def _eval(args: argparse.Namespace) -> None:
     splits = data.split_examples(examples, args.seed, size_of(section.test_size), size_of(section.validation_size))
     if args.adapter:
         (read_lst if is_lst_folder(args.adapter) else read_any_adapter)(args.adapter)  # a broken adapter fails before the model loads
-    model, tokenizer = base_models.load(args.model, task.model_task, task.num_labels)
+    model, tokenizer = base_models.load(args.model, task.model_task, task.num_labels, quantization=args.quantization)
     if args.adapter and is_lst_folder(args.adapter):
         from .methods.lst.model import LSTModel
 
@@ -198,6 +198,8 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=model.name)
     parser.add_argument("--task", default=model.task, choices=["causal-lm", "classification"],
                         help="classification: the model gets a sequence-classification head over the data's options")
+    parser.add_argument("--quantization", default=model.quantization, choices=["none", "nf4", "fp4", "int8"],
+                        help="load the base's linear layers quantised, as a QLoRA adapter was trained")
     parser.add_argument("--adapter")
     parser.add_argument("--data", default=data.source)
     parser.add_argument("--seed", type=int, default=data.seed)

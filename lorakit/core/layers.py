@@ -70,6 +70,11 @@ class LoraLayer(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
 
+    def factor_like(self) -> Tensor:
+        """A tensor with the dtype and device the adapter factors take: the base weight (float32 over a quantised
+        base, see `lorakit.core.quantized`)."""
+        return self.weight_view()
+
     # -- adapters ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, rank: int, scale: float, dropout: float, init: InitFn | None,
                     before_base_change: Callable[[Tensor], None] | None = None) -> None:
@@ -90,15 +95,15 @@ class LoraLayer(nn.Module):
             TargetModuleError: an init is run on a weight that is not floating point (quantised or integer).
         """
         self._row_cache = None
-        weight = self.weight_view()
+        like = self.factor_like()
         if init is None:
-            A, B = weight.new_zeros(rank, self.in_features), weight.new_zeros(self.out_features, rank)
+            A, B = like.new_zeros(rank, self.in_features), like.new_zeros(self.out_features, rank)
         else:
             A, B, moved = self.init_factors(init, rank, scale, before_base_change)
             if moved:  # the base now holds a residual: keep (A0, B0) to export for the original base
-                self.initial_factors[name] = (A.detach().to(weight.dtype).clone(), B.detach().to(weight.dtype).clone())
-        self.lora_A[name] = nn.Parameter(A.to(weight.dtype))
-        self.lora_B[name] = nn.Parameter(B.to(weight.dtype))
+                self.initial_factors[name] = (A.detach().to(like.dtype).clone(), B.detach().to(like.dtype).clone())
+        self.lora_A[name] = nn.Parameter(A.to(like.dtype))
+        self.lora_B[name] = nn.Parameter(B.to(like.dtype))
         self.scaling[name], self.dropout[name] = scale, dropout
 
     def init_factors(self, init: InitFn, rank: int, scale: float,
@@ -290,9 +295,9 @@ class LoraLayer(nn.Module):
         """
         names = [n for n in rows.names if n in self.lora_A]
         r_max = max((self.lora_A[n].shape[0] for n in names), default=1)
-        weight = self.weight_view()
-        A = weight.new_zeros(len(rows.names) + 1, r_max, self.in_features)
-        B = weight.new_zeros(len(rows.names) + 1, self.out_features, r_max)
+        like = self.factor_like()
+        A = like.new_zeros(len(rows.names) + 1, r_max, self.in_features)
+        B = like.new_zeros(len(rows.names) + 1, self.out_features, r_max)
         for slot, name in enumerate(rows.names):
             if name in self.lora_A:
                 rank = self.lora_A[name].shape[0]
@@ -457,14 +462,20 @@ def wrap_module(module: nn.Module) -> LoraLayer:
     """The LoRA wrapper for a supported module type.
 
     Args:
-        module: an ``nn.Linear``, GPT-2 ``Conv1D`` or ``nn.Embedding``; it becomes the wrapper's base layer.
+        module: an ``nn.Linear``, GPT-2 ``Conv1D``, ``nn.Embedding`` or bitsandbytes 4-/8-bit linear layer; it becomes
+            the wrapper's base layer.
 
     Returns:
-        A `LoraEmbedding` for an embedding, else a `LoraLinear`, holding no adapter yet.
+        A `LoraEmbedding` for an embedding, a `LoraQuantLinear` for a quantised linear layer, else a `LoraLinear`,
+        holding no adapter yet.
 
     Raises:
         TargetModuleError: `module` is of another type.
     """
+    from .quantized import LoraQuantLinear, is_quantized_linear
+
+    if is_quantized_linear(module):  # before nn.Linear: bitsandbytes' layers subclass it
+        return LoraQuantLinear(module)
     if isinstance(module, nn.Embedding):
         return LoraEmbedding(module)
     if isinstance(module, (nn.Linear, Conv1D)):

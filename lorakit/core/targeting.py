@@ -175,10 +175,10 @@ def _target(config: LoraConfig, path: str, base: nn.Module) -> Target:
     alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
     if isinstance(base, nn.Embedding):
         out_features, in_features = base.embedding_dim, base.num_embeddings
+    elif isinstance(base, nn.Linear):  # its attributes, not the weight's shape: a quantised weight is packed
+        out_features, in_features = base.out_features, base.in_features
     else:
-        out_features, in_features = base.weight.shape
-        if not isinstance(base, nn.Linear):  # Conv1D stores its weight (in, out)
-            in_features, out_features = out_features, in_features
+        in_features, out_features = base.weight.shape  # Conv1D stores its weight (in, out)
     fan_in_fan_out = not isinstance(base, (nn.Linear, nn.Embedding))
     return Target(path, isinstance(base, nn.Embedding), fan_in_fan_out, out_features, in_features, rank, alpha, config.scale_for(rank, alpha))
 

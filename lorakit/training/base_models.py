@@ -100,8 +100,42 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     )
 
 
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+
+
+def quantization_config(quantization: str, compute_dtype: torch.dtype = torch.bfloat16):
+    """The transformers ``BitsAndBytesConfig`` for `quantization` (QLoRA's: 4-bit NF4/FP4 with double quantisation
+    and bf16 compute, or 8-bit), or None for ``"none"``.
+
+    Args:
+        quantization: ``"none"``, ``"nf4"``, ``"fp4"`` or ``"int8"``.
+        compute_dtype: the 4-bit layers' compute dtype.
+
+    Returns:
+        A ``BitsAndBytesConfig`` or None.
+
+    Raises:
+        LoraConfigError: an unknown quantization, or bitsandbytes is not installed.
+    """
+    if quantization not in QUANTIZATIONS:
+        raise LoraConfigError(f"quantization={quantization!r}: use one of {list(QUANTIZATIONS)}.")
+    if quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise LoraConfigError(f"quantization={quantization!r} needs bitsandbytes: pip install 'lorakit[quantization]'.") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization, bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
 def load(
-    name_or_path: str | os.PathLike, task: str = "causal-lm", num_labels: int | None = None, dtype: torch.dtype = torch.float32
+    name_or_path: str | os.PathLike, task: str = "causal-lm", num_labels: int | None = None, dtype: torch.dtype = torch.float32,
+    quantization: str = "none",
 ) -> tuple[nn.Module, object]:
     """Model and tokenizer for `task` ("causal-lm" or "classification").
 
@@ -109,14 +143,17 @@ def load(
         name_or_path: an embedded model name or a local model directory (see `resolve`).
         task: ``"causal-lm"`` or ``"classification"`` (a sequence-classification head).
         num_labels: classes of the classification head (None: 2); ignored for ``"causal-lm"``.
-        dtype: the dtype the weights are loaded in.
+        dtype: the dtype the weights are loaded in (the non-quantised ones, with `quantization`).
+        quantization: ``"none"``, or ``"nf4"`` / ``"fp4"`` (4-bit, double quantisation) / ``"int8"``: the linear layers
+            load quantised by bitsandbytes (QLoRA), see `quantization_config`.
 
     Returns:
         ``(model, tokenizer)``; a tokenizer without a pad token gets its EOS token as pad token.
 
     Raises:
         ModelNotFoundError: the model cannot be found (see `resolve`).
-        LoraConfigError: `task` is neither ``"causal-lm"`` nor ``"classification"``.
+        LoraConfigError: `task` is neither ``"causal-lm"`` nor ``"classification"``, or `quantization` is unknown
+            or needs bitsandbytes.
     """
     from transformers import (
         AutoModelForCausalLM,
@@ -124,12 +161,16 @@ def load(
         AutoTokenizer,
     )
 
+    options: dict = {"dtype": dtype}
+    quantized = quantization_config(quantization)
+    if quantized is not None:
+        options |= {"quantization_config": quantized, "device_map": "cuda" if torch.cuda.is_available() else "cpu"}
     directory = resolve(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if task == "causal-lm":
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(directory, **options)
     elif task == "classification":
-        model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=num_labels or 2, dtype=dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=num_labels or 2, **options)
     else:
         raise LoraConfigError(f"task={task!r} is not a model task: use 'causal-lm' or 'classification'.")
     if tokenizer.pad_token is None:

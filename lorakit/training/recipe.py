@@ -178,7 +178,9 @@ def _adapted_model(model, tokenizer, config: RunConfig, items: list[dict], task)
 
     adapter_config = config.adapter_config()
     if task.num_labels is not None and method in ("lora", "plora", "ia3") and adapter_config.modules_to_save is None:
-        head = next((name for name in ("classifier", "score") if hasattr(model, name)), None)
+        from ..core.targeting import CLASSIFIER_HEADS
+
+        head = next((name for name in CLASSIFIER_HEADS if hasattr(model, name)), None)
         adapter_config = dataclasses.replace(adapter_config, modules_to_save=[head] if head else None)
     options = {"tokenizer": tokenizer} if method == "prompt_tuning" else {}
     return get_peft_model(model, adapter_config, **options)
@@ -223,7 +225,8 @@ def run(config: RunConfig) -> dict[str, Any]:
             f"the training split has {len(splits.train)} items, fewer than one batch of training.batch_size="
             f"{config.training.batch_size}: lower the batch size or the test/validation sizes."
         )
-    model, tokenizer = base_models.load(config.model.name, task.model_task, task.num_labels, getattr(torch, config.model.dtype))
+    model, tokenizer = base_models.load(config.model.name, task.model_task, task.num_labels, getattr(torch, config.model.dtype),
+                                        config.model.quantization)
     sizes = config.training.eval_batch_size, config.training.max_length
     before = {} if config.training.resume else task.evaluate(model, tokenizer, splits.test, *sizes)
     torch.manual_seed(config.training.seed)  # the adapter's init is part of the run: seed it

@@ -76,6 +76,8 @@ class ModelSection:
     # "causal-lm" learns completions; "classification" puts a sequence-classification head on the model (e.g. minilm)
     # whose classes are the data's options
     task: Literal["causal-lm", "classification"] = "causal-lm"
+    # none | nf4 | fp4 | int8: load the linear layers quantised by bitsandbytes (QLoRA; 4-bit with double quantisation)
+    quantization: Literal["none", "nf4", "fp4", "int8"] = "none"
 
     def __post_init__(self) -> None:
         check_types(self, "model.")
