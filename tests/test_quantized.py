@@ -164,3 +164,39 @@ def test_qlora_trains_from_the_cli_and_evaluates(tmp_path):
                                 env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert evaluation.returncode == 0, evaluation.stderr[-2000:]
     assert json.loads(evaluation.stdout)["items"] == 8
+
+
+def test_ia3_trains_on_a_quantised_base_and_refuses_to_merge_into_it(model_dir):
+    from lorakit import IA3Config, get_peft_model
+
+    model = get_peft_model(load(model_dir, "nf4"), IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                             feedforward_modules=["down_proj"]))
+    model.train()
+    model(input_ids=ids(), labels=ids()).loss.backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 and p.grad is not None for p in trained)
+    stored = {name: p.data.clone() for name, p in model.named_parameters()}
+    with pytest.raises(TargetModuleError, match="IA3 cannot merge into this quantised"):
+        model.merge_adapter()
+    assert all(torch.equal(p.data, stored[name]) for name, p in model.named_parameters())
+
+
+def test_plora_refuses_a_quantised_base_before_training(model_dir):
+    from lorakit import LoraConfigError, PeriodicLoRA, PLoRAConfig
+
+    lora = get_lora_model(load(model_dir, "nf4"), LoraConfig(r=4, target_modules=TARGETS))
+    with pytest.raises(LoraConfigError, match="PLoRA unloads the adapter into the base weights"):
+        PeriodicLoRA(lora, PLoRAConfig(unload_every=8))
+
+
+def test_an_ia3_adapter_trained_on_a_quantised_base_loads_back_with_the_same_logits(model_dir, tmp_path):
+    from lorakit import IA3Config, get_peft_model, load_peft_model
+
+    model = get_peft_model(load(model_dir, "nf4"), IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                             feedforward_modules=["down_proj"], init_ia3_weights=False)).eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids()).logits
+    model.save_pretrained(tmp_path / "ia3")
+    again = load_peft_model(load(model_dir, "nf4"), tmp_path / "ia3").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids()).logits, expected, atol=0, rtol=0)

@@ -55,6 +55,18 @@ class IA3Layer(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.ia3_l.keys())
 
+    @property
+    def in_features(self) -> int:
+        """The base layer's input width (a quantised weight's storage is packed)."""
+        base = self.base_layer
+        return base.in_features if isinstance(base, nn.Linear) else base.weight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        """The base layer's output width."""
+        base = self.base_layer
+        return base.out_features if isinstance(base, nn.Linear) else base.weight.shape[1]
+
     def _weight_view(self) -> Tensor:
         """The base weight as (out, in), sharing storage (GPT-2's Conv1D stores (in, out))."""
         weight = self.base_layer.weight
@@ -67,8 +79,7 @@ class IA3Layer(nn.Module):
             name: the new adapter's name.
             init_ones: start from ones (PEFT's ``init_ia3_weights=True``).
         """
-        out_features, in_features = self._weight_view().shape
-        shape = (1, in_features) if self.is_feedforward else (out_features, 1)
+        shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
         weight = self.base_layer.weight
         values = torch.ones(shape) if init_ones else torch.randn(shape)
         self.ia3_l[name] = nn.Parameter(values.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else torch.float32))
@@ -96,11 +107,17 @@ class IA3Layer(nn.Module):
 
         Args:
             names: adapters to fold in; ones this layer lacks or has merged already are skipped.
+
+        Raises:
+            TargetModuleError: the base weight is quantised (it cannot be rescaled in place).
         """
         names = [n for n in names if n in self.ia3_l and n not in self.merged_adapters]
         if not names:
             return
         weight, bias = self.base_layer.weight, getattr(self.base_layer, "bias", None)
+        if not weight.is_floating_point():
+            raise TargetModuleError(f"IA3 cannot merge into this quantised {type(self.base_layer).__name__}: its weight cannot be "
+                                    "rescaled in place. Load the base in float32/bfloat16 to merge, or keep the adapter unmerged.")
         if self._unmerged is None:
             self._unmerged = (weight.detach().clone(), None if bias is None else bias.detach().clone())
         with torch.no_grad():

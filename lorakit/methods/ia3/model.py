@@ -180,7 +180,7 @@ class IA3Model(AdapterModel):
         expected = {}
         for path in targets:
             base = _base(model, path)
-            out_features, in_features = base.weight.shape if isinstance(base, nn.Linear) else base.weight.shape[::-1]
+            out_features, in_features = (base.out_features, base.in_features) if isinstance(base, nn.Linear) else base.weight.shape[::-1]
             expected[f"{PREFIX}{path}.ia3_l"] = (1, in_features) if config.is_feedforward(path) else (out_features, 1)
         check_tensors(adapter.tensors, expected | saved_module_shapes(model, config, PREFIX), source)
 

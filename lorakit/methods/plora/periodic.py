@@ -39,6 +39,7 @@ from ...core.inits import get_init, moves_base
 from ...core.layers import LOW_PRECISION, LoraEmbedding, LoraLayer
 from ...core.lora_model import LoraModel
 from ...core.peft_format import b_key, factor_keys
+from ...core.quantized import LoraQuantLinear
 from .config import PLoRAConfig
 
 __all__ = ["PLoRAConfig", "PeriodicLoRA", "Stage", "read_stages", "stage_factors", "stage_lr_lambda"]
@@ -111,6 +112,13 @@ class PeriodicLoRA:
             factor_keys(path, isinstance(layer, LoraEmbedding))[0]: layer
             for path, layer in model.lora_layers() if self.name in layer.adapter_names
         }
+        quantised = [key for key, layer in self.layers.items() if isinstance(layer, LoraQuantLinear)]
+        if quantised:
+            raise LoraConfigError(
+                f"PLoRA unloads the adapter into the base weights, and {quantised[0]} sits on a quantised layer: re-quantising "
+                "at every unload would round updates away, and a float copy would give back the memory QLoRA saves. Train "
+                "PLoRA on a float32/bfloat16 base, or plain LoRA on the quantised one."
+            )
         self.originals = {  # low-precision bases: the original weight, so the base is rounded once from W0 + Σ
             key: layer.weight_view().detach().clone()
             for key, layer in self.layers.items() if layer.weight_view().dtype in LOW_PRECISION
