@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from .adapter_model import AdapterModel
 from .config import LoraConfig
-from .errors import LoraConfigError
+from .errors import LoraConfigError, TargetModuleError
 from .inits import get_init, moves_base
 from .layers import LoraLayer, wrap_module
 from .loading import adapter_parameters, apply_adapter, initial_factors
@@ -72,6 +72,7 @@ class LoraModel(AdapterModel):
         if initialize and moves_base(config.init_lora_weights):
             self._refuse_shared_weights(plan)
             _refuse_rank_above_width(plan)
+            _refuse_quantized_bases(self.model, plan)
         if any(t.fan_in_fan_out for t in plan.targets) and not config.fan_in_fan_out:
             config = config.replace(fan_in_fan_out=True)  # GPT-2 Conv1D stores weights (in, out)
         with self.transaction():
@@ -204,6 +205,19 @@ def _refuse_rank_above_width(plan: AdapterPlan) -> None:
             raise LoraConfigError(
                 f"rank {target.rank} for {target.path!r} exceeds its {min(target.out_features, target.in_features)} singular "
                 "values (min(out, in)); PiSSA/MiLoRA need r <= min(out, in). Lower r or use rank_pattern for this module."
+            )
+
+
+def _refuse_quantized_bases(model: nn.Module, plan: AdapterPlan) -> None:
+    """PiSSA/MiLoRA write a residual into the base weight, which a quantised layer cannot hold."""
+    from .quantized import is_quantized_linear
+
+    for target in plan.targets:
+        if is_quantized_linear(model.get_submodule(target.path)):
+            raise TargetModuleError(
+                f"{target.path!r} is quantised, and this init moves the base weight into a residual (PiSSA/MiLoRA), which a "
+                "quantised base cannot hold without re-quantising: use init_lora_weights=True or 'gaussian' on a quantised "
+                "base, or run PiSSA/MiLoRA on a float base."
             )
 
 

@@ -121,7 +121,8 @@ class LoraQuantLinear(LoraLinear):
 
     def init_factors(self, init: InitFn, rank: int, scale: float,
                      before_base_change: Callable[[Tensor], None] | None = None) -> tuple[Tensor, Tensor, bool]:
-        """(A, B, False) from `init` run on the dequantised weight; refused for inits that move the base weight.
+        """(A, B, False) from `init`, which for the inits a quantised base allows (LoRA's Gaussian / Kaiming A, zero B)
+        reads only the weight's shape: it gets a float32 stand-in of that shape that takes no memory.
 
         Args:
             init: an init strategy ``(W, r, scale) -> (A, B, W_residual)``.
@@ -133,9 +134,10 @@ class LoraQuantLinear(LoraLinear):
             ``(A, B, False)``.
 
         Raises:
-            TargetModuleError: the init moves the base weight (PiSSA, MiLoRA).
+            TargetModuleError: the init moves the base weight (PiSSA, MiLoRA; `LoraModel` refuses those up front).
         """
-        W = dequantize(self.base_layer)
+        like = self.factor_like()
+        W = like.new_zeros(()).expand(self.out_features, self.in_features)  # (out, in), stride 0
         A, B, W_residual = init(W, rank, scale)
         if W_residual is not W:
             raise TargetModuleError(

