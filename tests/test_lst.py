@@ -229,3 +229,17 @@ def test_save_reload_gives_the_same_logits_and_peft_refuses_the_folder(family, t
     with pytest.raises(AdapterLoadError, match=f"shape mismatch.*{damaged}"):
         LSTModel.from_pretrained(fresh, tmp_path / "lst")
     assert [p.requires_grad for p in fresh.parameters()] == flags
+
+
+def test_the_one_entry_point_builds_and_loads_lst(tmp_path):
+    from lorakit import get_peft_model, load_peft_model
+
+    base = make_model("gpt2")
+    model = get_peft_model(copy.deepcopy(base), LSTConfig(reduction_factor=2))
+    assert isinstance(model, LSTModel)
+    perturb(model)
+    model.save_pretrained(tmp_path / "side")
+    again = load_peft_model(copy.deepcopy(base), tmp_path / "side")
+    inputs = make_inputs("gpt2")
+    with torch.no_grad():
+        assert isinstance(again, LSTModel) and torch.equal(again(**inputs).logits, model(**inputs).logits)

@@ -17,6 +17,9 @@ from ..core.lora_model import LoraModel
 from ..core.peft_format import CONFIG_NAME, SavedAdapter, read_adapter
 from .ia3.config import IA3Config
 from .ia3.model import IA3Model
+from .lst.config import LSTConfig
+from .lst.files import is_lst_folder
+from .lst.model import LSTModel
 from .prompt.config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from .prompt.model import PromptModel
 
@@ -51,17 +54,17 @@ def model_class_for(config: Any) -> type[AdapterModel]:
     raise LoraConfigError(f"config is a {type(config).__name__}; lorakit's methods take one of {names}.")
 
 
-def get_peft_model(model: nn.Module, config: Any, adapter_name: str = "default", **options: Any) -> AdapterModel:
+def get_peft_model(model: nn.Module, config: Any, adapter_name: str = "default", **options: Any) -> AdapterModel | LSTModel:
     """Wrap `model` with an adapter of `config`'s method; on error `model` is left as it was.
 
     Args:
         model: the model to adapt.
-        config: any lorakit method config (see `model_class_for`).
-        adapter_name: the adapter's name, which becomes the active one.
-        **options: passed to the model class (``tokenizer=`` for prompt tuning's text init).
+        config: any lorakit method config (see `model_class_for`), or an `LSTConfig` (a side network beside the model).
+        adapter_name: the adapter's name, which becomes the active one (LST has one unnamed side network).
+        **options: passed to the model class (``tokenizer=`` for prompt tuning's text init, ``fisher_batches=`` for LST).
 
     Returns:
-        The wrapping `AdapterModel`.
+        The wrapping `AdapterModel`, or an `LSTModel`.
 
     Raises:
         LoraConfigError: `config` is not a lorakit method config, or does not fit the model.
@@ -75,6 +78,8 @@ def get_peft_model(model: nn.Module, config: Any, adapter_name: str = "default",
         >>> type(model).__name__
         'IA3Model'
     """
+    if isinstance(config, LSTConfig):
+        return LSTModel(model, config, **options)
     return model_class_for(config)(model, config, adapter_name, **options)
 
 
@@ -116,21 +121,23 @@ def read_any_adapter(directory: str | os.PathLike) -> SavedAdapter:
 
 
 def load_peft_model(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
-                    is_trainable: bool = False) -> AdapterModel:
+                    is_trainable: bool = False) -> AdapterModel | LSTModel:
     """Wrap `model` and load the adapter in `directory` (saved by lorakit or PEFT), whatever its method.
 
     Args:
         model: the base model the adapter was trained on.
-        directory: a PEFT-format adapter folder.
+        directory: a PEFT-format adapter folder, or an LST folder (lorakit's own format).
         adapter_name: the name the adapter gets.
         is_trainable: False freezes the adapter and puts the model in eval mode.
 
     Returns:
-        The `LoraModel`, `IA3Model` or `PromptModel` holding the adapter.
+        The `LoraModel`, `IA3Model` or `PromptModel` holding the adapter, or the `LSTModel`.
 
     Raises:
         AdapterLoadError: the files are missing, corrupt, of a method lorakit lacks, or do not fit `model`.
         AdapterNameError: `adapter_name` is not a valid adapter name.
     """
+    if is_lst_folder(directory):
+        return LSTModel.from_pretrained(model, directory, is_trainable)
     _, model_class = MODEL_CLASSES[read_peft_type(directory)]
     return model_class.from_pretrained(model, directory, adapter_name, is_trainable)
