@@ -23,6 +23,16 @@ def _cli(root, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lorakit.cli", *args], env=_env(root), capture_output=True, text=True, timeout=600)
 
 
+def _stopped_after_step_2(run, stopped):
+    """A copy of finished `run` as a run killed after its step-2 checkpoint would have left it."""
+    shutil.copytree(run, stopped)
+    shutil.rmtree(stopped / "adapter")
+    for checkpoint in (stopped / "checkpoints").iterdir():
+        if checkpoint.name != "step-000002":
+            shutil.rmtree(checkpoint)
+    return stopped
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_method_trains_from_the_cli_and_resumes_exactly(workspace, method):  # noqa: F811
     config = _config_file(workspace, f"run-{method}", steps=6, eval_every=3, save_every=2, method=method)
@@ -37,12 +47,7 @@ def test_method_trains_from_the_cli_and_resumes_exactly(workspace, method):  # n
     assert [m["step"] for m in history] == list(range(1, 7)) and "eval_loss" in history[2]
 
     # a run stopped after its step-2 checkpoint, resumed: the same adapter, bit for bit up to float noise
-    stopped = workspace / f"stopped-{method}"
-    shutil.copytree(run, stopped)
-    shutil.rmtree(stopped / "adapter")
-    for checkpoint in (stopped / "checkpoints").iterdir():
-        if checkpoint.name != "step-000002":
-            shutil.rmtree(checkpoint)
+    stopped = _stopped_after_step_2(run, workspace / f"stopped-{method}")
     resumed_config = _config_file(workspace, f"stopped-{method}", steps=6, eval_every=3, save_every=2, method=method)
     _train_cli(workspace, resumed_config, *OVERRIDES.get(method, []), "--resume")
     weights = "lst_model.safetensors" if method == "lst" else "adapter_model.safetensors"
@@ -95,12 +100,7 @@ def test_a_classifier_trains_from_the_cli_resumes_exactly_and_evaluates(workspac
     else:  # LoRA trains the new classification head in full beside the adapter
         assert any(key.endswith("classifier.weight") for key in saved) and any("lora_A" in key for key in saved)
 
-    stopped = workspace / f"stopped-classify-{method}"
-    shutil.copytree(run, stopped)
-    shutil.rmtree(stopped / "adapter")
-    for checkpoint in (stopped / "checkpoints").iterdir():
-        if checkpoint.name != "step-000002":
-            shutil.rmtree(checkpoint)
+    stopped = _stopped_after_step_2(run, workspace / f"stopped-classify-{method}")
     _train_cli(workspace, _config_file(workspace, f"stopped-classify-{method}", steps=6, eval_every=3, save_every=2, method=method),
                *task, "--resume")
     resumed = load_file(stopped / "adapter" / weights)
