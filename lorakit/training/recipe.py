@@ -163,7 +163,8 @@ def _summary(config: RunConfig, before: dict, after: dict, trainable: int, total
 
 def _adapted_model(model, tokenizer, config: RunConfig, items: list[dict], task):
     """The model with the adapter (or LST side network) `training.method` trains. On a classifier, LoRA and IA3
-    also train the new classification head in full (``modules_to_save``), unless the section names other modules."""
+    also train the new classification head in full (PEFT's ``task_type="SEQ_CLS"`` rule; the prompt methods apply
+    it themselves)."""
     method = config.training.method
     if method == "lst":
         from ..methods.lst.model import LSTModel
@@ -177,11 +178,10 @@ def _adapted_model(model, tokenizer, config: RunConfig, items: list[dict], task)
     from ..methods.peft_methods import get_peft_model
 
     adapter_config = config.adapter_config()
-    if task.num_labels is not None and method in ("lora", "plora", "ia3") and adapter_config.modules_to_save is None:
-        from ..core.targeting import CLASSIFIER_HEADS
+    if task.num_labels is not None and method in ("lora", "plora", "ia3"):  # PEFT's SEQ_CLS rule: the new head trains in full
+        from ..core.targeting import with_classifier_heads
 
-        head = next((name for name in CLASSIFIER_HEADS if hasattr(model, name)), None)
-        adapter_config = dataclasses.replace(adapter_config, modules_to_save=[head] if head else None)
+        adapter_config = adapter_config.replace(task_type="SEQ_CLS", modules_to_save=with_classifier_heads(adapter_config.modules_to_save))
     options = {"tokenizer": tokenizer} if method == "prompt_tuning" else {}
     return get_peft_model(model, adapter_config, **options)
 
