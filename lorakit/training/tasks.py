@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.errors import DataError
-from ..core.examples import Example, collate_classification, tokenize_example
+from ..core.examples import Example, tokenize_example
 from . import evaluate
 from .objectives import ClassificationObjective, CompletionObjective
 
@@ -189,13 +189,11 @@ class ClassificationTask:
         Returns:
             The loss in nats.
         """
-        items = self.items(tokenizer, examples, max_length)
+        items, objective = self.items(tokenizer, examples, max_length), self.objective(tokenizer.pad_token_id)
         device, total = next(model.parameters()).device, 0.0
         with evaluate.eval_mode(model):
             for start in range(0, len(items), batch_size):
-                batch = {k: v.to(device) for k, v in collate_classification(items[start : start + batch_size], tokenizer.pad_token_id).items()}
-                labels = batch.pop("labels")
-                total += torch.nn.functional.cross_entropy(model(**batch).logits.float(), labels, reduction="sum").item()
+                total += objective.loss_sum(model, items[start : start + batch_size], device)[0].item()
         return total / len(items)
 
 
