@@ -250,6 +250,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     started = time.perf_counter()
     trainer.fit()
     seconds = time.perf_counter() - started
+    trainer.finish()
     if not trainer.is_main:
         return {}
     with trainer.precision.autocast():

@@ -256,6 +256,15 @@ class Trainer:
         bar.close()
         return history
 
+    def finish(self) -> None:
+        """End the collective part: every process waits here, then the process group closes.
+
+        What follows (the final evaluation, the exports) runs on the main process alone; a process that left
+        with the group still open would abort at interpreter exit while the main one is still working.
+        """
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+
     def _log(self, metrics: dict) -> None:
         if self.is_main:
             self.layout.root.mkdir(parents=True, exist_ok=True)
