@@ -125,6 +125,22 @@ def test_merging_makes_a_dequantised_layer_with_the_update_and_unmerging_restore
         torch.testing.assert_close(merged(input_ids=ids()).logits, before, atol=5e-2, rtol=5e-2)
 
 
+def test_wrapping_keeps_the_4bit_layout_and_unloading_gives_the_layer_its_own_settings_back(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=base_models.quantization_config("nf4"),
+                                                 device_map="cpu").eval()
+    layers = {name: m for name, m in model.named_modules() if name.endswith("q_proj")}
+    settings = {name: m.support_avx512bf16_for_cpu for name, m in layers.items()}
+    lora = perturbed_lora(model)
+    with torch.no_grad():
+        lora(input_ids=ids())  # an inference forward: bitsandbytes would repack a layer whose setting allows it
+    assert all(not getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers.values())
+    assert {name: m.support_avx512bf16_for_cpu for name, m in layers.items()} == settings  # never changed
+    plain = lora.unload()
+    assert all(plain.get_submodule(name) is m for name, m in layers.items())
+
+
 def test_inits_that_move_the_base_are_refused_and_the_model_is_unchanged(model_dir):
     model = load(model_dir, "nf4")
     state = {name: copy.deepcopy(p.data) for name, p in model.named_parameters()}

@@ -89,10 +89,6 @@ class LoraQuantLinear(LoraLinear):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self._quantized: nn.Module | None = None  # the quantised layer while a dense merged copy stands in for it
-        # bitsandbytes repacks a 4-bit weight for its CPU inference kernel at the first no-grad forward, and unpacks it
-        # only approximately: keep the standard layout, so the dequantised weight stays exact
-        if hasattr(base_layer, "support_avx512bf16_for_cpu"):
-            base_layer.support_avx512bf16_for_cpu = False
 
     @property
     def in_features(self) -> int:
@@ -101,6 +97,23 @@ class LoraQuantLinear(LoraLinear):
     @property
     def out_features(self) -> int:
         return (self._quantized or self.base_layer).out_features
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """The base's output plus the active adapters' (see `LoraLinear.forward`).
+
+        bitsandbytes repacks a 4-bit weight for its CPU inference kernel at the first no-grad forward, and unpacks
+        it only approximately; under the wrapper the weight keeps its standard layout (so the dequantised weight a
+        merge reads stays exact), and the layer's own setting is back as it was after each call.
+        """
+        layer = self.base_layer
+        repack = getattr(layer, "support_avx512bf16_for_cpu", None)
+        if repack is None:
+            return super().forward(x, *args, **kwargs)
+        layer.support_avx512bf16_for_cpu = False
+        try:
+            return super().forward(x, *args, **kwargs)
+        finally:
+            layer.support_avx512bf16_for_cpu = repack
 
     def factor_like(self) -> Tensor:
         """Adapter factors are float32 on the base layer's device (the quantised storage is uint8 / int8)."""
