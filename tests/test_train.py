@@ -127,10 +127,11 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.parametrize("method", ["lora", "plora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "lst"])
+@pytest.mark.parametrize("method", ["lora", "plora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "lst", "lora+checkpointing"])
 def test_two_process_ddp_matches_one_process(workspace, method):
     # no dropout: its masks depend on how rows are spread over processes; PLoRA unloads every 2 steps
-    settings = ["lora.lora_dropout=0.0", f"training.method={method}", "plora.unload_every=8", "lst.reduction_factor=2"]
+    settings = ["lora.lora_dropout=0.0", f"training.method={method.removesuffix('+checkpointing')}", "plora.unload_every=8",
+                "lst.reduction_factor=2", f"training.gradient_checkpointing={str(method.endswith('+checkpointing')).lower()}"]
     _train_cli(workspace, _config_file(workspace, f"one-{method}", steps=5), *settings)
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "lorakit.cli")
     _train_cli(workspace, _config_file(workspace, f"two-{method}", steps=5), *settings, launcher=launcher)
