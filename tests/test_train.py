@@ -4,6 +4,7 @@ CLI config errors, and transformers.Trainer."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -127,18 +128,33 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.parametrize("method", ["lora", "plora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "lst", "lora+checkpointing"])
-def test_two_process_ddp_matches_one_process(workspace, method):
+RUNS = ["lora", "plora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "lst", "lora+checkpointing",
+        "lora+fsdp", "ia3+fsdp", "prompt_tuning+fsdp", "lst+fsdp", "lora+fsdp+checkpointing"]
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_two_processes_match_one_process(workspace, run):
+    """DDP (replicated base) and FSDP (training.fsdp: the frozen base sharded) over 2 gloo processes train the
+    adapter a 1-process run trains, with and without activation checkpointing."""
+    method, *options = run.split("+")
     # no dropout: its masks depend on how rows are spread over processes; PLoRA unloads every 2 steps
-    settings = ["lora.lora_dropout=0.0", f"training.method={method.removesuffix('+checkpointing')}", "plora.unload_every=8",
-                "lst.reduction_factor=2", f"training.gradient_checkpointing={str(method.endswith('+checkpointing')).lower()}"]
-    _train_cli(workspace, _config_file(workspace, f"one-{method}", steps=5), *settings)
+    settings = ["lora.lora_dropout=0.0", f"training.method={method}", "plora.unload_every=8", "lst.reduction_factor=2",
+                f"training.gradient_checkpointing={str('checkpointing' in options).lower()}"]
+    _train_cli(workspace, _config_file(workspace, f"one-{run}", steps=5), *settings)
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "lorakit.cli")
-    _train_cli(workspace, _config_file(workspace, f"two-{method}", steps=5), *settings, launcher=launcher)
+    _train_cli(workspace, _config_file(workspace, f"two-{run}", steps=5), *settings, f"training.fsdp={str('fsdp' in options).lower()}",
+               launcher=launcher)
+    summary = (workspace / f"two-{run}" / "summary.md").read_text()
+    share = re.search(r"\| processes +\| 2 \((DDP|FSDP), (?:(\d+)% of the weights|the whole model) on each\)", summary)
+    assert share and share[1] == ("FSDP" if "fsdp" in options else "DDP"), summary
+    if "fsdp" in options:  # each process holds half the frozen weights and all the trained ones
+        trained = re.search(r"\| trainable parameters \| ([\d,]+) of ([\d,]+)", summary)
+        fraction = int(trained[1].replace(",", "")) / int(trained[2].replace(",", ""))
+        assert abs(int(share[2]) / 100 - (fraction + (1 - fraction) / 2)) <= 0.02, summary
     weights = "lst_model.safetensors" if method == "lst" else "adapter_model.safetensors"
     for folder in ["adapter"] + (["adapter_for_original_base"] if method == "plora" else []):
-        one = load_file(workspace / f"one-{method}" / folder / weights)
-        two = load_file(workspace / f"two-{method}" / folder / weights)
+        one = load_file(workspace / f"one-{run}" / folder / weights)
+        two = load_file(workspace / f"two-{run}" / folder / weights)
         for key in one:  # same global batch; only the order of float sums differs
             torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4, msg=key)
 
@@ -225,3 +241,16 @@ def test_eval_command_prints_accuracy(workspace):
     result = subprocess.run(command, env=_env(workspace), capture_output=True, text=True, check=True)
     report = yaml.safe_load(result.stdout)
     assert set(report) == {"accuracy", "majority", "items"} and report["items"] == 10 and 0 <= report["accuracy"] <= 1
+
+
+def test_fsdp_refuses_methods_that_rewrite_or_read_the_whole_base(workspace, tmp_path):
+    from lorakit import LoraConfig
+
+    with pytest.raises(LoraConfigError, match=r"PiSSA/MiLoRA.*training.fsdp: false"):
+        tiny_trainer(workspace / "model", tmp_path / "pissa", lora=LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa"),
+                     fsdp=True)
+    config = _config_file(workspace, "plora-fsdp", steps=4)
+    result = subprocess.run([sys.executable, "-m", "lorakit.cli", "train", str(config), "training.method=plora", "training.fsdp=true",
+                             "plora.unload_every=8"], env=_env(workspace), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "PLoRA unloads the adapter into the base weights" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

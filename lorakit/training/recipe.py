@@ -141,7 +141,8 @@ def _plot_losses(history: list[dict], path: Path, loss_unit: str) -> None:
     plt.close(figure)
 
 
-def _summary(config: RunConfig, before: dict, after: dict, trainable: int, total: int, seconds: float, plora=None) -> str:
+def _summary(config: RunConfig, before: dict, after: dict, trainable: int, total: int, seconds: float, plora=None,
+             trainer=None) -> str:
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rows = [
         ("task", config.data.source),
@@ -154,6 +155,9 @@ def _summary(config: RunConfig, before: dict, after: dict, trainable: int, total
         ("training time", f"{seconds:.0f} s"),
         ("peak memory (RSS)", f"{peak_mib:.0f} MiB"),
     ]
+    if trainer is not None and trainer.world > 1:
+        how = f"FSDP, {trainer.weights_share:.0%} of the weights on each" if trainer.sharded else "DDP, the whole model on each"
+        rows.append(("processes", f"{trainer.world} ({how})"))
     if plora is not None:
         share = 100 * plora.unload_seconds / max(seconds, 1e-9)
         rows.append(("PLoRA unloads", f"{len(plora.stages)}, {plora.unload_seconds:.2f} s ({share:.2f}% of training)"))
@@ -250,11 +254,12 @@ def run(config: RunConfig) -> dict[str, Any]:
     started = time.perf_counter()
     trainer.fit()
     seconds = time.perf_counter() - started
+    if trainer.sharded or trainer.is_main:  # a sharded base answers only with every process taking part
+        with trainer.precision.autocast():
+            after = task.evaluate(adapted, tokenizer, splits.test, *sizes)
     trainer.finish()
     if not trainer.is_main:
         return {}
-    with trainer.precision.autocast():
-        after = task.evaluate(adapted, tokenizer, splits.test, *sizes)
     adapted.save_pretrained(layout.adapter)
     if isinstance(adapted, LoraModel) and any(layer.initial_factors for _, layer in adapted.lora_layers()):  # PiSSA/MiLoRA
         from ..methods.residual import export_plain_lora
@@ -267,7 +272,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     history = [json.loads(line) for line in layout.metrics.read_text().splitlines()]
     _plot_losses(history, layout.loss_plot, task.loss_unit)
     trainable, total = adapted.get_nb_trainable_parameters()
-    table = _summary(config, before, after, trainable, total, seconds, plora)
+    table = _summary(config, before, after, trainable, total, seconds, plora, trainer)
     atomic_write_text(layout.summary, table + "\n")
     atomic_write_text(layout.config, yaml.safe_dump(config.to_dict(), sort_keys=False))
     print("\n" + table)

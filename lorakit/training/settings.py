@@ -46,6 +46,7 @@ class TrainingConfig:
     # (fp16 with a gradient scaler)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False  # recompute block activations in the backward pass (non-reentrant)
+    fsdp: bool = False  # multi-process runs: shard the frozen base over the processes (FSDP2) instead of replicating it
     # which adapter trains: "lora" (the lora section), "plora" (lora + periodic unloading, the plora section),
     # or "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "lst" (each configured by the section of that name)
     method: Literal["lora", "plora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "lst"] = "lora"
@@ -65,7 +66,7 @@ class TrainingConfig:
 
     def math_settings(self) -> dict:
         """The settings a resumed run must share with the run it continues (everything but bookkeeping)."""
-        bookkeeping = {"output_dir", "eval_every", "save_every", "eval_batch_size", "resume", "gradient_checkpointing"}
+        bookkeeping = {"output_dir", "eval_every", "save_every", "eval_batch_size", "resume", "gradient_checkpointing", "fsdp"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in bookkeeping}
 
 

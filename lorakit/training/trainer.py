@@ -35,12 +35,14 @@ from ..core.errors import (
     TrainingDivergedError,
     TrainingOutputError,
 )
+from ..core.lora_model import LoraModel
 from ..core.peft_format import read_adapter
 from ..core.run_layout import RunLayout
 from ..methods.plora.periodic import stage_lr_lambda
 from .objectives import ClassificationObjective, CompletionObjective, TrainingObjective
 from .precision import Precision, enable_activation_checkpointing
 from .settings import TrainingConfig
+from .sharding import average_gradients, local_share, shard_frozen_base
 
 __all__ = [
     "ClassificationObjective",
@@ -142,9 +144,16 @@ class Trainer:
         self.precision.prepare(model)
         if config.gradient_checkpointing:
             enable_activation_checkpointing(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.sharded = self._check_sharding(model, plora) and self.world > 1
+        if self.sharded:  # before the optimizer, which then holds the sharded model's (unchanged) trained tensors
+            shard_frozen_base(model)
+        self.weights_share = local_share(model)  # of the model's parameter bytes, on this process
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        if self.sharded:
+            self.model, self.optimizer = model, optimizer
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         # Not prepared: accelerate's scheduler wrapper steps once per process, which would run the
         # schedule N times too fast; one optimizer step here is one global batch.
         self.plora = plora  # a PeriodicLoRA: unloads the adapter into the base at each stage end
@@ -156,6 +165,25 @@ class Trainer:
             self._resume()
         else:
             check_output_dir(config)
+
+    def _check_sharding(self, model: torch.nn.Module, plora) -> bool:
+        """Whether this run shards its base (``training.fsdp``), refusing what sharding cannot carry."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            raise LoraConfigError(
+                "accelerate's own FSDP mode would shard the adapter too; launch with a multi-process (MULTI_GPU or "
+                "MULTI_CPU) accelerate config and set training.fsdp: true, which shards the frozen base only."
+            )
+        if not self.config.fsdp:
+            return False
+        if plora is not None:
+            raise LoraConfigError("PLoRA unloads the adapter into the base weights, which training.fsdp shards over the "
+                                  "processes: train PLoRA with training.fsdp: false (DDP).")
+        if isinstance(model, LoraModel) and any(layer.initial_factors for _, layer in model.lora_layers()):
+            raise LoraConfigError("PiSSA/MiLoRA's plain-LoRA export reads the whole residual base weight, which "
+                                  "training.fsdp shards over the processes: train them with training.fsdp: false (DDP).")
+        return True
 
     def _run_settings(self, model: torch.nn.Module, extra: dict) -> dict:
         """What must not change when this run is resumed: the training maths, the adapter's config, the
@@ -202,6 +230,8 @@ class Trainer:
                 self.accelerator.backward(self.precision.scale(loss_sum * self.world / tokens))
             total += loss_sum.item()
             seen += n_tokens
+        if self.sharded:  # the trained tensors are replicated: average their gradients as DDP would
+            average_gradients(self.params)
         loss = self._global_mean(total, tokens)
         if not math.isfinite(loss):
             last = self.layout.latest_checkpoint()
@@ -210,7 +240,7 @@ class Trainer:
                 f"is {last or 'none'}. Lower training.lr or raise training.warmup_steps, then resume."
             )
         self.precision.unscale(self.optimizer)
-        grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm or math.inf))
+        grad_norm = float(self.accelerator.clip_grad_norm_(self.params, self.config.max_grad_norm or math.inf))
         overflow = not math.isfinite(grad_norm) and self.precision.scaler is not None  # fp16: the scaler skips it
         if not math.isfinite(grad_norm) and not overflow:
             self.optimizer.zero_grad(set_to_none=True)  # never applied, never saved
