@@ -141,6 +141,20 @@ def test_wrapping_keeps_the_4bit_layout_and_unloading_gives_the_layer_its_own_se
     assert all(plain.get_submodule(name) is m for name, m in layers.items())
 
 
+def test_training_on_a_layer_repacked_for_cpu_inference_is_refused_not_silently_gradient_free(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=base_models.quantization_config("nf4"),
+                                                 device_map="cpu").eval()
+    with torch.no_grad():
+        model(input_ids=ids())  # bitsandbytes repacks its 4-bit weights for the CPU kernel (no autograd through it)
+    lora = perturbed_lora(model).train()
+    with pytest.raises(TargetModuleError, match="repacked for bitsandbytes' CPU inference kernel.*support_avx512bf16_for_cpu = False"):
+        lora(input_ids=ids(), labels=ids()).loss.backward()
+    with torch.no_grad():  # inference through the packed kernel stays allowed
+        lora(input_ids=ids())
+
+
 def test_inits_that_move_the_base_are_refused_and_the_model_is_unchanged(model_dir):
     model = load(model_dir, "nf4")
     state = {name: copy.deepcopy(p.data) for name, p in model.named_parameters()}
@@ -174,7 +188,9 @@ def test_qlora_trains_from_the_cli_and_evaluates(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     saved = load_file(run / "adapter" / "adapter_model.safetensors")
     assert saved and all(value.dtype == torch.float32 for value in saved.values())
-    assert "eval_loss" in json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert all(saved[k].abs().max() > 0 for k in saved if "lora_B" in k)  # it trained: B left its zero init
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "eval_loss" in metrics[-1] and all(m["grad_norm"] > 0 for m in metrics)  # after the zero-shot evaluation too
     evaluation = subprocess.run([sys.executable, "-m", "lorakit.cli", "eval", "--model", str(tmp_path / "model"), "--quantization", "nf4",
                                  "--adapter", str(run / "adapter"), "--data", "bigbench:parity", "--test-size", "8", "--validation-size", "4"],
                                 env=_env(tmp_path), capture_output=True, text=True, timeout=600)
@@ -216,3 +232,28 @@ def test_an_ia3_adapter_trained_on_a_quantised_base_loads_back_with_the_same_log
     again = load_peft_model(load(model_dir, "nf4"), tmp_path / "ia3").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids()).logits, expected, atol=0, rtol=0)
+
+
+def test_qlora_with_a_sharded_base_over_two_processes_matches_one_process(tmp_path):
+    import subprocess
+    import sys
+
+    from offline_fixtures import multiple_choice_task, write_fake_bigbench, write_tiny_model
+    from safetensors.torch import load_file
+    from test_train import _env, _free_port
+
+    write_tiny_model(tmp_path / "model", hidden=128)
+    write_fake_bigbench(tmp_path / "cache", {"parity": multiple_choice_task(60)})
+    settings = [f"model.name={tmp_path / 'model'}", "model.quantization=nf4", "training.precision=bf16", "data.source=bigbench:parity",
+                "data.test_size=8", "data.validation_size=0", "lora.target_modules=[q_proj, v_proj]", "lora.lora_dropout=0.0",
+                "training.steps=3", "training.batch_size=4", "training.save_every=0", "training.max_length=32", "training.lr=0.01"]
+    one_process = [sys.executable, "-m", "lorakit.cli"]
+    two_processes = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "lorakit.cli"]
+    for name, launcher, extra in [("one", one_process, []), ("two", two_processes, ["training.fsdp=true"])]:
+        result = subprocess.run([*launcher, "train", *settings, *extra, f"training.output_dir={tmp_path / name}"], env=_env(tmp_path),
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "| processes" in (tmp_path / "two" / "summary.md").read_text() and "FSDP" in (tmp_path / "two" / "summary.md").read_text()
+    one, two = (load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in ("one", "two"))
+    for key in [k for k in one if "lora_B" in k]:  # trained away from zero; bf16 autocast: the runs sum in other orders
+        assert one[key].norm() > 0.1 and (two[key] - one[key]).norm() < 0.02 * one[key].norm(), key

@@ -106,6 +106,13 @@ class LoraQuantLinear(LoraLinear):
         merge reads stays exact), and the layer's own setting is back as it was after each call.
         """
         layer = self.base_layer
+        state = getattr(layer.weight, "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False) and torch.is_grad_enabled():
+            raise TargetModuleError(
+                f"this {type(layer).__name__}'s weight was repacked for bitsandbytes' CPU inference kernel (an inference "
+                "forward ran before lorakit wrapped it), which passes no gradients: load the model again and set "
+                "support_avx512bf16_for_cpu = False on its 4-bit layers before any inference (lorakit's loader does)."
+            )
         repack = getattr(layer, "support_avx512bf16_for_cpu", None)
         if repack is None:
             return super().forward(x, *args, **kwargs)

@@ -175,4 +175,7 @@ def load(
         raise LoraConfigError(f"task={task!r} is not a model task: use 'causal-lm' or 'classification'.")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    for module in model.modules():  # bitsandbytes' CPU inference repacking would leave a 4-bit layer without gradients
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     return model, tokenizer
