@@ -254,3 +254,17 @@ def test_fsdp_refuses_methods_that_rewrite_or_read_the_whole_base(workspace, tmp
                              "plora.unload_every=8"], env=_env(workspace), capture_output=True, text=True, timeout=600)
     assert result.returncode == 2 and "PLoRA unloads the adapter into the base weights" in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs (accelerate's multi-GPU launch)")
+def test_fsdp_on_gpus_matches_one_process(workspace):
+    """The documented GPU launch: accelerate's multi-GPU launcher (NCCL) with training.fsdp."""
+    settings = ["lora.lora_dropout=0.0", "training.precision=bf16"]
+    _train_cli(workspace, _config_file(workspace, "gpu-one", steps=5), *settings)
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", f"--main_process_port={_free_port()}",
+                "-m", "lorakit.cli")
+    _train_cli(workspace, _config_file(workspace, "gpu-two", steps=5), *settings, "training.fsdp=true", launcher=launcher)
+    assert "FSDP" in (workspace / "gpu-two" / "summary.md").read_text()
+    one, two = _adapter(workspace / "gpu-one"), _adapter(workspace / "gpu-two")
+    for key in [k for k in one if "lora_B" in k]:
+        assert one[key].norm() > 0 and (two[key] - one[key]).norm() <= 0.02 * one[key].norm(), key

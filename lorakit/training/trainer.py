@@ -146,6 +146,7 @@ class Trainer:
             enable_activation_checkpointing(model)
         self.sharded = self._check_sharding(model, plora) and self.world > 1
         if self.sharded:  # before the optimizer, which then holds the sharded model's (unchanged) trained tensors
+            model.to(self.accelerator.device)  # fully_shard moves only what it shards
             shard_frozen_base(model)
         self.weights_share = local_share(model)  # of the model's parameter bytes, on this process
         self.params = [p for p in model.parameters() if p.requires_grad]
