@@ -104,6 +104,16 @@ class LoraQuantLinear(LoraLinear):
         bitsandbytes repacks a 4-bit weight for its CPU inference kernel at the first no-grad forward, and unpacks
         it only approximately; under the wrapper the weight keeps its standard layout (so the dequantised weight a
         merge reads stays exact), and the layer's own setting is back as it was after each call.
+
+        Args:
+            x: (..., in) features; further arguments go to the base layer.
+
+        Returns:
+            (..., out), in `x`'s dtype.
+
+        Raises:
+            TargetModuleError: training (gradients on) through a weight already repacked for bitsandbytes' CPU
+                inference kernel, which passes no gradients.
         """
         layer = self.base_layer
         state = getattr(layer.weight, "quant_state", None)
