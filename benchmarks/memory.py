@@ -5,14 +5,16 @@ Models: SmolLM2-135M-Instruct (real weights) and a randomly initialised ~1.1B Ll
 shape: hidden 2048, 22 layers, 32 heads, 4 KV heads, vocab 32000), saved once in bf16 to the lorakit cache so the
 quantised rows load it the transformers way (``BitsAndBytesConfig``). LoRA r=16, alpha 32 on every linear layer,
 AdamW. A row's peak is the whole process's resident memory (weights, activations, gradients, optimizer state)
-sampled every millisecond over 3 steps after one warm-up step; its step time is the median of those 3 steps
+sampled every millisecond over 3 steps after one warm-up step, the weights copied out of the checkpoint's
+memory map first (`in_own_memory`); its step time is the median of those 3 steps
 (one process per row, so the ratios are indicative: the machine swings 2-4x between runs).
 
 * fp32: weights and adapter in float32;
 * bf16: the frozen base stored in bfloat16, adapter (and its AdamW state) in float32, forward under bf16 autocast
   (lorakit's ``training.precision: bf16``; PEFT: ``dtype=bfloat16`` with its default ``autocast_adapter_dtype``);
 * bf16+ac: the same with non-reentrant activation checkpointing;
-* nf4: the linear layers in NF4 with double quantisation (bitsandbytes, bf16 compute), the rest bf16, adapter float32.
+* nf4: the linear layers in NF4 with double quantisation (bitsandbytes, bf16 compute), the rest bf16, adapter float32;
+* nf4+ac: the same with activation checkpointing (how the QLoRA paper trains, Dettmers et al. 2023).
 
 Targets (issue #15): every lorakit row <= PEFT's; NF4 QLoRA's peak <= 0.45x bf16 LoRA's on the 1B model.
 
@@ -37,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import PeakRSS, cached_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-SETTINGS = ["floor", "fp32", "bf16", "bf16+ac", "nf4"]
+SETTINGS = ["floor", "fp32", "bf16", "bf16+ac", "nf4", "nf4+ac"]
 IMPLEMENTATIONS = ["lorakit", "peft"]
 TARGETS = "all-linear"
 
@@ -60,6 +62,29 @@ def model_dir(name: str) -> Path:
     return folder
 
 
+def in_own_memory(model):
+    """The model with every tensor in the process's own memory, and loading's leftovers given back to the OS.
+
+    transformers maps the checkpoint file and may keep tensors that view it (a quantised model's embeddings):
+    the whole mapped file then counts in the resident memory (2 GiB of a 1.1B bf16 checkpoint beside a 0.8 GiB
+    NF4 model), and freed loading buffers stay in the allocator. Every row goes through this, so a row measures
+    the model and its training, not how it was loaded.
+    """
+    import ctypes
+    import gc
+
+    with torch.no_grad():
+        for module in model.modules():
+            for param in module.parameters(recurse=False):
+                param.data = param.data.clone()
+            for key, buffer in list(module._buffers.items()):
+                if buffer is not None:
+                    module._buffers[key] = buffer.clone()
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return model
+
+
 def build(name: str, implementation: str, setting: str):
     """(model, optimizer or None, autocast dtype or None) for one row."""
     from transformers import AutoModelForCausalLM
@@ -68,15 +93,15 @@ def build(name: str, implementation: str, setting: str):
 
     half = setting != "fp32"
     options = {"dtype": torch.bfloat16 if half else torch.float32}
-    if setting == "nf4":
+    if setting.startswith("nf4"):
         options |= {"quantization_config": quantization_config("nf4"), "device_map": "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(model_dir(name), **options)
+    model = in_own_memory(AutoModelForCausalLM.from_pretrained(model_dir(name), **options))
     if setting == "floor":
         return model.eval().requires_grad_(False), None, None
     if implementation == "peft":
         import peft
 
-        if setting == "bf16+ac":
+        if setting.endswith("+ac"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
     else:
@@ -85,7 +110,7 @@ def build(name: str, implementation: str, setting: str):
 
         model = get_lora_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
         Precision("bf16" if half else "fp32", torch.device("cpu")).prepare(model)  # adapter float32 over the half base
-        if setting == "bf16+ac":
+        if setting.endswith("+ac"):
             enable_activation_checkpointing(model)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -163,7 +188,8 @@ def main() -> None:
         results = {}
         for setting in SETTINGS:
             for implementation in IMPLEMENTATIONS if setting != "floor" else ["lorakit"]:
-                job = {"model": name, "implementation": implementation, "setting": setting, "batch": args.batch, "length": args.length}
+                job = {"model": name, "implementation": implementation, "setting": setting, "batch": args.batch, "length": args.length,
+                       "weights": "in own memory"}
                 print(f"{name} {implementation} {setting}", flush=True)
                 path = args.out / f"{name}-{implementation}-{setting}.json"
                 results[(implementation, setting)] = cached_json(path, job, lambda: in_fresh_process(name, implementation, setting,

@@ -205,3 +205,27 @@ def test_hub_cli_learns_and_writes_a_peft_adapter(causal, tmp_path):
     ids = torch.randint(3, 20, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(peft_model(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_lorahub_searches_and_merges_on_a_quantised_base(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    directory = write_tiny_model(tmp_path / "model", hidden=128)  # bitsandbytes quantises in blocks of 64
+    factory = lambda: base_models.load(directory, quantization="nf4")[0]  # noqa: E731
+    tokenizer = base_models.load(directory)[1]
+    modules = _modules(factory, ["q_proj", "v_proj"], n=3)
+    base = factory()
+    ids = torch.randint(3, 20, (2, 9))
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+    result = lorahub.learn(base, modules, EXAMPLES, tokenizer, budget=6, lam=0.0, progress=False)
+    with torch.no_grad():  # the quantised base comes back unchanged
+        torch.testing.assert_close(base(input_ids=ids).logits, before, atol=0, rtol=0)
+    assert max(abs(w) for w in result.weights) > 1e-3
+    merged = lorahub.learn(factory(), modules, EXAMPLES, tokenizer, budget=6, lam=0.0, merge=True, progress=False)
+    reference = LoraModel(factory())  # the composed adapter beside the quantised weights, unmerged
+    apply_adapter(reference, "x", merged.module.config, merged.module.tensors, is_trainable=False)
+    reference.set_adapter("x")
+    with torch.no_grad():  # merged: a dequantised model, equal up to the base's bf16 compute
+        expected = reference(input_ids=ids).logits
+        torch.testing.assert_close(merged.model(input_ids=ids).logits, expected, atol=5e-2, rtol=5e-2)
+    assert (expected - before).abs().max() > 0.2  # the composed update is far larger than that tolerance
