@@ -1,4 +1,4 @@
-"""`lorakit` command line: train, eval, merge, export, info (every method: LoRA, IA3, the prompt methods)."""
+"""`lorakit` command line: train, sweep, eval, merge, export, info (every method: LoRA, IA3, the prompt methods)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,24 @@ def _train(args: argparse.Namespace) -> None:
     if args.resume:
         config.training.resume = True
     run(config)
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from .training import sweep_report
+
+    if args.report:
+        path = sweep_report.write_report(sweep_report.load_study(args.report, args.study, args.storage), args.report)
+        print(f"report written to {path}")
+        return
+    if args.sweep_file is None:
+        raise LoraConfigError("lorakit sweep needs a sweep file (or --report DIR to rebuild a sweep's report).")
+    from .training.sweep import load_sweep, run_sweep
+
+    if args.trials is not None:
+        _positive(args.trials, "--trials")
+    config, space = load_sweep(args.sweep_file, args.trials)  # the whole space checked before anything trains
+    study = run_sweep(config, space, args.study, args.storage)
+    print(f"{len(study.trials)} trials in study {study.study_name!r}; report in {Path(config.output_dir) / 'results.md'}")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -217,6 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.steps=100")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in training.output_dir")
     train.set_defaults(func=_train)
+
+    sweep = commands.add_parser("sweep", help="hyper-parameter search (Optuna): each trial a training run, the study in a database")
+    sweep.add_argument("sweep_file", nargs="?", help="YAML: base recipe, space, objective, sampler, pruner, trials")
+    sweep.add_argument("--trials", type=int, help="finished trials the study should hold (overrides the file)")
+    sweep.add_argument("--study", help="study name (default: the output folder's name)")
+    sweep.add_argument("--storage", help="Optuna RDB URL shared by several processes (default: SQLite in the output folder)")
+    sweep.add_argument("--report", metavar="DIR", help="rebuild the results table, best/ and plots of the sweep in DIR")
+    sweep.set_defaults(func=_sweep)
 
     evaluation = commands.add_parser("eval", help="test accuracy of a model (and adapter) on a task")
     _add_eval_arguments(evaluation)

@@ -8,7 +8,7 @@ import difflib
 import json
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -190,17 +190,21 @@ def _adapted_model(model, tokenizer, config: RunConfig, items: list[dict], task)
     return get_peft_model(model, adapter_config, **options)
 
 
-def run(config: RunConfig) -> dict[str, Any]:
+def run(config: RunConfig, on_eval: Callable[[int, dict], None] | None = None, validate: bool = False) -> dict[str, Any]:
     """Train and evaluate as `config` says; returns the summary numbers.
 
     Cheap checks (the output folder, the data and its split) run before the model is loaded.
 
     Args:
         config: the run's settings (e.g. from `load_run_config`).
+        on_eval: called with ``(step, {"loss": validation loss})`` at each ``training.eval_every``; what it
+            raises ends the run (a sweep's pruner).
+        validate: also evaluate the fine-tuned model on the validation split (a sweep's objective).
 
     Returns:
         On the main process ``{"before", "after", "trainable", "seconds"}``: the zero-shot evaluation (empty when
-        resuming), the fine-tuned one, the trainable parameter count and the training time; ``{}`` on other processes.
+        resuming), the fine-tuned one, the trainable parameter count and the training time, and with `validate`
+        ``"validation"``: the fine-tuned evaluation on the validation split; ``{}`` on other processes.
 
     Raises:
         TrainingOutputError: ``training.output_dir`` is a file, or holds an earlier run and ``training.resume`` is false.
@@ -250,13 +254,17 @@ def run(config: RunConfig) -> dict[str, Any]:
     if plora is not None:
         settings["plora"] = dataclasses.asdict(config.plora)
     trainer = Trainer(adapted, items, config.training, tokenizer.pad_token_id, eval_fn, task.objective(tokenizer.pad_token_id),
-                      plora=plora, settings=settings)
+                      plora=plora, settings=settings, on_eval=on_eval)
     started = time.perf_counter()
     trainer.fit()
     seconds = time.perf_counter() - started
+    validation = {}
     if trainer.sharded or trainer.is_main:  # a sharded base answers only with every process taking part
         with trainer.precision.autocast():
             after = task.evaluate(adapted, tokenizer, splits.test, *sizes)
+            if validate and splits.validation:
+                validation = task.evaluate(adapted, tokenizer, splits.validation, *sizes)
+                validation["loss"] = task.validation_loss(adapted, tokenizer, splits.validation, *sizes)
     trainer.finish()
     if not trainer.is_main:
         return {}
@@ -276,6 +284,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     atomic_write_text(layout.summary, table + "\n")
     atomic_write_text(layout.config, yaml.safe_dump(config.to_dict(), sort_keys=False))
     print("\n" + table)
-    return {"before": before, "after": after, "trainable": trainable, "seconds": seconds}
+    result = {"before": before, "after": after, "trainable": trainable, "seconds": seconds}
+    return result | ({"validation": validation} if validate else {})
 
 

@@ -53,6 +53,7 @@ class SearchSpace:
         space: ``{key: {choices: [...]}}`` or ``{key: {low, high[, log | step]}}`` per recipe key.
         base_config: the base recipe file the trials start from (None: the embedded defaults); every choice and
             both ends of every range are checked by loading it with that value.
+        base_overrides: ``section.key=value`` settings the trials add to the base.
 
     Raises:
         SearchSpaceError: an unknown key (with the closest valid one), an entry that is neither choices nor a
@@ -67,7 +68,7 @@ class SearchSpace:
         ['lora.r=8', 'training.lr=0.001']
     """
 
-    def __init__(self, space: Mapping[str, Any], base_config: str | Path | None = None) -> None:
+    def __init__(self, space: Mapping[str, Any], base_config: str | Path | None = None, base_overrides: Sequence[str] = ()) -> None:
         from .recipe import _unknown_key_error, load_run_config, valid_keys
 
         if not isinstance(space, Mapping) or not space:
@@ -81,7 +82,7 @@ class SearchSpace:
         for key, distribution in self.distributions.items():  # every value the sweep may try must load
             for value in self._extremes(distribution):
                 try:
-                    load_run_config(base_config, [_override(key, value)])
+                    load_run_config(base_config, [*base_overrides, _override(key, value)])
                 except LoraConfigError as err:
                     raise SearchSpaceError(f"search space: {key}={value!r} is not a valid setting ({err})") from None
 

@@ -121,14 +121,16 @@ class Trainer:
     parameters with requires_grad) on tokenized items.
 
     `objective` defaults to `CompletionObjective(pad_id)` (items {input_ids, labels});
-    `ClassificationObjective` takes items {input_ids, label}."""
+    `ClassificationObjective` takes items {input_ids, label}. `on_eval(step, evaluation)`, when given, is called
+    after each scheduled validation, once its metrics are logged; an exception it raises (a sweep's pruner)
+    ends the run there."""
 
     def __init__(self, model: torch.nn.Module, items: Sequence[dict], config: TrainingConfig, pad_id: int,
                  evaluate: Callable[[], dict] | None = None, objective: TrainingObjective | None = None, plora=None,
-                 settings: dict | None = None) -> None:
+                 settings: dict | None = None, on_eval: Callable[[int, dict], None] | None = None) -> None:
         from accelerate import Accelerator
 
-        self.config, self.items, self.evaluate = config, list(items), evaluate
+        self.config, self.items, self.evaluate, self.on_eval = config, list(items), evaluate, on_eval
         batch_indices(len(self.items), config.seed, 0, config.batch_size)  # enough data for one batch
         self.settings = self._run_settings(model, settings or {})
         self.objective = objective or CompletionObjective(pad_id)
@@ -274,14 +276,17 @@ class Trainer:
         self.model.train()  # HF models load in eval mode; dropout belongs to training
         bar = tqdm(total=self.config.steps, initial=self.step, desc="training", disable=not self.is_main)
         while self.step < self.config.steps:
-            metrics = self.train_step()
+            metrics, evaluation = self.train_step(), None
             if self.evaluate and self.config.eval_every and self.step % self.config.eval_every == 0:
                 with self.precision.autocast():
-                    metrics |= {f"eval_{k}": v for k, v in self.evaluate().items()}
+                    evaluation = self.evaluate()
+                metrics |= {f"eval_{k}": v for k, v in evaluation.items()}
             history.append(metrics)
             self._log(metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            if evaluation is not None and self.on_eval is not None:  # e.g. a sweep's pruner, which may stop the run by raising
+                self.on_eval(self.step, evaluation)
             if self.config.save_every and (self.step % self.config.save_every == 0 or self.step == self.config.steps):
                 self.save_checkpoint()
         bar.close()
