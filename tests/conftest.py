@@ -93,3 +93,14 @@ def logits(model, inputs) -> torch.Tensor:
 @pytest.fixture(params=list(FACTORIES))
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny local model and a fake BIG-bench cache (task ``parity``), shared by the tests of a module."""
+    from offline_fixtures import multiple_choice_task, write_fake_bigbench, write_tiny_model
+
+    root = tmp_path_factory.mktemp("workspace")
+    write_tiny_model(root / "model")
+    write_fake_bigbench(root / "cache", {"parity": multiple_choice_task(80)})
+    return root

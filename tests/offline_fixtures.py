@@ -83,3 +83,22 @@ def tiny_trainer(model_dir: Path, output: Path, items=None, lora=None, **trainin
     items = items or [tokenize_example(tokenizer, f"{i} even?", "yes" if i % 2 == 0 else "no", 32) for i in range(40)]
     config = TrainingConfig(**({"output_dir": str(output), "steps": 10, "batch_size": 4, "save_every": 2} | training))
     return Trainer(lora_model, items, config, tokenizer.pad_token_id)
+
+
+def slowed_cli(argv: list[str], seconds: float) -> str:
+    """Python code running ``lorakit ARGV`` with every training step slowed by `seconds` (from the outside: the
+    product is untouched), so a test can kill it mid-run."""
+    import textwrap
+
+    return textwrap.dedent(f"""
+        import sys, time
+        from lorakit import cli
+        from lorakit.training import trainer as train
+        step = train.Trainer.train_step
+        def slow_step(self):
+            out = step(self)
+            time.sleep({seconds})
+            return out
+        train.Trainer.train_step = slow_step
+        sys.exit(cli.main({argv!r}))
+    """)

@@ -4,33 +4,22 @@ best/, plots) is rebuilt from the study, and bad sweeps are refused before anyth
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
-from offline_fixtures import multiple_choice_task, write_fake_bigbench, write_tiny_model
+from offline_fixtures import slowed_cli
 from safetensors.torch import load_file
+from test_train import _env
 
 from lorakit import LoraConfigError
 from lorakit.training.search_space import SearchSpaceError
 from lorakit.training.sweep import load_sweep
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep")
-    write_tiny_model(root / "model")
-    write_fake_bigbench(root / "cache", {"parity": multiple_choice_task(80)})
-    return root
 
 
 def _sweep_file(workspace: Path, name: str, **settings) -> Path:
@@ -45,10 +34,6 @@ def _sweep_file(workspace: Path, name: str, **settings) -> Path:
     path = workspace / f"{name}.yaml"
     path.write_text(yaml.safe_dump(sweep))
     return path
-
-
-def _env(workspace: Path) -> dict:
-    return os.environ | {"LORAKIT_CACHE": str(workspace / "cache"), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def _sweep_cli(workspace: Path, *args: str) -> subprocess.CompletedProcess:
@@ -110,19 +95,7 @@ def test_the_median_pruner_stops_trials_that_trail(workspace):
 
 def test_a_killed_sweep_resumes_and_retries_the_trial_it_was_running(workspace):
     sweep = _sweep_file(workspace, "killed", pruner="none")
-    slow = textwrap.dedent(f"""
-        import sys, time
-        from lorakit import cli
-        from lorakit.training import trainer as train
-        step = train.Trainer.train_step
-        def slow_step(self):
-            out = step(self)
-            time.sleep(0.3)
-            return out
-        train.Trainer.train_step = slow_step
-        sys.exit(cli.main(["sweep", {str(sweep)!r}]))
-    """)
-    process = subprocess.Popen([sys.executable, "-c", slow], env=_env(workspace), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, "-c", slowed_cli(["sweep", str(sweep)], 0.3)], env=_env(workspace), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     second = workspace / "killed" / "trials" / "trial-0001" / "metrics.jsonl"
     deadline = time.time() + 300
     while not second.exists() and time.time() < deadline:

@@ -8,14 +8,13 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from offline_fixtures import multiple_choice_task, tiny_trainer, write_fake_bigbench, write_tiny_model
+from offline_fixtures import slowed_cli, tiny_trainer
 from safetensors.torch import load_file
 
 from lorakit import LoraConfig, LoraConfigError, base_models, get_lora_model
@@ -30,15 +29,6 @@ from lorakit.training.trainer import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A tiny local model and a fake BIG-bench cache, shared by the tests of this module."""
-    root = tmp_path_factory.mktemp("train")
-    write_tiny_model(root / "model")
-    write_fake_bigbench(root / "cache", {"parity": multiple_choice_task(80)})
-    return root
 
 
 def _config_file(workspace: Path, name: str, **training) -> Path:
@@ -92,19 +82,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(workspace):
     _train_cli(workspace, _config_file(workspace, "straight"))
     config = _config_file(workspace, "killed")
     # Slow each step down from the outside (the product is untouched) so the kill lands mid-run.
-    slow = textwrap.dedent(f"""
-        import sys, time
-        from lorakit import cli
-        from lorakit.training import trainer as train
-        step = train.Trainer.train_step
-        def slow_step(self):
-            out = step(self)
-            time.sleep(0.4)
-            return out
-        train.Trainer.train_step = slow_step
-        sys.exit(cli.main(["train", {str(config)!r}]))
-    """)
-    process = subprocess.Popen([sys.executable, "-c", slow], env=_env(workspace), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, "-c", slowed_cli(["train", str(config)], 0.4)], env=_env(workspace), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = workspace / "killed" / "checkpoints"
     deadline = time.time() + 300
     while not (checkpoints / "step-000004").exists() and time.time() < deadline:
