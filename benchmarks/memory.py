@@ -170,6 +170,48 @@ def table(name: str, results: dict[tuple[str, str], dict], batch: int, length: i
     return "\n".join(lines)
 
 
+def tensor_peak(name: str, implementation: str, setting: str, batch: int, length: int) -> float:
+    """The peak of live tensor memory (MiB) during one training step after a warm-up, above the level before it,
+    from PyTorch's profiler: every allocation and free of the step, added up in order. Unlike the resident
+    memory it does not depend on how the C allocator keeps or returns freed pages."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(2)
+    model, optimizer, autocast = build(name, implementation, setting)
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    current = peak = 0
+    for event in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+def repeat(name: str, setting: str, times: int, batch: int, length: int, out: Path) -> None:
+    """Peak and step time of one setting, lorakit and PEFT in alternating fresh processes, `times` each: the
+    medians, and every run, go to ``out/{name}-{setting}-repeats.json``."""
+    runs = {implementation: [] for implementation in IMPLEMENTATIONS}
+    for _ in range(times):
+        for implementation in IMPLEMENTATIONS:
+            runs[implementation].append(in_fresh_process(name, implementation, setting, batch, length))
+    summary = {implementation: {key: statistics.median(r[key] for r in results) for key in ("peak_mib", "step_s")}
+               for implementation, results in runs.items()}
+    (out / f"{name}-{setting}-repeats.json").write_text(json.dumps({"median": summary, "runs": runs}, indent=1) + "\n")
+    ours, theirs = summary["lorakit"], summary["peft"]
+    print(f"{name} {setting}, median of {times}: lorakit {ours['peak_mib']:.0f} MiB / PEFT {theirs['peak_mib']:.0f} MiB = "
+          f"{ours['peak_mib'] / theirs['peak_mib']:.3f}x; step {ours['step_s']:.2f} s / {theirs['step_s']:.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["smollm2", "llama-1b"], choices=["smollm2", "llama-1b"])
@@ -177,10 +219,21 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--out", type=Path, default=RESULTS / "memory_runs")  # small JSONs, kept in the repo
     parser.add_argument("--row", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--tensor-peak", metavar="SETTING", help="only the live-tensor peak of one step of SETTING on the last model")
+    parser.add_argument("--repeat", nargs=2, metavar=("SETTING", "N"),
+                        help="only re-measure SETTING on the last model N times, lorakit and PEFT interleaved (medians)")
     args = parser.parse_args()
     if args.row:
         name, implementation, setting, batch, length = args.row
         print(json.dumps(row(name, implementation, setting, int(batch), int(length))))
+        return
+    if args.repeat:
+        repeat(args.models[-1], args.repeat[0], int(args.repeat[1]), args.batch, args.length, args.out)
+        return
+    if args.tensor_peak:
+        for implementation in IMPLEMENTATIONS:
+            peak = tensor_peak(args.models[-1], implementation, args.tensor_peak, args.batch, args.length)
+            print(f"{args.models[-1]} {args.tensor_peak} {implementation}: live tensors peak {peak:.1f} MiB above the step's start")
         return
     texts = []
     for name in args.models:

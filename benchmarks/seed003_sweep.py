@@ -7,7 +7,8 @@ with the data and budget of `seed003_minilm.py` (150 steps x 32, max 128 tokens)
 1. Sweep (`lorakit sweep`, TPE + median pruner, 24 trials) over lora.r, lora.lora_alpha, lora.target_modules,
    training.lr and lora.lora_dropout. It sees only seed 0's training split, itself split into training and
    300 validation items, and selects on validation accuracy. The study is kept in
-   benchmarks/results/seed003_sweep/study.db: an interrupted sweep resumes where it stopped.
+   benchmarks/results/seed003_sweep/study.db (the trials' runs in runs/seed003_sweep/): an interrupted
+   sweep resumes where it stopped, its running trial retried.
 2. The best settings go to benchmarks/results/seed003_sweep/best.json, where `seed003_minilm.py` picks them
    up as its "LoRA sweep best" variant; its runner then trains, over seeds 0-2 (each seed its own split, init
    and order), the comparison's default LoRA (r=8, alpha 16, query/value, lr 1e-3), the sweep's best, full
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +66,7 @@ def sweep_data(path: Path) -> Path:
 
 
 def write_sweep(folder: Path, pruning: bool, trials: int) -> Path:
+    """The sweep file; its trials (adapters, a few MB each) go to runs/, the study and the report stay in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     source = sweep_data(FOLDER / "train_seed0.jsonl")
     sweep = {
@@ -72,7 +75,7 @@ def write_sweep(folder: Path, pruning: bool, trials: int) -> Path:
                  "lora": {"r": 8, "lora_alpha": 16, "target_modules": ["query", "value"]},
                  "training": {"steps": 150, "batch_size": 32, "max_length": 128, "eval_every": 25, "save_every": 0,
                               "warmup_steps": 10, "eval_batch_size": 64, "output_dir": str(folder / "unused")}},
-        "output_dir": str(folder), "objective": "validation_accuracy", "sampler": "tpe",
+        "output_dir": str(Path("runs") / folder.name), "objective": "validation_accuracy", "sampler": "tpe",
         "pruner": "median" if pruning else "none", "trials": trials, "seed": 0, "space": SPACE,
     }
     path = folder / "sweep.yaml"
@@ -99,7 +102,10 @@ def main() -> None:
     for pruning in [True] + ([False] if args.no_pruning else []):
         folder = FOLDER if pruning else RESULTS / "seed003_sweep_no_pruning"
         config, space = load_sweep(write_sweep(folder, pruning, args.trials))
-        study = run_sweep(config, space)
+        study = run_sweep(config, space, storage=f"sqlite:///{(folder / 'study.db').resolve()}")
+        for name in ("results.md", "history.png", "importances.png", "slices.png"):
+            if (Path(config.output_dir) / name).is_file():
+                shutil.copy2(Path(config.output_dir) / name, folder / name)
         lines.append(summary_line(study, pruning))
         if pruning:
             best = dict(study.best_trial.params)
