@@ -37,7 +37,7 @@ import yaml
 from ..core.errors import LoraConfigError
 from .search_space import SearchSpace, SearchSpaceError
 
-__all__ = ["SweepConfig", "load_sweep", "run_sweep"]
+__all__ = ["SweepConfig", "grid", "load_sweep", "open_study", "run_sweep"]
 
 OBJECTIVES = {"validation_accuracy": "maximize", "validation_loss": "minimize"}
 SAMPLERS = ("tpe", "random", "grid")
@@ -76,6 +76,7 @@ class SweepConfig:
 
     @property
     def direction(self) -> str:
+        """``"maximize"`` for validation accuracy, ``"minimize"`` for validation loss."""
         return OBJECTIVES[self.objective]
 
 
