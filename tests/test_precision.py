@@ -11,7 +11,7 @@ import torch
 from conftest import make_inputs, make_model
 from offline_fixtures import tiny_trainer, write_tiny_model
 from safetensors.torch import load_file
-from test_train import _config_file, _train_cli, workspace  # noqa: F401  (the module's tiny model and data)
+from test_train import _config_file, _train_cli
 
 from lorakit import (
     IA3Config,

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_train import _config_file, _env, _train_cli, workspace  # noqa: F401  (the module's tiny model and data)
+from test_train import _config_file, _env, _train_cli
 
 METHODS = ["ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "lst"]
 PEFT_TYPES = {"ia3": "IA3", "prompt_tuning": "PROMPT_TUNING", "p_tuning": "P_TUNING", "prefix_tuning": "PREFIX_TUNING", "lst": "LST"}
