@@ -54,6 +54,11 @@ def _ranked(study) -> list:
     return complete + pruned
 
 
+def _cell(value) -> str:
+    """A parameter as a table cell: floats to 4 significant digits (0.15, not 0.15000000000000002)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _table(study) -> str:
     trials = _ranked(study)
     keys = sorted({key for t in trials for key in t.params})
@@ -72,7 +77,7 @@ def _table(study) -> str:
         seconds = f"{t.duration.total_seconds():.0f}" if t.duration else ""
         cells = [str(t.number), t.state.name.lower(), value, "" if loss is None else f"{loss:.4f}",
                  "" if test is None else f"{test:.3f}", str(steps), seconds]
-        cells += [str(t.params.get(key, "")) for key in keys]
+        cells += [_cell(t.params.get(key, "")) for key in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
