@@ -162,3 +162,13 @@ def test_a_study_made_by_other_settings_is_refused(workspace):
     assert _sweep_cli(workspace, _sweep_file(workspace, "changed", pruner="none", trials=1)).returncode == 0
     result = _sweep_cli(workspace, _sweep_file(workspace, "changed", pruner="none", trials=2, seed=5))
     assert result.returncode == 2 and "made by a sweep with other settings" in result.stderr
+
+
+def test_diverging_trials_fail_and_the_sweep_goes_on_until_that_is_all_it_does(workspace):
+    sweep = _sweep_file(workspace, "diverging", pruner="none", trials=2, space={"training.lr": {"choices": [1e12]}})
+    result = _sweep_cli(workspace, sweep)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = _study(workspace / "diverging")
+    diverged = [t for t in study.trials if "diverged" in t.user_attrs]
+    assert len(diverged) == 2 and all(t.state.name == "FAIL" for t in diverged)  # then it stopped instead of looping
+    assert "0 complete" in (workspace / "diverging" / "results.md").read_text()

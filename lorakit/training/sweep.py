@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from ..core.errors import LoraConfigError
+from ..core.errors import LoraConfigError, TrainingDivergedError
 from .search_space import SearchSpace, SearchSpaceError
 
 __all__ = ["SweepConfig", "grid", "load_sweep", "open_study", "run_sweep"]
@@ -283,7 +283,8 @@ def run_sweep(config: SweepConfig, space: SearchSpace, study_name: str | None = 
     def objective(trial) -> float:
         states = finished + (optuna.trial.TrialState.RUNNING,)
         ahead = [t for t in study.get_trials(deepcopy=False, states=states) if t.number < trial.number]
-        if len(ahead) >= config.trials:
+        diverged = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)) if "diverged" in t.user_attrs]
+        if len(ahead) >= config.trials or len(diverged) >= config.trials:  # enough trials, or a space that only diverges
             study.stop()
             raise _Surplus
         params = space.suggest(trial)
@@ -298,7 +299,11 @@ def run_sweep(config: SweepConfig, space: SearchSpace, study_name: str | None = 
             if trial.should_prune():
                 raise optuna.TrialPruned(f"validation loss {evaluation['loss']:.4f} at step {step} trails the median")
 
-        result = run(run_config, on_eval=prune, validate=True)
+        try:
+            result = run(run_config, on_eval=prune, validate=True)
+        except TrainingDivergedError as err:
+            trial.set_user_attr("diverged", str(err))
+            raise
         validation = result["validation"]
         trial.set_user_attr("validation_accuracy", validation["accuracy"])
         trial.set_user_attr("validation_loss", validation["loss"])
@@ -307,7 +312,8 @@ def run_sweep(config: SweepConfig, space: SearchSpace, study_name: str | None = 
 
     stop = optuna.study.MaxTrialsCallback(config.trials, states=finished)
     if len(study.get_trials(deepcopy=False, states=finished)) < config.trials:
-        study.optimize(objective, callbacks=[stop], catch=(_Surplus,), gc_after_trial=True)
+        # a diverging trial (too high a learning rate) is an outcome of the search: marked failed, the sweep goes on
+        study.optimize(objective, callbacks=[stop], catch=(_Surplus, TrainingDivergedError), gc_after_trial=True)
     if report:
         from .sweep_report import write_report
 
