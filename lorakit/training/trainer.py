@@ -153,10 +153,7 @@ class Trainer:
         self.weights_share = local_share(model)  # of the model's parameter bytes, on this process
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
-        if self.sharded:
-            self.model, self.optimizer = model, optimizer
-        else:
-            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.model, self.optimizer = (model, optimizer) if self.sharded else self.accelerator.prepare(model, optimizer)
         # Not prepared: accelerate's scheduler wrapper steps once per process, which would run the
         # schedule N times too fast; one optimizer step here is one global batch.
         self.plora = plora  # a PeriodicLoRA: unloads the adapter into the base at each stage end
