@@ -111,7 +111,7 @@ def test_a_killed_sweep_resumes_and_retries_the_trial_it_was_running(workspace):
     study = _study(workspace / "killed")
     states = _states(study)
     assert states[:2] == ["COMPLETE", "FAIL"] and states.count("COMPLETE") == 3
-    retried = [t for t in study.trials if optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) == 1]
+    retried = [t for t in study.trials if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 1]
     assert len(retried) == 1 and retried[0].params == killed_params and retried[0].state.name == "COMPLETE"
 
 
