@@ -180,11 +180,11 @@ def _storage(config: SweepConfig, url: str | None):
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{(Path(config.output_dir) / 'study.db').resolve()}"
     engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
-    with warnings.catch_warnings():  # Optuna marks its heartbeat retry experimental; users need not read that each sweep
+    with warnings.catch_warnings():  # Optuna marks its heartbeat experimental; users need not read that each sweep
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=config.heartbeat_seconds,
-                                      grace_period=2 * config.heartbeat_seconds, heartbeat_stale_trial_callback=retry)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=config.heartbeat_seconds,
+                                          grace_period=2 * config.heartbeat_seconds, heartbeat_stale_trial_callback=retry)
 
 
 def _worker_index(study, key: str) -> int:
