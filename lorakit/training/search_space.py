@@ -33,17 +33,21 @@ class SearchSpaceError(LoraConfigError):
     the recipe does not accept."""
 
 
+def yaml_text(value: Any) -> str:
+    """`value` as one line of YAML (``[q_proj, v_proj]``, ``0.001``), as a ``key=value`` override takes it."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
+
+
 def _as_stored(value: Any) -> Any:
     """A choice as Optuna stores it: scalars as they are, anything else as its one-line YAML text."""
     if value is None or isinstance(value, bool | int | float | str):
         return value
-    return yaml.safe_dump(value, default_flow_style=True).strip()
+    return yaml_text(value)
 
 
 def _override(key: str, stored: Any) -> str:
     """``key=value`` for `load_run_config`, the value written as YAML."""
-    text = stored if isinstance(stored, str) else yaml.safe_dump(stored, default_flow_style=True).strip().removesuffix("\n...")
-    return f"{key}={text}"
+    return f"{key}={stored if isinstance(stored, str) else yaml_text(stored)}"
 
 
 class SearchSpace:

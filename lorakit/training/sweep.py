@@ -36,7 +36,7 @@ from pathlib import Path
 import yaml
 
 from ..core.errors import LoraConfigError, TrainingDivergedError
-from .search_space import SearchSpace, SearchSpaceError
+from .search_space import SearchSpace, SearchSpaceError, yaml_text
 
 __all__ = ["SweepConfig", "grid", "load_sweep", "open_study", "run_sweep"]
 
@@ -86,8 +86,7 @@ def _flatten(base: Mapping) -> list[str]:
     for section, values in base.items():
         if not isinstance(values, Mapping):
             raise LoraConfigError(f"sweep base: section {section!r} must be a mapping of keys, not {values!r}.")
-        overrides += [f"{section}.{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix(chr(10) + '...')}"
-                      for key, value in values.items()]
+        overrides += [f"{section}.{key}={yaml_text(value)}" for key, value in values.items()]
     return overrides
 
 
