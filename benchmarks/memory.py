@@ -117,6 +117,19 @@ def build(name: str, implementation: str, setting: str):
     return model, optimizer, torch.bfloat16 if half else None
 
 
+def training_step(model, optimizer, autocast, ids) -> None:
+    """One step of a row: forward, backward and update (the floor row: a no-grad forward only)."""
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        if optimizer is None:
+            with torch.no_grad():
+                model(input_ids=ids)
+            return
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def row(name: str, implementation: str, setting: str, batch: int, length: int) -> dict:
     """Peak RSS (MiB, whole process) over 3 steps after a warm-up, and the median step time (s)."""
     torch.set_num_threads(2)
@@ -124,16 +137,7 @@ def row(name: str, implementation: str, setting: str, batch: int, length: int) -
     vocab = model.config.vocab_size if hasattr(model, "config") else 32000
     ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
 
-    def step() -> None:
-        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
-            if optimizer is None:
-                with torch.no_grad():
-                    model(input_ids=ids)
-                return
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    step = lambda: training_step(model, optimizer, autocast, ids)  # noqa: E731
 
     step()
     times = []
@@ -180,13 +184,7 @@ def tensor_peak(name: str, implementation: str, setting: str, batch: int, length
     model, optimizer, autocast = build(name, implementation, setting)
     ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
 
-    def step() -> None:
-        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = lambda: training_step(model, optimizer, autocast, ids)  # noqa: E731
     step()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
