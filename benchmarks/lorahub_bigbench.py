@@ -72,7 +72,7 @@ def icl_examples(shots: list[Example], test: list[Example]) -> list[Example]:
 
 
 def prompt_tokens(tokenizer, examples: list[Example]) -> float:
-    return statistics.mean(len(tokenizer(format_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"]) for ex in examples)
+    return statistics.mean(len(tokenizer(format_prompt(tokenizer, ex), add_special_tokens=False)["input_ids"]) for ex in examples)
 
 
 def best_single_module(base, modules: list[Path], shots: list[Example], tokenizer) -> int:

@@ -1,4 +1,5 @@
-"""`lorakit` command line: train, sweep, eval, merge, export, info (every method: LoRA, IA3, the prompt methods)."""
+"""`lorakit` command line: train, sweep, eval, generate, chat, merge, export, info (every method: LoRA, IA3, the prompt
+methods, LST)."""
 
 from __future__ import annotations
 
@@ -64,6 +65,39 @@ def _eval(args: argparse.Namespace) -> None:
     elif args.adapter:
         model = load_peft_model(model, args.adapter)
     print(json.dumps(task.evaluate(model, tokenizer, splits.test, args.batch_size), indent=2))
+
+
+def _speakers(args: argparse.Namespace):
+    from .training import base_models
+    from .training.generation import Sampling, Speakers, parse_adapter_flags
+
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)  # checked before the model loads
+    adapters = parse_adapter_flags(args.adapter)
+    model, tokenizer = base_models.load(args.model, quantization=args.quantization)
+    return Speakers(model, tokenizer, adapters), sampling
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .training.generation import say
+
+    speakers, sampling = _speakers(args)
+    turns = ([("system", args.system)] if args.system else []) + [("user", args.prompt)]
+    say(speakers, {name: turns for name in speakers.names}, sampling, _write)
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from .training.generation import chat
+
+    speakers, sampling = _speakers(args)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {', '.join(speakers.names)}: /reset clears the conversation, /exit leaves.", file=sys.stderr)
+    chat(speakers, sys.stdin, sampling, _write, args.system, prompt=lambda: interactive and print("> ", end="", file=sys.stderr, flush=True))
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def _positive(value: int, flag: str) -> None:
@@ -226,6 +260,18 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=training.eval_batch_size)
 
 
+def _add_talk_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=ModelSection().name, help="an embedded model or a local HF model folder")
+    parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                        help="a saved adapter of any kind; repeat for several side by side (each answers every prompt)")
+    parser.add_argument("--quantization", default="none", choices=["none", "nf4", "fp4", "int8"])
+    parser.add_argument("--system", help="a system prompt opening the conversation")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampled")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds sampling")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning in HF PEFT's format.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -247,6 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = commands.add_parser("eval", help="test accuracy of a model (and adapter) on a task")
     _add_eval_arguments(evaluation)
     evaluation.set_defaults(func=_eval)
+
+    generate = commands.add_parser("generate", help="answer one prompt (streamed), once per adapter with several")
+    generate.add_argument("prompt")
+    _add_talk_arguments(generate)
+    generate.set_defaults(func=_generate)
+
+    chat = commands.add_parser("chat", help="a multi-turn conversation on the terminal (/reset, /exit)")
+    _add_talk_arguments(chat)
+    chat.set_defaults(func=_chat)
 
     merge = commands.add_parser("merge", help="write the base model with an adapter folded in")
     merge.add_argument("adapter")

@@ -49,13 +49,54 @@ def test_local_files(tmp_path, suffix):
     path = tmp_path / f"d{suffix}"
     {".jsonl": lambda: frame.to_json(path, orient="records", lines=True), ".csv": lambda: frame.to_csv(path, index=False),
      ".parquet": lambda: frame.to_parquet(path)}[suffix]()
-    assert data.load_examples(path) == [Example("a", "x"), Example("b", "y")]
+    assert list(data.load_examples(path)) == [Example("a", "x"), Example("b", "y")]
+
+
+def test_save_to_disk_folders(tmp_path):
+    import datasets
+
+    rows = {"prompt": ["a", "b", "c"], "completion": ["x", "y", "z"]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "one"))
+    assert list(data.load_examples(tmp_path / "one")) == [Example("a", "x"), Example("b", "y"), Example("c", "z")]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows), "test": datasets.Dataset.from_dict(rows)}).save_to_disk(
+        str(tmp_path / "splits"))
+    assert len(data.load_examples(tmp_path / "splits")) == 3
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "no_train"))
+    with pytest.raises(DataError, match="no 'train' split"):
+        data.load_examples(tmp_path / "no_train")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match="save_to_disk"):
+        data.load_examples(tmp_path / "plain")
+
+
+def test_a_large_file_is_read_row_by_row(tmp_path):
+    """20 MB of rows: loading, splitting and tokenizing the training split allocate far less than the examples would
+    take as Python objects (each row is read from the memory-mapped table when asked for), and give the same items."""
+    import tracemalloc
+
+    from lorakit.training.tasks import CompletionTask
+
+    path = tmp_path / "big.jsonl"
+    with open(path, "w") as stream:
+        for i in range(10_000):
+            stream.write(json.dumps({"prompt": f"question {i} " + "x" * 2000, "completion": f"answer {i}"}) + "\n")
+    data.load_examples(path)  # the Arrow cache is built once (its conversion is not what is measured)
+    tracemalloc.start()
+    rows = data.load_examples(path)
+    splits = data.split_examples(rows, seed=0, test_size=100, validation_size=10)
+    items = CompletionTask().items(tiny_tokenizer(), splits.train, max_length=64)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < path.stat().st_size / 4, f"{peak / 2**20:.1f} MiB allocated for a {path.stat().st_size / 2**20:.1f} MiB file"
+    reference = data.split_examples(list(rows), seed=0, test_size=100, validation_size=10)
+    assert splits.test == reference.test and [splits.train[i] for i in (0, 7, -1)] == [reference.train[i] for i in (0, 7, -1)]
+    assert items[5] == examples.tokenize_example(tiny_tokenizer(), reference.train[5], max_length=64)
 
 
 def test_chat_and_classification_rows(tmp_path):
     chat = tmp_path / "chat.jsonl"
     chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
-    assert data.load_examples(chat) == [Example("hi", "yo")]
+    assert list(data.load_examples(chat)) == [Example("hi", "yo", messages=(("user", "hi"), ("assistant", "yo")))]
     labelled = tmp_path / "cls.jsonl"
     labelled.write_text("".join(json.dumps({"text": t, "label": label}) + "\n" for t, label in [("good", "pos"), ("bad", "neg")]))
     assert data.load_examples(labelled)[0] == Example("good", "pos", ("neg", "pos"), 1)

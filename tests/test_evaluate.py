@@ -88,3 +88,37 @@ def test_options_are_scored_alike_without_a_cache():
     full_passes = evaluate.option_logprobs(WithoutCache(model), tokenizer, examples)
     for cached, full in zip(with_cache, full_passes):
         assert full == pytest.approx(cached, abs=1e-4)
+
+
+def test_length_sorted_batches_give_each_example_its_own_scores_in_order(tiny):
+    """Batches are formed by prompt length (not data order); every score still belongs to its own example."""
+    import random
+
+    model, tokenizer = tiny
+    rng = random.Random(0)
+    examples = [Example("word " * rng.randint(0, 12) + f"{i} even?", "yes", ("yes", "no", "maybe")[: 2 + i % 2], 0) for i in range(11)]
+    scores = evaluate.option_logprobs(model, tokenizer, examples, batch_size=3)
+    lengths = [len(tokenizer(format_prompt(tokenizer, ex), add_special_tokens=False)["input_ids"]) for ex in examples]
+    batches = evaluate.length_batches(lengths, 3)
+    assert sorted(i for b in batches for i in b) == list(range(11)) and batches != [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10]]
+    assert all(max(lengths[i] for i in b) >= max(lengths[i] for i in later) for b, later in zip(batches, batches[1:]))
+    for example, row in zip(examples, scores):
+        assert row == pytest.approx([_by_hand(model, tokenizer, example.prompt, o) for o in example.options], abs=1e-4)
+    one_by_one = [evaluate.token_loss(model, tokenizer, [ex], batch_size=1) for ex in examples]
+    counts = [sum(label != -100 for label in evaluate.tokenize_example(tokenizer, ex, max_length=512)["labels"]) for ex in examples]
+    pooled = sum(loss * n for loss, n in zip(one_by_one, counts)) / sum(counts)
+    assert evaluate.token_loss(model, tokenizer, examples, batch_size=4) == pytest.approx(pooled, rel=1e-5)
+
+
+def test_chat_examples_are_scored_after_their_whole_conversation(tiny):
+    model, tokenizer = tiny
+    turns = (("user", "2 even?"), ("assistant", "yes"), ("user", "3 even?"), ("assistant", "no"))
+    chat = Example("3 even?", "no", ("yes", "no"), 1, messages=turns)
+    assert format_prompt(tokenizer, chat) == "<user>2 even?<bot>yes<user>3 even?<bot>"
+    (chat_scores,) = evaluate.option_logprobs(model, tokenizer, [chat])
+    context = tokenizer("<user>2 even?<bot>yes<user>3 even?<bot>", add_special_tokens=False)["input_ids"]
+    for option, score in zip(chat.options, chat_scores):
+        ids = tokenizer(option, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([context + ids])).logits[0].double(), -1)
+        assert score == pytest.approx(sum(logprobs[len(context) - 1 + i, t].item() for i, t in enumerate(ids)), abs=1e-4)

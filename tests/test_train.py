@@ -76,6 +76,17 @@ def test_run_writes_outputs_and_learns(workspace):
     assert lines[-1]["loss"] < lines[0]["loss"]
     summary = (run / "summary.md").read_text()
     assert "zero-shot accuracy" in summary and "fine-tuned accuracy" in summary and "peak memory" in summary
+    samples = re.findall(r"\*\*\d\.\*\* (.*)\n\n- expected: (.*)\n- before fine-tuning: (.*)\n- after fine-tuning: (.*)", summary)
+    assert len(samples) == 2, summary
+    from lorakit import base_models
+    from lorakit.methods.peft_methods import load_peft_model
+    from lorakit.training.generation import Sampling, generate_answers
+
+    model, tokenizer = base_models.load(workspace / "model")
+    for adapter, column in ((None, 2), (run / "adapter", 3)):
+        speaker = load_peft_model(model, adapter) if adapter else model
+        answers = generate_answers(speaker.eval(), tokenizer, [[("user", prompt)] for prompt, *_ in samples], Sampling(max_new_tokens=48))
+        assert [sample[column] for sample in samples] == [" ".join(answer.split()) or "(empty)" for answer in answers]  # one line each
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(workspace):

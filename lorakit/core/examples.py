@@ -13,85 +13,89 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .chat import IGNORE_INDEX, Turn, generation_prompt, tokenize_conversation
+
 __all__ = [
     "IGNORE_INDEX",
     "Example",
     "collate",
     "collate_classification",
     "completion_logprobs",
+    "conversation",
     "format_prompt",
     "right_pad",
     "tokenize_example",
 ]
 
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
 class Example:
     """One item. `target` is the completion trained on; `options` (multiple choice) and `label`
-    (index of the right option, or a class id for classification) are for evaluation."""
+    (index of the right option, or a class id for classification) are for evaluation. A chat example also keeps
+    its whole conversation in `messages` (`prompt` is then its last user turn, `target` its last assistant one)."""
 
     prompt: str
     target: str
     options: tuple[str, ...] = ()
     label: int | None = None
     targets: tuple[str, ...] = field(default=())  # every accepted answer (generative tasks)
+    messages: tuple[Turn, ...] = ()  # a chat example's (role, content) turns, ending with the assistant's `target`
 
 
 # -- prompts and tokens ----------------------------------------------------------------------------
-def format_prompt(tokenizer, prompt: str) -> str:
-    """The prompt as the model expects it: a user turn in its chat template when it has one.
+def conversation(example: Example) -> tuple[Turn, ...]:
+    """The example as chat turns: its own ``messages``, or the prompt as a user turn answered by the target.
 
     Args:
-        tokenizer: a Hugging Face tokenizer; its ``chat_template``, when set, renders the prompt.
-        prompt: the user's text.
+        example: the example.
 
     Returns:
-        The user turn followed by the generation prompt, or without a chat template the prompt and a newline.
+        ``(role, content)`` pairs ending with the assistant turn trained on.
     """
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return prompt + "\n"
+    return example.messages or (("user", example.prompt), ("assistant", example.target))
 
 
-def _prompt_and_completion(tokenizer, prompt: str, completion: str, add_eos: bool) -> tuple[str, str]:
-    """Texts of the prompt and of the completion as the model sees them. With a chat template the
-    completion is the assistant turn as the template renders it (with its end-of-turn tokens); where
-    nothing marks the end of the answer, the EOS token does."""
-    prompt_text = format_prompt(tokenizer, prompt)
-    completion_text = completion
-    if add_eos and getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
-        if full.startswith(prompt_text):
-            completion_text = full[len(prompt_text):]
-    if add_eos and completion_text.rstrip() == completion.rstrip() and tokenizer.eos_token:
-        completion_text += tokenizer.eos_token
-    return prompt_text, completion_text
-
-
-def tokenize_example(tokenizer, prompt: str, completion: str, max_length: int, add_eos: bool = True) -> dict:
-    """Token ids of prompt + completion, with labels only on the completion (prompt masked with -100).
+def format_prompt(tokenizer, prompt: str | Example) -> str:
+    """The prompt as the model reads it before answering: rendered by its chat template with the generation prompt.
 
     Args:
-        tokenizer: a Hugging Face tokenizer; the prompt goes through `format_prompt`.
-        prompt: the prompt text.
-        completion: the completion text, the only tokens with labels.
-        max_length: the most tokens kept. Over-long items lose the start of the prompt (at least one prompt token
-            stays), never the completion, so a completion longer than this is kept whole.
+        tokenizer: a Hugging Face tokenizer; its ``chat_template`` renders the prompt (`chat.PLAIN_TEMPLATE` without one).
+        prompt: the user's text, or an example, whose conversation up to its last assistant turn is rendered.
+
+    Returns:
+        The rendered turns followed by the generation prompt (without a chat template: the prompt and a newline).
+    """
+    turns = conversation(prompt)[:-1] if isinstance(prompt, Example) else (("user", prompt),)
+    return generation_prompt(tokenizer, turns)
+
+
+def tokenize_example(tokenizer, prompt: str | Example, completion: str | None = None, max_length: int = 512,
+                     add_eos: bool = True, train_on: str = "all_assistant") -> dict:
+    """Token ids of a prompt and its completion (or an example's conversation), labels only where the loss is.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer; the text is rendered by its chat template (see `chat`).
+        prompt: the prompt text, or an `Example` (its ``messages``, or its prompt and target).
+        completion: the completion text, the only tokens with labels (None with an `Example`).
+        max_length: the most tokens kept. Over-long items lose their first tokens, never the last trained turn (at
+            least one token before it stays), so a completion longer than this is kept whole.
         add_eos: end the completion as the model ends a turn (chat template) or with the EOS token; scoring
-            options uses ``add_eos=False``.
+            options uses ``add_eos=False`` (the bare completion after the generation prompt).
+        train_on: for conversations, which assistant turns carry the loss (see `chat.conversation_segments`).
 
     Returns:
-        ``{"input_ids": [...], "labels": [...]}``, two lists of the same length; labels are -100 on the prompt.
+        ``{"input_ids": [...], "labels": [...]}``, two lists of the same length; labels are -100 where no loss is.
+
+    Raises:
+        DataError: the chat template cannot render the conversation or locate its assistant turns.
     """
-    prompt_text, completion_text = _prompt_and_completion(tokenizer, prompt, completion, add_eos)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
-    keep = max(max_length - len(completion_ids), 1)
-    prompt_ids = prompt_ids[-keep:]
+    turns = conversation(prompt) if isinstance(prompt, Example) else (("user", prompt), ("assistant", completion))
+    if add_eos:
+        return tokenize_conversation(tokenizer, turns, max_length, train_on)
+    prompt_ids = tokenizer(generation_prompt(tokenizer, turns[:-1]), add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(turns[-1][1], add_special_tokens=False)["input_ids"]
+    prompt_ids = prompt_ids[-max(max_length - len(completion_ids), 1):]
     return {"input_ids": prompt_ids + completion_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids}
 
 
@@ -163,11 +167,13 @@ def completion_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
             entries go to the model.
 
     Returns:
-        ``(logprobs, mask)``, both (batch, k) where k covers the longest completion: float32 log-probabilities
-        (0 where not labelled) and True on labelled tokens.
+        ``(logprobs, mask)``, both (batch, k) where k covers every row's labelled tokens (from its first one to its
+        end): float32 log-probabilities (0 where not labelled) and True on labelled tokens.
     """
     labels = batch["labels"]
-    keep = int((labels != IGNORE_INDEX).sum(-1).max()) + 1
+    labelled = labels != IGNORE_INDEX  # (batch, width); a conversation's answers need not all be at its end
+    first = labelled.int().argmax(-1)[labelled.any(-1)]  # (rows with labels,) the first labelled position
+    keep = min(max((labels.shape[1] - first).tolist(), default=0) + 1, labels.shape[1])
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs, logits_to_keep=keep).logits.float()  # (batch, keep, vocab)
     targets = labels[:, -keep + 1 :]  # (batch, keep - 1)

@@ -1,4 +1,5 @@
-"""Training data: BIG-bench tasks read from the PyPI sdist, local JSONL/CSV/Parquet files, and splits.
+"""Training data: BIG-bench tasks read from the PyPI sdist, local JSONL/JSON/CSV/Parquet files and save_to_disk
+folders (read row by row from a memory-mapped Arrow table), chat rows, and splits.
 (Prompts, tokens and loss masks are `lorakit.core.examples`.)
 
 BIG-bench: ``bigbench:<task>`` or ``bigbench:<task>/<subtask>``. The sdist ``bigbench==1.0.0``
@@ -24,7 +25,7 @@ from ..core.cache import cache_dir
 from ..core.errors import DataError
 from ..core.examples import Example
 
-__all__ = ["Splits", "bigbench_archive", "load_examples", "split_examples"]
+__all__ = ["Splits", "TableExamples", "bigbench_archive", "load_examples", "split_examples"]
 
 BIGBENCH_VERSION = "1.0.0"
 BIGBENCH_PREFIX = "bigbench:"
@@ -32,7 +33,9 @@ BIGBENCH_PREFIX = "bigbench:"
 
 @dataclass(frozen=True)
 class Splits:
-    train: list[Example]
+    """Disjoint parts of a data set; `train` is read on demand for a local data set (see `TableExamples`)."""
+
+    train: Sequence[Example]
     validation: list[Example]
     test: list[Example]
 
@@ -104,15 +107,26 @@ def _text(row: dict, column: str, where: str) -> str:
     raise DataError(f"{where}: column {column!r} is {shown}; it must hold text. Fix or drop that row.")
 
 
+def _turns(messages, where: str) -> tuple[tuple[str, str], ...]:
+    """A ``messages`` cell as (role, content) turns, ending with the assistant turn trained on."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: column 'messages' must be a non-empty list of {{role, content}} objects.")
+    for number, message in enumerate(messages, start=1):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+            raise DataError(f"{where}: column 'messages', message {number} must be an object with text 'role' and 'content' "
+                            f"(it is {str(message)[:80]}).")
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: column 'messages' must end with an assistant message (the answer trained on).")
+    if messages[0]["role"] == "assistant":
+        raise DataError(f"{where}: column 'messages' starts with an assistant message: put the turn it answers first.")
+    return tuple((m["role"], m["content"]) for m in messages)
+
+
 def _row_to_example(row: dict, labels: list, where: str) -> Example:
     if "messages" in row:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
-            raise DataError(f"{where}: column 'messages' must be a list of {{role, content}} objects with text content.")
-        if not messages or messages[-1].get("role") != "assistant":
-            raise DataError(f"{where}: a chat example must end with an assistant message (the completion trained on).")
-        prompt = "\n".join(m["content"] for m in messages[:-1])
-        return Example(prompt, messages[-1]["content"])
+        turns = _turns(row["messages"], where)
+        prompt = next(content for role, content in reversed(turns[:-1]) if role != "assistant")
+        return Example(prompt, turns[-1][1], messages=turns)
     if "prompt" in row and "completion" in row:
         return Example(_text(row, "prompt", where), _text(row, "completion", where))
     if "text" in row and "label" in row:
@@ -122,40 +136,102 @@ def _row_to_example(row: dict, labels: list, where: str) -> Example:
     raise DataError(f"{where} has columns {sorted(row)}; lorakit reads prompt/completion, messages, or text/label.")
 
 
-def _file_examples(path: Path) -> list[Example]:
+class TableExamples(Sequence[Example]):
+    """The rows of a local data set as examples, read from its memory-mapped Arrow table when asked for (never all
+    in memory). `take` gives a view of some rows.
+
+    Args:
+        table: a ``datasets.Dataset``.
+        where: names the source in errors.
+        labels: the sorted labels of a text/label table ([] otherwise).
+        indices: the rows this view shows (None: all).
+    """
+
+    def __init__(self, table, where: str, labels: list, indices: Sequence[int] | None = None) -> None:
+        self.table, self.where, self.labels = table, where, labels
+        self.indices = range(len(table)) if indices is None else indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        row = self.indices[index]
+        return _row_to_example(self.table[row], self.labels, f"{self.where}, row {row + 1}")
+
+    def take(self, indices: Sequence[int]) -> TableExamples:
+        """A view of the rows at `indices` (positions in this view).
+
+        Args:
+            indices: positions, in the order wanted.
+
+        Returns:
+            The view.
+        """
+        return TableExamples(self.table, self.where, self.labels, [self.indices[i] for i in indices])
+
+
+def _open_table(path: Path):
+    """`path` as a ``datasets.Dataset``: a save_to_disk folder, or a file converted once to a memory-mapped Arrow cache."""
+    import datasets
+
+    if path.is_dir():
+        try:
+            table = datasets.load_from_disk(str(path))
+        except FileNotFoundError:
+            raise DataError(f"{path} is a folder but not one written by datasets' save_to_disk; name a data file or such a folder.") from None
+        if isinstance(table, datasets.DatasetDict):
+            if "train" not in table:
+                raise DataError(f"{path} holds the splits {sorted(table)} and no 'train' split; save the one to train on alone.")
+            table = table["train"]
+        return table
     kind = _FORMATS.get(path.suffix.lower())
     if kind is None:
-        raise DataError(f"{path}: unknown file type {path.suffix!r}; use one of {sorted(_FORMATS)}.")
+        raise DataError(f"{path}: unknown file type {path.suffix!r}; use one of {sorted(_FORMATS)} or a save_to_disk folder.")
     if not path.is_file():
         raise DataError(f"{path} does not exist.")
-    from datasets import load_dataset
-
     try:
-        rows = list(load_dataset(kind, data_files=str(path), split="train"))
+        return datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as err:  # datasets raises many types for malformed files
         cause = err.__cause__ or err
         raise DataError(
             f"{path} could not be read as {kind} ({type(cause).__name__}: {' '.join(str(cause).split())[:300]}): "
             "check that it is complete, UTF-8, and one record per line (JSONL) or row (CSV)."
         ) from None
-    if not rows:
+
+
+def _file_examples(path: Path) -> TableExamples:
+    table = _open_table(path)
+    if len(table) == 0:
         raise DataError(f"{path} holds no rows: add examples (prompt/completion, messages, or text/label).")
-    labels = sorted({row["label"] for row in rows if row.get("label") is not None}, key=str)
-    return [_row_to_example(row, labels, f"{path}, row {number}") for number, row in enumerate(rows, start=1)]
+    labels, checked = [], 0
+    try:
+        if "label" in table.column_names and "messages" not in table.column_names:
+            labels = sorted((label for label in table.unique("label") if label is not None), key=str)
+        for checked, row in enumerate(table, start=1):  # every row checked now, one at a time, none kept
+            _row_to_example(row, labels, f"{path}, row {checked}")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}, row {checked + 1} (or a label) is not UTF-8 text: save the file as UTF-8.") from None
+    return TableExamples(table, str(path), labels)
 
 
-def load_examples(source: str | os.PathLike) -> list[Example]:
-    """Examples from ``bigbench:<task>[/<subtask>]`` or a local .jsonl/.json/.csv/.parquet file.
+def load_examples(source: str | os.PathLike) -> Sequence[Example]:
+    """Examples from ``bigbench:<task>[/<subtask>]``, a local .jsonl/.json/.csv/.parquet file or a save_to_disk folder.
+
+    Every row of a local data set is checked here, one at a time; its examples are then read from the
+    memory-mapped Arrow table when asked for, so a data set larger than memory is never held whole.
 
     Args:
-        source: ``bigbench:<task>[/<subtask>]`` (BIG-bench is fetched once into the lorakit cache) or a file
-            whose rows have prompt/completion, messages, or text/label columns.
+        source: ``bigbench:<task>[/<subtask>]`` (BIG-bench is fetched once into the lorakit cache), or a file or
+            ``datasets.save_to_disk`` folder whose rows have prompt/completion, messages (chat turns), or text/label columns.
 
     Returns:
-        The examples, in the source's order.
+        The examples, in the source's order: a list for BIG-bench, a `TableExamples` view for local data.
 
     Raises:
-        DataError: the task or file does not exist or cannot be read, it holds no examples, or a row has no usable columns.
+        DataError: the task or file does not exist or cannot be read, it holds no examples, or a row is malformed (the
+            message names the row and the column).
     """
     source = str(source)
     if source.startswith(BIGBENCH_PREFIX):
@@ -182,7 +258,7 @@ def split_examples(
     Raises:
         DataError: a non-zero size gives no item, or the test and validation items leave no training item.
     """
-    order = list(examples)
+    order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     count = lambda size: int(size * len(order)) if isinstance(size, float) else int(size)  # noqa: E731
     n_test, n_validation = count(test_size), count(validation_size)
@@ -190,8 +266,8 @@ def split_examples(
         raise DataError(f"{len(order)} examples give no test or validation item at sizes {test_size}/{validation_size}: use counts or larger fractions.")
     if n_test + n_validation >= len(order):
         raise DataError(f"{len(order)} examples cannot give {n_test} test and {n_validation} validation items and a training set.")
-    test, validation = order[:n_test], order[n_test : n_test + n_validation]
-    train = order[n_test + n_validation :]
-    return Splits(train[:max_train] if max_train else train, validation, test)
+    test, validation = ([examples[i] for i in order[start:stop]] for start, stop in ((0, n_test), (n_test, n_test + n_validation)))
+    train = order[n_test + n_validation :][:max_train] if max_train else order[n_test + n_validation :]
+    return Splits(examples.take(train) if isinstance(examples, TableExamples) else [examples[i] for i in train], validation, test)
 
 

@@ -20,7 +20,16 @@ from ..core.examples import (
     tokenize_example,
 )
 
-__all__ = ["classification_accuracy", "evaluate", "exact_match", "majority_rate", "multiple_choice_accuracy", "option_logprobs", "token_loss"]
+__all__ = [
+    "classification_accuracy",
+    "evaluate",
+    "exact_match",
+    "length_batches",
+    "majority_rate",
+    "multiple_choice_accuracy",
+    "option_logprobs",
+    "token_loss",
+]
 
 
 @contextlib.contextmanager
@@ -34,11 +43,33 @@ def eval_mode(model) -> Iterator[None]:
         model.train(was_training)
 
 
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices in batches of similar length, longest first: each batch is padded to its own longest item, so
+    sorted batches carry little padding. Results are put back in the data's order by the callers.
+
+    Args:
+        lengths: each item's token count.
+        batch_size: items per batch.
+
+    Returns:
+        The batches of indices; together a permutation of ``range(len(lengths))``.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: equal lengths keep their order
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def _prompt_ids(tokenizer, examples: Sequence[Example], max_length: int | None = None) -> list[list[int]]:
+    """Each example's prompt as the model reads it (its conversation up to the answer), as token ids (the last `max_length`)."""
+    ids = [tokenizer(format_prompt(tokenizer, ex), add_special_tokens=False)["input_ids"] for ex in examples]
+    return [prompt[-max_length:] for prompt in ids] if max_length else ids
+
+
 def option_logprobs(model, tokenizer, examples: Sequence[Example], batch_size: int = 16, max_length: int = 512) -> list[list[float]]:
     """For each example, the summed log-likelihood of each option given the prompt.
 
     The prompt runs once per example; every option continues from the prompt's cached keys and values,
-    so k options cost one prompt pass plus k short ones instead of k full passes.
+    so k options cost one prompt pass plus k short ones instead of k full passes. Batches hold prompts of
+    similar length (`length_batches`); the scores come back in the examples' order.
 
     Args:
         model: a causal LM that returns a key/value cache (``use_cache=True``), or one whose ``returns_cache`` is
@@ -54,9 +85,12 @@ def option_logprobs(model, tokenizer, examples: Sequence[Example], batch_size: i
     Raises:
         UnsupportedModelError: the model returns no key/value cache.
     """
-    scores: list[list[float]] = []
-    for start in tqdm(range(0, len(examples), batch_size), desc="scoring options", leave=False):
-        scores.extend(_score_options(model, tokenizer, examples[start : start + batch_size], max_length))
+    prompts = _prompt_ids(tokenizer, examples, max_length)
+    scores: list[list[float]] = [[] for _ in examples]
+    for batch in tqdm(length_batches([len(p) for p in prompts], batch_size), desc="scoring options", leave=False):
+        chunk_scores = _score_options(model, tokenizer, [examples[i] for i in batch], [prompts[i] for i in batch])
+        for index, option_scores in zip(batch, chunk_scores):
+            scores[index] = option_scores
     return scores
 
 
@@ -79,9 +113,8 @@ def _score_options_without_cache(model, tokenizer, chunk: Sequence[Example], pro
 
 
 @torch.no_grad()
-def _score_options(model, tokenizer, chunk: Sequence[Example], max_length: int) -> list[list[float]]:
+def _score_options(model, tokenizer, chunk: Sequence[Example], prompts: list[list[int]]) -> list[list[float]]:
     device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
-    prompts = [tokenizer(format_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"][-max_length:] for ex in chunk]
     if not getattr(model, "returns_cache", True):
         return _score_options_without_cache(model, tokenizer, chunk, prompts)
     prompt = {k: v.to(device) for k, v in collate([{"input_ids": p, "labels": p} for p in prompts], pad_id).items()}
@@ -146,7 +179,8 @@ def majority_rate(examples: Sequence[Example]) -> float:
 
 @torch.no_grad()
 def exact_match(model, tokenizer, examples: Sequence[Example], batch_size: int = 8, max_new_tokens: int = 32) -> float:
-    """Greedy decoding; a hit when the stripped output equals one accepted answer.
+    """Greedy decoding; a hit when the stripped output equals one accepted answer. Batches hold prompts of
+    similar length (`length_batches`).
 
     Args:
         model: a model with ``generate``.
@@ -160,9 +194,9 @@ def exact_match(model, tokenizer, examples: Sequence[Example], batch_size: int =
     """
     device = next(model.parameters()).device
     hits = 0
-    for start in tqdm(range(0, len(examples), batch_size), desc="generating", leave=False):
-        chunk = examples[start : start + batch_size]
-        prompts = [tokenizer(format_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"] for ex in chunk]
+    all_prompts = _prompt_ids(tokenizer, examples)
+    for indices in tqdm(length_batches([len(p) for p in all_prompts], batch_size), desc="generating", leave=False):
+        chunk, prompts = [examples[i] for i in indices], [all_prompts[i] for i in indices]
         batch = collate([{"input_ids": p, "labels": p} for p in prompts], tokenizer.pad_token_id)
         output = model.generate(
             input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
@@ -175,7 +209,8 @@ def exact_match(model, tokenizer, examples: Sequence[Example], batch_size: int =
 
 
 @torch.no_grad()
-def token_loss(model, tokenizer, examples: Sequence[Example], batch_size: int = 16, max_length: int = 512) -> float:
+def token_loss(model, tokenizer, examples: Sequence[Example], batch_size: int = 16, max_length: int = 512,
+               train_on: str = "all_assistant") -> float:
     """Mean cross-entropy over completion tokens (the training objective) on `examples`, in eval mode.
 
     Args:
@@ -184,16 +219,17 @@ def token_loss(model, tokenizer, examples: Sequence[Example], batch_size: int = 
         examples: the examples; the loss is on their targets.
         batch_size: examples per forward.
         max_length: the most tokens per example (see `tokenize_example`).
+        train_on: which assistant turns of chat examples are scored (see `tokenize_example`).
 
     Returns:
         The mean cross-entropy per completion token, in nats.
     """
     device = next(model.parameters()).device
     total, count = 0.0, 0
+    all_items = [tokenize_example(tokenizer, ex, max_length=max_length, train_on=train_on) for ex in examples]
     with eval_mode(model):
-        for start in range(0, len(examples), batch_size):
-            items = [tokenize_example(tokenizer, ex.prompt, ex.target, max_length) for ex in examples[start : start + batch_size]]
-            batch = {k: v.to(device) for k, v in collate(items, tokenizer.pad_token_id).items()}
+        for indices in length_batches([len(item["input_ids"]) for item in all_items], batch_size):
+            batch = {k: v.to(device) for k, v in collate([all_items[i] for i in indices], tokenizer.pad_token_id).items()}
             total += -completion_logprobs(model, batch)[0].sum().item()
             count += int((batch["labels"] != IGNORE_INDEX).sum())
     return total / max(count, 1)
@@ -240,8 +276,8 @@ def classification_accuracy(model, items: Sequence[dict], pad_id: int, batch_siz
     device = next(model.parameters()).device
     hits = 0
     with eval_mode(model):
-        for start in tqdm(range(0, len(items), batch_size), desc="classifying", leave=False):
-            batch = {k: v.to(device) for k, v in collate_classification(items[start : start + batch_size], pad_id).items()}
+        for indices in tqdm(length_batches([len(item["input_ids"]) for item in items], batch_size), desc="classifying", leave=False):
+            batch = {k: v.to(device) for k, v in collate_classification([items[i] for i in indices], pad_id).items()}
             labels = batch.pop("labels")
             hits += int((model(**batch).logits.argmax(-1) == labels).sum())
     return hits / len(items)

@@ -7,9 +7,11 @@ from typing import Protocol
 
 import torch
 
+from ..core.errors import LoraConfigError
 from ..core.examples import IGNORE_INDEX, collate, collate_classification, completion_logprobs
+from ..core.packing import collate_packed, packed_logprobs
 
-__all__ = ["ClassificationObjective", "CompletionObjective", "TrainingObjective"]
+__all__ = ["ClassificationObjective", "CompletionObjective", "PackedCompletionObjective", "TrainingObjective", "check_packing"]
 
 
 class TrainingObjective(Protocol):
@@ -97,6 +99,73 @@ class CompletionObjective:
         batch = {k: v.to(device) for k, v in self.batch(items).items()}
         logprobs, _ = completion_logprobs(model, batch)
         return -logprobs.sum(), int(batch["attention_mask"].sum())
+
+
+class PackedCompletionObjective(CompletionObjective):
+    """`CompletionObjective` on padding-free batches: each micro-batch's items packed into rows of `max_length`
+    (``training.packing``; see `lorakit.core.packing`). The same summed loss and gradients, no padding computed."""
+
+    def __init__(self, pad_id: int, max_length: int) -> None:
+        super().__init__(pad_id)
+        self.max_length = max_length
+
+    def batch(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        """`items` packed into rows (see `collate_packed`).
+
+        Args:
+            items: tokenized items with ``input_ids`` and ``labels``.
+
+        Returns:
+            ``input_ids``, ``position_ids`` and ``labels``, each (rows, longest row).
+        """
+        return collate_packed(items, self.pad_id, self.max_length)
+
+    def loss_sum(self, model, items: list[dict], device) -> tuple[torch.Tensor, int]:
+        """Cross-entropy summed over the completion tokens of `items`, packed into rows.
+
+        Args:
+            model: a causal LM whose forward accepts ``logits_to_keep`` as a tensor of positions.
+            items: tokenized items with ``input_ids`` and ``labels``.
+            device: where the batch's tensors go.
+
+        Returns:
+            ``(loss_sum, tokens)``: the summed loss, a scalar tensor with gradients, and the number of item tokens.
+        """
+        batch = {k: v.to(device) for k, v in self.batch(items).items()}
+        logprobs, _ = packed_logprobs(model, batch)
+        return -logprobs.sum(), sum(len(item["input_ids"]) for item in items)
+
+
+@torch.no_grad()
+def check_packing(model: torch.nn.Module, items: list[dict], pad_id: int, device) -> None:
+    """Refuse packing for a model whose attention lets packed items see each other.
+
+    The summed loss of two items packed into one row must equal their unpacked loss; a model that ignores the
+    restarting position ids (no packed-sequence support) mixes them.
+
+    Args:
+        model: the model about to train (evaluated without dropout; its mode is restored).
+        items: two or more tokenized items.
+        pad_id: the padding token id.
+        device: where the model is.
+
+    Raises:
+        LoraConfigError: the packed and unpacked losses differ.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        width = sum(len(item["input_ids"]) for item in items)
+        packed = PackedCompletionObjective(pad_id, width).loss_sum(model, items, device)[0].item()
+        padded = CompletionObjective(pad_id).loss_sum(model, items, device)[0].item()
+    finally:
+        model.train(was_training)
+    if abs(packed - padded) > 1e-2 * max(abs(padded), 1.0):
+        raise LoraConfigError(
+            f"{type(model).__name__} lets packed items attend to each other (packed loss {packed:.4f}, unpacked {padded:.4f}): "
+            "its attention does not read restarting position ids as separate sequences. Set training.packing: false "
+            "(training.group_by_length: true also saves most padding)."
+        )
 
 
 class ClassificationObjective:

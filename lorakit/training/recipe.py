@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import json
 import resource
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -165,6 +166,20 @@ def _summary(config: RunConfig, before: dict, after: dict, trainable: int, total
     return "\n".join(["| what | value |", "|---|---|"] + [f"| {name:{width}} | {value} |" for name, value in rows])
 
 
+SAMPLES = 2  # test items whose answers before and after fine-tuning the summary shows
+
+
+def _sample_answers(examples, before: list[str], after: list[str]) -> str:
+    """The summary's sample answers: each test item's prompt, expected answer, and the model's before and after."""
+    shorten = lambda text: textwrap.shorten(text, 300, placeholder=" ...") or "(empty)"  # noqa: E731
+    lines = ["## Sample answers (first test items)"]
+    for number, example in enumerate(examples):
+        lines += ["", f"**{number + 1}.** {shorten(example.prompt)}", "", f"- expected: {shorten(example.target)}",
+                  f"- before fine-tuning: {shorten(before[number]) if before else '(resumed run: not measured)'}",
+                  f"- after fine-tuning: {shorten(after[number])}"]
+    return "\n".join(lines)
+
+
 def _adapted_model(model, tokenizer, config: RunConfig, items: list[dict], task):
     """The model with the adapter (or LST side network) `training.method` trains. On a classifier, LoRA and IA3
     also train the new classification head in full (PEFT's ``task_type="SEQ_CLS"`` rule; the prompt methods apply
@@ -188,6 +203,31 @@ def _adapted_model(model, tokenizer, config: RunConfig, items: list[dict], task)
         adapter_config = adapter_config.replace(task_type="SEQ_CLS", modules_to_save=with_classifier_heads(adapter_config.modules_to_save))
     options = {"tokenizer": tokenizer} if method == "prompt_tuning" else {}
     return get_peft_model(model, adapter_config, **options)
+
+
+PACKABLE_METHODS = ("lora", "plora", "ia3")  # weight adapters; the prompt methods and LST change what a row attends to
+
+
+def _check_packing(config: RunConfig) -> None:
+    """``training.packing`` needs a causal LM trained by a weight adapter."""
+    if not config.training.packing:
+        return
+    if config.model.task != "causal-lm":
+        raise LoraConfigError("training.packing packs completions for a causal LM; a classifier reads one item per row: "
+                              "set training.packing: false (training.group_by_length: true saves padding instead).")
+    if config.training.method not in PACKABLE_METHODS:
+        raise LoraConfigError(f"training.packing works with {', '.join(PACKABLE_METHODS)}; {config.training.method} adds tokens "
+                              "or a side network to each row: set training.packing: false (or training.group_by_length: true).")
+
+
+def _objective(config: RunConfig, task, model, items, pad_id: int):
+    """The task's training objective, packed when ``training.packing`` (checked on two items first)."""
+    if not config.training.packing:
+        return task.objective(pad_id)
+    from .objectives import PackedCompletionObjective, check_packing
+
+    check_packing(model, [items[0], items[1]], pad_id, next(model.parameters()).device)
+    return PackedCompletionObjective(pad_id, config.training.max_length)
 
 
 def run(config: RunConfig, on_eval: Callable[[int, dict], None] | None = None, validate: bool = False) -> dict[str, Any]:
@@ -224,8 +264,9 @@ def run(config: RunConfig, on_eval: Callable[[int, dict], None] | None = None, v
 
     layout = RunLayout(config.training.output_dir)
     check_output_dir(config.training)  # before minutes of loading and zero-shot evaluation
+    _check_packing(config)
     examples = data.load_examples(config.data.source)
-    task = task_for(config.model.task, examples)
+    task = task_for(config.model.task, examples, config.data.train_on)
     splits = data.split_examples(examples, config.data.seed, size_of(config.data.test_size), size_of(config.data.validation_size),
                                  config.data.max_train)
     if len(splits.train) < config.training.batch_size:
@@ -237,6 +278,8 @@ def run(config: RunConfig, on_eval: Callable[[int, dict], None] | None = None, v
                                         config.model.quantization)
     sizes = config.training.eval_batch_size, config.training.max_length
     before = {} if config.training.resume else task.evaluate(model, tokenizer, splits.test, *sizes)
+    samples = splits.test[:SAMPLES]
+    answers_before = [] if config.training.resume else task.sample_answers(model, tokenizer, samples)
     torch.manual_seed(config.training.seed)  # the adapter's init is part of the run: seed it
     items = task.items(tokenizer, splits.train, config.training.max_length)
     adapted = _adapted_model(model, tokenizer, config, items, task)
@@ -253,8 +296,9 @@ def run(config: RunConfig, on_eval: Callable[[int, dict], None] | None = None, v
         settings["lst"] = dataclasses.asdict(config.lst)
     if plora is not None:
         settings["plora"] = dataclasses.asdict(config.plora)
-    trainer = Trainer(adapted, items, config.training, tokenizer.pad_token_id, eval_fn, task.objective(tokenizer.pad_token_id),
-                      plora=plora, settings=settings, on_eval=on_eval)
+    objective = _objective(config, task, adapted, items, tokenizer.pad_token_id)
+    trainer = Trainer(adapted, items, config.training, tokenizer.pad_token_id, eval_fn, objective, plora=plora,
+                      settings=settings, on_eval=on_eval)
     started = time.perf_counter()
     trainer.fit()
     seconds = time.perf_counter() - started
@@ -262,6 +306,7 @@ def run(config: RunConfig, on_eval: Callable[[int, dict], None] | None = None, v
     if trainer.sharded or trainer.is_main:  # a sharded base answers only with every process taking part
         with trainer.precision.autocast():
             after = task.evaluate(adapted, tokenizer, splits.test, *sizes)
+            answers_after = task.sample_answers(adapted, tokenizer, samples)
             if validate and splits.validation:
                 validation = task.evaluate(adapted, tokenizer, splits.validation, *sizes)
                 validation["loss"] = task.validation_loss(adapted, tokenizer, splits.validation, *sizes)
@@ -281,6 +326,7 @@ def run(config: RunConfig, on_eval: Callable[[int, dict], None] | None = None, v
     _plot_losses(history, layout.loss_plot, task.loss_unit)
     trainable, total = adapted.get_nb_trainable_parameters()
     table = _summary(config, before, after, trainable, total, seconds, plora, trainer)
+    table += "\n\n" + _sample_answers(samples, answers_before, answers_after)
     atomic_write_text(layout.summary, table + "\n")
     atomic_write_text(layout.config, yaml.safe_dump(config.to_dict(), sort_keys=False))
     print("\n" + table)

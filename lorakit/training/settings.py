@@ -47,6 +47,10 @@ class TrainingConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False  # recompute block activations in the backward pass (non-reentrant)
     fsdp: bool = False  # multi-process runs: shard the frozen base over the processes (FSDP2) instead of replicating it
+    # pack each micro-batch's items end to end into rows of max_length, attention confined to each item (no padding;
+    # causal-LM LoRA, PLoRA and IA3)
+    packing: bool = False
+    group_by_length: bool = False  # batches of items of similar length (less padding), still a seeded random order
     # which adapter trains: "lora" (the lora section), "plora" (lora + periodic unloading, the plora section),
     # or "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "lst" (each configured by the section of that name)
     method: Literal["lora", "plora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "lst"] = "lora"
@@ -66,7 +70,8 @@ class TrainingConfig:
 
     def math_settings(self) -> dict:
         """The settings a resumed run must share with the run it continues (everything but bookkeeping)."""
-        bookkeeping = {"output_dir", "eval_every", "save_every", "eval_batch_size", "resume", "gradient_checkpointing", "fsdp"}
+        bookkeeping = {"output_dir", "eval_every", "save_every", "eval_batch_size", "resume", "gradient_checkpointing", "fsdp",
+                       "packing"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in bookkeeping}
 
 
@@ -87,11 +92,15 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    source: str = "bigbench:hyperbaton"  # bigbench:<task>[/<subtask>] or a .jsonl/.csv/.parquet file
+    # bigbench:<task>[/<subtask>], a .jsonl/.json/.csv/.parquet file, or a folder from datasets' save_to_disk
+    source: str = "bigbench:hyperbaton"
     seed: int = 0
     test_size: float = 250  # items (int) or a fraction of the data (float < 1)
     validation_size: float = 50
     max_train: int | None = None
+    # chat rows ("messages"): which assistant turns carry the loss: all_assistant | last_assistant | completion
+    # (everything from the first assistant turn on); prompt/completion rows have one assistant turn
+    train_on: Literal["all_assistant", "last_assistant", "completion"] = "all_assistant"
 
     def __post_init__(self) -> None:
         check_types(self, "data.")

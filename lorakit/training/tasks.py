@@ -14,22 +14,30 @@ from dataclasses import dataclass
 import torch
 
 from ..core.errors import DataError
-from ..core.examples import Example, tokenize_example
+from ..core.examples import Example, conversation, tokenize_example
+from ..core.sequences import lazy_map
 from . import evaluate
 from .objectives import ClassificationObjective, CompletionObjective
 
 __all__ = ["ClassificationTask", "CompletionTask", "task_for"]
 
 
+@dataclass(frozen=True)
 class CompletionTask:
-    """A causal LM trained on completions, scored by option likelihood or exact match (`evaluate.evaluate`)."""
+    """A causal LM trained on completions, scored by option likelihood or exact match (`evaluate.evaluate`).
 
+    Attributes:
+        train_on: which assistant turns of chat examples carry the loss (``data.train_on``; see
+            `lorakit.core.chat.conversation_segments`).
+    """
+
+    train_on: str = "all_assistant"
     model_task = "causal-lm"
     num_labels = None
     loss_unit = "completion token"
 
-    def items(self, tokenizer, examples: Sequence[Example], max_length: int) -> list[dict]:
-        """Tokenized items {input_ids, labels} (the loss on the completion only).
+    def items(self, tokenizer, examples: Sequence[Example], max_length: int) -> Sequence[dict]:
+        """Tokenized items {input_ids, labels} (the loss on the completion, or a conversation's trained turns, only).
 
         Args:
             tokenizer: the model's tokenizer.
@@ -37,9 +45,9 @@ class CompletionTask:
             max_length: the most tokens per item.
 
         Returns:
-            One item per example.
+            One item per example (a list for examples in memory, tokenized on demand for a `TableExamples` view).
         """
-        return [tokenize_example(tokenizer, ex.prompt, ex.target, max_length) for ex in examples]
+        return lazy_map(lambda ex: tokenize_example(tokenizer, ex, max_length=max_length, train_on=self.train_on), examples)
 
     def objective(self, pad_id: int) -> CompletionObjective:
         """The training objective.
@@ -67,6 +75,22 @@ class CompletionTask:
         """
         return evaluate.evaluate(model, tokenizer, examples, batch_size)
 
+    def sample_answers(self, model, tokenizer, examples: Sequence[Example]) -> list[str]:
+        """What the model answers to `examples` in free generation (greedy, at most 48 tokens), for the summary.
+
+        Args:
+            model: the model.
+            tokenizer: its tokenizer.
+            examples: a few test examples.
+
+        Returns:
+            One answer per example.
+        """
+        from .generation import Sampling, generate_answers
+
+        with evaluate.eval_mode(model):
+            return generate_answers(model, tokenizer, [conversation(ex)[:-1] for ex in examples], Sampling(max_new_tokens=48))
+
     def validation_loss(self, model, tokenizer, examples: Sequence[Example], batch_size: int, max_length: int) -> float:
         """Mean cross-entropy per completion token (see `evaluate.token_loss`).
 
@@ -80,7 +104,7 @@ class CompletionTask:
         Returns:
             The loss in nats.
         """
-        return evaluate.token_loss(model, tokenizer, examples, batch_size, max_length)
+        return evaluate.token_loss(model, tokenizer, examples, batch_size, max_length, self.train_on)
 
 
 @dataclass(frozen=True)
@@ -133,7 +157,7 @@ class ClassificationTask:
         """
         return self.classes.index(example.options[example.label])
 
-    def items(self, tokenizer, examples: Sequence[Example], max_length: int) -> list[dict]:
+    def items(self, tokenizer, examples: Sequence[Example], max_length: int) -> Sequence[dict]:
         """Tokenized items {input_ids, label}: the prompt (truncated to `max_length` tokens) and its class id.
 
         Args:
@@ -142,10 +166,10 @@ class ClassificationTask:
             max_length: the most tokens per item.
 
         Returns:
-            One item per example.
+            One item per example (a list for examples in memory, tokenized on demand for a `TableExamples` view).
         """
-        return [{"input_ids": tokenizer(ex.prompt, truncation=True, max_length=max_length)["input_ids"], "label": self.label_of(ex)}
-                for ex in examples]
+        return lazy_map(lambda ex: {"input_ids": tokenizer(ex.prompt, truncation=True, max_length=max_length)["input_ids"],
+                                    "label": self.label_of(ex)}, examples)
 
     def objective(self, pad_id: int) -> ClassificationObjective:
         """The training objective.
@@ -176,6 +200,27 @@ class ClassificationTask:
         return {"accuracy": accuracy, "majority": evaluate.majority_rate(examples), "items": len(examples)}
 
     @torch.no_grad()
+    def sample_answers(self, model, tokenizer, examples: Sequence[Example], max_length: int = 512) -> list[str]:
+        """The class the model predicts for each of `examples`, for the summary.
+
+        Args:
+            model: the classifier.
+            tokenizer: its tokenizer.
+            examples: a few test examples.
+            max_length: the most tokens per item.
+
+        Returns:
+            One class name per example.
+        """
+        from ..core.examples import collate_classification
+
+        batch = collate_classification(list(self.items(tokenizer, examples, max_length)), tokenizer.pad_token_id)
+        device = next(model.parameters()).device
+        with evaluate.eval_mode(model):
+            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        return [self.classes[int(k)] for k in logits.argmax(-1)]
+
+    @torch.no_grad()
     def validation_loss(self, model, tokenizer, examples: Sequence[Example], batch_size: int, max_length: int) -> float:
         """Mean cross-entropy per item, in eval mode.
 
@@ -192,17 +237,18 @@ class ClassificationTask:
         items, objective = self.items(tokenizer, examples, max_length), self.objective(tokenizer.pad_token_id)
         device, total = next(model.parameters()).device, 0.0
         with evaluate.eval_mode(model):
-            for start in range(0, len(items), batch_size):
-                total += objective.loss_sum(model, items[start : start + batch_size], device)[0].item()
+            for indices in evaluate.length_batches([len(item["input_ids"]) for item in items], batch_size):
+                total += objective.loss_sum(model, [items[i] for i in indices], device)[0].item()
         return total / len(items)
 
 
-def task_for(model_task: str, examples: Sequence[Example]) -> CompletionTask | ClassificationTask:
+def task_for(model_task: str, examples: Sequence[Example], train_on: str = "all_assistant") -> CompletionTask | ClassificationTask:
     """The task a run's ``model.task`` names.
 
     Args:
         model_task: ``"causal-lm"`` or ``"classification"``.
         examples: all the run's examples (the classes of a classification run come from them).
+        train_on: a causal LM's ``data.train_on``.
 
     Returns:
         A `CompletionTask` or a `ClassificationTask`.
@@ -210,4 +256,4 @@ def task_for(model_task: str, examples: Sequence[Example]) -> CompletionTask | C
     Raises:
         DataError: a classification run on data without options.
     """
-    return ClassificationTask.from_examples(examples) if model_task == "classification" else CompletionTask()
+    return ClassificationTask.from_examples(examples) if model_task == "classification" else CompletionTask(train_on)

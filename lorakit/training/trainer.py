@@ -51,6 +51,8 @@ __all__ = [
     "TrainingConfig",
     "TrainingDivergedError",
     "TrainingObjective",
+    "batch_indices",
+    "epoch_order",
     "latest_checkpoint",
 ]
 
@@ -71,15 +73,59 @@ def lr_lambda(config: TrainingConfig, steps: int | None = None) -> Callable[[int
     return factor
 
 
-def batch_indices(n_items: int, seed: int, step: int, batch_size: int) -> list[int]:
-    """Items of global batch `step`: consecutive slices of a per-epoch seeded permutation."""
+def epoch_order(n_items: int, seed: int, epoch: int, batch_size: int, lengths: Sequence[int] | None = None) -> list[int]:
+    """The items of one epoch in training order: a seeded permutation, or with `lengths` grouped by length.
+
+    Length grouping (as Hugging Face's ``group_by_length``): the permutation is cut into groups of 50 batches, each
+    group sorted by length and cut into batches, and the batches shuffled, so a batch holds items of similar length
+    (little padding) while the epoch's order stays random. A pure function of its arguments, as exact resume needs.
+
+    Args:
+        n_items: the number of training items.
+        seed: the run's seed.
+        epoch: the epoch.
+        batch_size: the global batch size.
+        lengths: each item's token count, to group by; None for a plain permutation.
+
+    Returns:
+        A permutation of ``range(n_items)``; consecutive slices of `batch_size` are the epoch's batches.
+    """
+    order = list(range(n_items))
+    shuffle = random.Random(seed * 100_003 + epoch).shuffle
+    shuffle(order)
+    if lengths is None:
+        return order
+    group = 50 * batch_size
+    batches = []
+    for start in range(0, n_items, group):
+        chunk = sorted(order[start : start + group], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    whole, rest = [b for b in batches if len(b) == batch_size], [i for b in batches if len(b) < batch_size for i in b]
+    shuffle(whole)
+    return [i for batch in whole for i in batch] + rest
+
+
+def batch_indices(n_items: int, seed: int, step: int, batch_size: int, lengths: Sequence[int] | None = None) -> list[int]:
+    """Items of global batch `step`: consecutive slices of each epoch's `epoch_order`.
+
+    Args:
+        n_items: the number of training items.
+        seed: the run's seed.
+        step: the optimizer step (0-based); an epoch is ``n_items // batch_size`` steps.
+        batch_size: the global batch size.
+        lengths: each item's token count, to group batches by length (None: no grouping).
+
+    Returns:
+        The batch's item indices.
+
+    Raises:
+        DataError: fewer items than one batch.
+    """
     per_epoch = n_items // batch_size
     if per_epoch == 0:
         raise DataError(f"{n_items} training items are fewer than one batch of {batch_size}: lower training.batch_size or add data.")
     epoch, offset = divmod(step, per_epoch)
-    order = list(range(n_items))
-    random.Random(seed * 100_003 + epoch).shuffle(order)
-    return order[offset * batch_size : (offset + 1) * batch_size]
+    return epoch_order(n_items, seed, epoch, batch_size, lengths)[offset * batch_size : (offset + 1) * batch_size]
 
 
 def check_output_dir(config: TrainingConfig) -> None:
@@ -130,8 +176,11 @@ class Trainer:
                  settings: dict | None = None, on_eval: Callable[[int, dict], None] | None = None) -> None:
         from accelerate import Accelerator
 
-        self.config, self.items, self.evaluate, self.on_eval = config, list(items), evaluate, on_eval
+        self.items = items if isinstance(items, Sequence) else list(items)  # a lazy sequence stays lazy (data > memory)
+        self.config, self.evaluate, self.on_eval = config, evaluate, on_eval
         batch_indices(len(self.items), config.seed, 0, config.batch_size)  # enough data for one batch
+        self.lengths = [len(item["input_ids"]) for item in self.items] if config.group_by_length else None
+        self._epoch: tuple[int, list[int]] = (-1, [])
         self.settings = self._run_settings(model, settings or {})
         self.objective = objective or CompletionObjective(pad_id)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -194,7 +243,12 @@ class Trainer:
         if isinstance(model, AdapterModel) and model.active_adapters:
             settings["adapter"] = model.peft_config[model.active_adapters[0]].to_peft_dict()
         as_json = lambda value: value.tolist() if hasattr(value, "tolist") else str(value)  # noqa: E731
-        settings["data"] = xxhash.xxh3_128_hexdigest(json.dumps(self.items, sort_keys=True, default=as_json).encode())
+        digest = xxhash.xxh3_128()  # of json.dumps(items), written item by item: the items are never all in memory
+        digest.update(b"[")
+        for index, item in enumerate(self.items):
+            digest.update((", " if index else "").encode() + json.dumps(item, sort_keys=True, default=as_json).encode())
+        digest.update(b"]")
+        settings["data"] = digest.hexdigest()
         return json.loads(json.dumps(settings, default=str))
 
     def _lr_factor(self) -> Callable[[int], float]:
@@ -206,10 +260,24 @@ class Trainer:
         return stage_lr_lambda(lr_lambda(self.config, stage_steps), stage_steps)
 
     # -- batches ----------------------------------------------------------------------------------
+    def global_batch(self, step: int) -> list[dict]:
+        """The items of global batch `step` (all processes'), as `batch_indices` picks them.
+
+        Args:
+            step: the optimizer step (0-based).
+
+        Returns:
+            The batch's tokenized items, in order.
+        """
+        per_epoch = len(self.items) // self.config.batch_size
+        epoch, offset = divmod(step, per_epoch)
+        if self._epoch[0] != epoch:  # each epoch's order computed once (grouping by length sorts the epoch)
+            self._epoch = (epoch, epoch_order(len(self.items), self.config.seed, epoch, self.config.batch_size, self.lengths))
+        return [self.items[i] for i in self._epoch[1][offset * self.config.batch_size : (offset + 1) * self.config.batch_size]]
+
     def _micro_batches(self, step: int) -> tuple[list[list[dict]], int]:
         """This process's micro-batches for `step` and the global batch's completion-token count."""
-        indices = batch_indices(len(self.items), self.config.seed, step, self.config.batch_size)
-        batch = [self.items[i] for i in indices]
+        batch = self.global_batch(step)
         tokens = sum(self.objective.units(item) for item in batch)
         chunks = [batch[i : i + self.micro_batch] for i in range(0, len(batch), self.micro_batch)]
         rank = self.accelerator.process_index
@@ -293,8 +361,13 @@ class Trainer:
         """End the collective part: every process waits here, then the process group closes.
 
         What follows (the final evaluation, the exports) runs on the main process alone; a process that left
-        with the group still open would abort at interpreter exit while the main one is still working.
+        with the group still open would abort at interpreter exit while the main one is still working. The DDP
+        wrapper goes first, while every process is here: its reducer holds the group, and a group destroyed later,
+        when the reducer is collected after another process has left, can wait forever for its worker threads.
         """
+        self.accelerator.wait_for_everyone()
+        self.model = self.module
+        self.accelerator.free_memory()  # accelerate's references to the prepared (DDP) model and optimizer, then gc
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
 

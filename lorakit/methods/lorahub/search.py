@@ -109,7 +109,7 @@ class HubObjective:
 
     def _tokenize(self, tokenizer, example: Example, max_length: int) -> dict:
         if not self.seq2seq:
-            return tokenize_example(tokenizer, example.prompt, example.target, max_length)
+            return tokenize_example(tokenizer, example, max_length=max_length)
         source = tokenizer(example.prompt, truncation=True, max_length=max_length)["input_ids"]
         target = tokenizer(example.target, truncation=True, max_length=max_length)["input_ids"]
         return {"input_ids": source, "labels": target}
