@@ -99,6 +99,29 @@ def measure_training(args) -> dict:
                    "repeats": [r["real"] / r["seconds"] for r in runs]} for mode, runs in rows.items()}
 
 
+def padding_per_repeat(args) -> list[dict]:
+    """The share of padding in each repeat's batches (the trainers' own batch choice, recomputed without a model)."""
+    from lorakit.core.examples import collate
+    from lorakit.core.packing import collate_packed
+    from lorakit.training.trainer import batch_indices
+
+    _, tokenizer = base_models.load("smollm2-135m-instruct")
+    train, _, _ = reviews(args.test)
+    items = [tokenize_example(tokenizer, ex, max_length=MAX_LENGTH) for ex in train[: args.batch_size * 200]]
+    lengths = [len(item["input_ids"]) for item in items]
+    shares = []
+    for repeat in range(args.repeats):
+        steps = range(1 + repeat * args.steps, 1 + (repeat + 1) * args.steps)  # step 0 is the warm-up
+        share = {}
+        for mode in MODES:
+            batches = [[items[i] for i in batch_indices(len(items), 0, step, args.batch_size, lengths if mode == "grouped" else None)]
+                       for step in steps]
+            collated = [collate_packed(b, 0, MAX_LENGTH) if mode == "packed" else collate(b, 0) for b in batches]
+            share[mode] = 1 - sum(sum(len(i["input_ids"]) for i in b) for b in batches) / sum(c["input_ids"].numel() for c in collated)
+        shares.append(share)
+    return shares
+
+
 def measure_short_runs(args) -> dict:
     model, tokenizer = base_models.load("smollm2-135m-instruct")
     train, validation, test = reviews(args.test)
@@ -175,6 +198,7 @@ def main() -> None:
     training = cached_json(RESULTS / "packing_training.json", settings, lambda: measure_training(args))
     evaluation = cached_json(RESULTS / "packing_evaluation.json", settings, lambda: measure_evaluation(args))
     runs = cached_json(RESULTS / "packing_runs.json", settings | {"run_steps": args.run_steps}, lambda: measure_short_runs(args))
+    shares = cached_json(RESULTS / "packing_padding.json", settings, lambda: {"repeats": padding_per_repeat(args)})["repeats"]
     padded = training["padded"]["tokens_per_s"]
     lines = ["| batches | real tokens/s (median) | x padded | padding share | final loss (mean of last 4 steps) | validation loss | test accuracy |",
              "|---|---|---|---|---|---|---|"]
@@ -182,6 +206,12 @@ def main() -> None:
         t, r = training[mode], runs[mode]
         lines.append(f"| {mode} | {t['tokens_per_s']:.0f} | {t['tokens_per_s'] / padded:.2f}x | {t['padding_share']:.0%} | "
                      f"{r['mean_loss_last_4']:.4f} | {r['validation_loss']:.4f} | {r['test_accuracy']:.3f} |")
+    lines += ["", "Per repeat (each repeat is the next step's batch; padded and packed train the same items, grouped its own):", "",
+              "| repeat | padded: padding share | packed / padded tokens/s | grouped: padding share | grouped / padded tokens/s |",
+              "|---|---|---|---|---|"]
+    for number, share in enumerate(shares):
+        ratio = lambda mode: training[mode]["repeats"][number] / training["padded"]["repeats"][number]  # noqa: E731
+        lines.append(f"| {number + 1} | {share['padded']:.0%} | {ratio('packed'):.2f}x | {share['grouped']:.0%} | {ratio('grouped'):.2f}x |")
     before = evaluation["data order"]
     lines += ["", "| evaluation (option scoring) | items/s (median) | x data order | padding share | accuracy |", "|---|---|---|---|---|"]
     for name in ("data order", "length-sorted"):
