@@ -89,10 +89,11 @@ def _chat(args: argparse.Namespace) -> None:
     from .training.generation import chat
 
     speakers, sampling = _speakers(args)
-    interactive = sys.stdin.isatty()
-    if interactive:
+    show_prompt = lambda: None  # noqa: E731  (input piped in: no prompt to show)
+    if sys.stdin.isatty():
         print(f"chatting with {', '.join(speakers.names)}: /reset clears the conversation, /exit leaves.", file=sys.stderr)
-    chat(speakers, sys.stdin, sampling, _write, args.system, prompt=lambda: interactive and print("> ", end="", file=sys.stderr, flush=True))
+        show_prompt = lambda: print("> ", end="", file=sys.stderr, flush=True)  # noqa: E731
+    chat(speakers, sys.stdin, sampling, _write, args.system, prompt=show_prompt)
 
 
 def _write(text: str) -> None:
