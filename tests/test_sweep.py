@@ -164,6 +164,17 @@ def test_a_study_made_by_other_settings_is_refused(workspace):
     assert result.returncode == 2 and "made by a sweep with other settings" in result.stderr
 
 
+def test_a_second_study_in_the_same_folder_is_refused_not_mixed_into_the_first_ones_trials(workspace):
+    sweep = _sweep_file(workspace, "shared_folder", pruner="none", trials=1)
+    assert _sweep_cli(workspace, sweep).returncode == 0
+    before = sorted(p.name for p in (workspace / "shared_folder" / "trials" / "trial-0000").iterdir())
+    result = _sweep_cli(workspace, sweep, "--study", "another")
+    assert result.returncode == 2 and "holds files study 'another' did not write" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1  # one line, no traceback
+    assert sorted(p.name for p in (workspace / "shared_folder" / "trials" / "trial-0000").iterdir()) == before
+    assert optuna.get_all_study_names(f"sqlite:///{workspace / 'shared_folder' / 'study.db'}") == ["shared_folder"]
+
+
 def test_diverging_trials_fail_and_the_sweep_goes_on_until_that_is_all_it_does(workspace):
     sweep = _sweep_file(workspace, "diverging", pruner="none", trials=2, space={"training.lr": {"choices": [1e12]}})
     result = _sweep_cli(workspace, sweep)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from ..core.errors import LoraConfigError, TrainingDivergedError
+from ..core.errors import LoraConfigError, TrainingDivergedError, TrainingOutputError
 from .search_space import SearchSpace, SearchSpaceError, yaml_text
 
 __all__ = ["SweepConfig", "grid", "load_sweep", "open_study", "run_sweep"]
@@ -237,6 +237,7 @@ def open_study(config: SweepConfig, study_name: str | None = None, storage: str 
 
     Raises:
         LoraConfigError: the study exists with another objective, base or search space.
+        TrainingOutputError: ``output_dir/trials`` holds trial folders that this study did not write.
     """
     import optuna
 
@@ -244,7 +245,9 @@ def open_study(config: SweepConfig, study_name: str | None = None, storage: str 
     recorded = json.dumps({k: v for k, v in dataclasses.asdict(config).items() if k not in ("trials", "output_dir")}, sort_keys=True)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=config.pruner_startup_trials) if config.pruner == "median" else optuna.pruners.NopPruner()
     with _creation_lock(config):  # two processes creating one database's tables at once collide
-        study = optuna.create_study(study_name=name, storage=_storage(config, storage), direction=config.direction, pruner=pruner,
+        rdb = _storage(config, storage)
+        _refuse_foreign_trials(rdb, name, config.output_dir)
+        study = optuna.create_study(study_name=name, storage=rdb, direction=config.direction, pruner=pruner,
                                     load_if_exists=True)
         existing = study.user_attrs.get("sweep")
         if existing is None:
@@ -253,6 +256,21 @@ def open_study(config: SweepConfig, study_name: str | None = None, storage: str 
         raise LoraConfigError(f"study {name!r} was made by a sweep with other settings (base, space, objective, sampler, seed); "
                               "sweep into another output_dir or pass another --study name.")
     return study
+
+
+def _refuse_foreign_trials(storage, name: str, output_dir: str) -> None:
+    """Trial folders are named by trial number: one the study never assigned would be overwritten or mixed in."""
+    import optuna
+
+    folders = [p for p in sorted((Path(output_dir) / "trials").glob("trial-*")) if p.is_dir() and any(p.iterdir())]
+    known = set()  # read after listing the folders: a trial records its folder before creating it, so no race
+    if folders and name in optuna.get_all_study_names(storage):
+        known = {t.user_attrs.get("folder") for t in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)}
+    foreign = [p for p in folders if str(p) not in known]
+    if foreign:
+        raise TrainingOutputError(f"{foreign[0]} holds files study {name!r} did not write (another study in the "
+                                  "same output_dir, or its database replaced): move the folder away, or give the sweep "
+                                  "another output_dir.")
 
 
 def run_sweep(config: SweepConfig, space: SearchSpace, study_name: str | None = None, storage: str | None = None,
@@ -271,6 +289,7 @@ def run_sweep(config: SweepConfig, space: SearchSpace, study_name: str | None = 
 
     Raises:
         LoraConfigError: the study exists with other sweep settings.
+        TrainingOutputError: ``output_dir/trials`` holds trial folders that this study did not write.
     """
     import optuna
 
