@@ -71,9 +71,10 @@ def write_fake_bigbench(cache: Path, tasks: dict[str, dict]) -> Path:
     return archive
 
 
-def tiny_trainer(model_dir: Path, output: Path, items=None, lora=None, **training):
+def tiny_trainer(model_dir: Path, output: Path, items=None, lora=None, evaluate=None, **training):
     """A Trainer for a LoRA (r=4 on q/v unless `lora` says otherwise) on the tiny model in `model_dir`, learning
-    parity from 40 items (or `items`), 10 steps of batch 4, a checkpoint every 2 steps; `training` overrides."""
+    parity from 40 items (or `items`), 10 steps of batch 4, a checkpoint every 2 steps, `evaluate` as its validation
+    (none by default); `training` overrides."""
     from lorakit import LoraConfig, base_models, get_lora_model
     from lorakit.core.examples import tokenize_example
     from lorakit.training.trainer import Trainer, TrainingConfig
@@ -82,7 +83,7 @@ def tiny_trainer(model_dir: Path, output: Path, items=None, lora=None, **trainin
     lora_model = get_lora_model(model, lora or LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     items = items or [tokenize_example(tokenizer, f"{i} even?", "yes" if i % 2 == 0 else "no", 32) for i in range(40)]
     config = TrainingConfig(**({"output_dir": str(output), "steps": 10, "batch_size": 4, "save_every": 2} | training))
-    return Trainer(lora_model, items, config, tokenizer.pad_token_id)
+    return Trainer(lora_model, items, config, tokenizer.pad_token_id, evaluate)
 
 
 def slowed_cli(argv: list[str], seconds: float) -> str:

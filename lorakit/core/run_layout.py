@@ -5,6 +5,7 @@
   adapter/                      the trained adapter (PEFT format)
   adapter_for_original_base/    PiSSA/MiLoRA or PLoRA runs: the update as a plain LoRA for the original base
   checkpoints/step-NNNNNN/      adapter/ (or trainable.safetensors) + trainer_state.pt, one folder per save
+                                (+ best.safetensors with early stopping)
   plora/stage-NNNN.safetensors  PLoRA: the factors of every unload
   metrics.jsonl                 one JSON line per optimizer step
   loss.png  summary.md  config.yaml  update_diagnostics.png
@@ -45,6 +46,7 @@ class RunLayout:
 
     STATE_FILE = "trainer_state.pt"  # inside a checkpoint
     TRAINABLE_FILE = "trainable.safetensors"  # inside a checkpoint of a model that is not a LoraModel
+    BEST_FILE = "best.safetensors"  # inside a checkpoint of an early-stopping run: the best evaluation's trained tensors
 
     def checkpoint(self, step: int) -> Path:
         """The checkpoint folder of optimizer step `step`.

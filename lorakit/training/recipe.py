@@ -20,6 +20,7 @@ from ..core.atomic import atomic_write, atomic_write_text
 from ..core.errors import LoraConfigError
 from ..core.run_layout import RunLayout
 from ..core.validation import coerce
+from .early_stopping import check_early_stopping
 from .settings import (
     SECTIONS,
     DataSection,
@@ -159,6 +160,10 @@ def _summary(config: RunConfig, before: dict, after: dict, trainable: int, total
     if trainer is not None and trainer.world > 1:
         how = f"FSDP, {trainer.weights_share:.0%} of the weights on each" if trainer.sharded else "DDP, the whole model on each"
         rows.append(("processes", f"{trainer.world} ({how})"))
+    if trainer is not None and trainer.early_stopping is not None:
+        stopping = trainer.early_stopping
+        how = f"stopped at step {trainer.step}" if stopping.stopped else f"ran all {trainer.step} steps"
+        rows.append(("early stopping", f"{how}; adapter of step {stopping.best_step} (validation loss {stopping.best_loss:.4f})"))
     if plora is not None:
         share = 100 * plora.unload_seconds / max(seconds, 1e-9)
         rows.append(("PLoRA unloads", f"{len(plora.stages)}, {plora.unload_seconds:.2f} s ({share:.2f}% of training)"))
@@ -242,8 +247,9 @@ def run(config: RunConfig, on_eval: Callable[[int, dict], None] | None = None, v
         validate: also evaluate the fine-tuned model on the validation split (a sweep's objective).
 
     Returns:
-        On the main process ``{"before", "after", "trainable", "seconds"}``: the zero-shot evaluation (empty when
-        resuming), the fine-tuned one, the trainable parameter count and the training time, and with `validate`
+        On the main process ``{"before", "after", "trainable", "seconds", "steps"}``: the zero-shot evaluation (empty
+        when resuming), the fine-tuned one, the trainable parameter count, the training time and the steps trained;
+        with early stopping ``"early_stopping"`` (best step and loss, whether it stopped); with `validate`
         ``"validation"``: the fine-tuned evaluation on the validation split; ``{}`` on other processes.
 
     Raises:
@@ -274,6 +280,7 @@ def run(config: RunConfig, on_eval: Callable[[int, dict], None] | None = None, v
             f"the training split has {len(splits.train)} items, fewer than one batch of training.batch_size="
             f"{config.training.batch_size}: lower the batch size or the test/validation sizes."
         )
+    check_early_stopping(config.training.early_stopping_patience, bool(splits.validation))
     model, tokenizer = base_models.load(config.model.name, task.model_task, task.num_labels, getattr(torch, config.model.dtype),
                                         config.model.quantization)
     sizes = config.training.eval_batch_size, config.training.max_length
@@ -330,7 +337,9 @@ def run(config: RunConfig, on_eval: Callable[[int, dict], None] | None = None, v
     atomic_write_text(layout.summary, table + "\n")
     atomic_write_text(layout.config, yaml.safe_dump(config.to_dict(), sort_keys=False))
     print("\n" + table)
-    result = {"before": before, "after": after, "trainable": trainable, "seconds": seconds}
+    result = {"before": before, "after": after, "trainable": trainable, "seconds": seconds, "steps": trainer.step}
+    if trainer.early_stopping is not None:
+        result["early_stopping"] = trainer.early_stopping.state_dict()
     return result | ({"validation": validation} if validate else {})
 
 

@@ -51,6 +51,10 @@ class TrainingConfig:
     # causal-LM LoRA, PLoRA and IA3)
     packing: bool = False
     group_by_length: bool = False  # batches of items of similar length (less padding), still a seeded random order
+    # stop after this many evaluations (every eval_every steps) without a lower validation loss, and keep the best
+    # evaluation's adapter; 0: train all the steps
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0  # how much lower a validation loss must be to count as better
     # which adapter trains: "lora" (the lora section), "plora" (lora + periodic unloading, the plora section),
     # or "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "lst" (each configured by the section of that name)
     method: Literal["lora", "plora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "lst"] = "lora"
@@ -60,11 +64,15 @@ class TrainingConfig:
         check_range(bool(self.output_dir.strip()), "training.output_dir", self.output_dir, "name a folder")
         for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size"):
             check_range(getattr(self, name) >= 1, f"training.{name}", getattr(self, name), "use an integer >= 1")
-        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+        for name in ("warmup_steps", "eval_every", "save_every", "seed", "early_stopping_patience"):
             check_range(getattr(self, name) >= 0, f"training.{name}", getattr(self, name), "use an integer >= 0")
         check_range(self.lr > 0, "training.lr", self.lr, "use a learning rate > 0, e.g. 2e-4")
         check_range(self.weight_decay >= 0, "training.weight_decay", self.weight_decay, "use a number >= 0")
         check_range(self.max_grad_norm >= 0, "training.max_grad_norm", self.max_grad_norm, "use a number >= 0 (0: no clipping)")
+        check_range(self.early_stopping_min_delta >= 0, "training.early_stopping_min_delta", self.early_stopping_min_delta,
+                    "use a number >= 0")
+        check_range(self.eval_every > 0 or not self.early_stopping_patience, "training.early_stopping_patience",
+                    self.early_stopping_patience, "early stopping reads the evaluations every training.eval_every steps: set eval_every > 0")
         check_range(self.batch_size % self.grad_accum == 0, "training.grad_accum", self.grad_accum,
                     f"it must divide training.batch_size={self.batch_size}")
 

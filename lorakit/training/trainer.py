@@ -39,6 +39,7 @@ from ..core.lora_model import LoraModel
 from ..core.peft_format import read_adapter
 from ..core.run_layout import RunLayout
 from ..methods.plora.periodic import stage_lr_lambda
+from .early_stopping import EarlyStopping, check_early_stopping
 from .objectives import ClassificationObjective, CompletionObjective, TrainingObjective
 from .precision import Precision, enable_activation_checkpointing
 from .settings import TrainingConfig
@@ -206,6 +207,7 @@ class Trainer:
         # Not prepared: accelerate's scheduler wrapper steps once per process, which would run the
         # schedule N times too fast; one optimizer step here is one global batch.
         self.plora = plora  # a PeriodicLoRA: unloads the adapter into the base at each stage end
+        self.early_stopping = self._early_stopping(plora)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor())
         self.step = 0
         self.layout = RunLayout(config.output_dir)
@@ -214,6 +216,15 @@ class Trainer:
             self._resume()
         else:
             check_output_dir(config)
+
+    def _early_stopping(self, plora) -> EarlyStopping | None:
+        if not self.config.early_stopping_patience:
+            return None
+        check_early_stopping(self.config.early_stopping_patience, self.evaluate is not None)
+        if plora is not None:
+            raise LoraConfigError("PLoRA unloads the adapter into the base as it trains, so an earlier adapter cannot be put "
+                                  "back: train PLoRA with training.early_stopping_patience: 0.")
+        return EarlyStopping(self.config.early_stopping_patience, self.config.early_stopping_min_delta)
 
     def _check_sharding(self, model: torch.nn.Module, plora) -> bool:
         """Whether this run shards its base (``training.fsdp``), refusing what sharding cannot carry."""
@@ -340,21 +351,27 @@ class Trainer:
         history = []
         self.model.train()  # HF models load in eval mode; dropout belongs to training
         bar = tqdm(total=self.config.steps, initial=self.step, desc="training", disable=not self.is_main)
-        while self.step < self.config.steps:
+        stopping = self.early_stopping
+        while self.step < self.config.steps and not (stopping and stopping.stopped):
             metrics, evaluation = self.train_step(), None
             if self.evaluate and self.config.eval_every and self.step % self.config.eval_every == 0:
                 with self.precision.autocast():
                     evaluation = self.evaluate()
                 metrics |= {f"eval_{k}": v for k, v in evaluation.items()}
+                if stopping and stopping.update(self.step, evaluation["loss"], self._trainable_live()):
+                    metrics |= {"early_stop": True, "best_step": stopping.best_step}
             history.append(metrics)
             self._log(metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             if evaluation is not None and self.on_eval is not None:  # e.g. a sweep's pruner, which may stop the run by raising
                 self.on_eval(self.step, evaluation)
-            if self.config.save_every and (self.step % self.config.save_every == 0 or self.step == self.config.steps):
+            finished = self.step == self.config.steps or (stopping and stopping.stopped)
+            if self.config.save_every and (self.step % self.config.save_every == 0 or finished):
                 self.save_checkpoint()
         bar.close()
+        if stopping:  # the best evaluation's adapter is the run's
+            stopping.restore(self._trainable_live())
         return history
 
     def finish(self) -> None:
@@ -399,6 +416,9 @@ class Trainer:
             }
             if self.plora is not None:
                 state["plora"] = self.plora.state_dict()
+            if self.early_stopping is not None:
+                state["early_stopping"] = self.early_stopping.state_dict()
+                save_file(self.early_stopping.best_tensors, staging / RunLayout.BEST_FILE)
             torch.save(state, staging / RunLayout.STATE_FILE)
         return target
 
@@ -425,6 +445,8 @@ class Trainer:
         self.precision.load_state_dict(state.get("scaler", {}))
         if self.plora is not None:
             self.plora.load_state_dict(state["plora"])
+        if self.early_stopping is not None:
+            self.early_stopping.load_state_dict(state["early_stopping"], load_file(checkpoint / RunLayout.BEST_FILE))
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         self.step = state["step"]
