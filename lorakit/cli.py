@@ -207,8 +207,10 @@ def _hub_learn(args: argparse.Namespace) -> None:
     import random
 
     from .methods.lorahub import compose, search, settings
+    from .methods.lorahub.library import expand_libraries
     from .training import base_models, data
 
+    args.modules = [str(module) for module in expand_libraries(args.modules)]
     _positive(args.n_examples, "--n-examples")
     search.check_search_settings(args.budget, args.lam, settings.DEFAULTS["bounds"], args.population)
     search.nevergrad_name(args.optimizer)
@@ -228,6 +230,17 @@ def _hub_learn(args: argparse.Namespace) -> None:
     print(f"best objective {min(result.losses):.4f} after {len(result.losses)} evaluations ({result.seconds:.1f} s)")
     print("weights: " + ", ".join(f"{Path(m).name}={w:+.3f}" for m, w in zip(args.modules, result.weights)))
     print(f"composed adapter, lorahub.json and lorahub.png written to {out}")
+
+
+def _hub_build(args: argparse.Namespace) -> None:
+    from .training.hub_build import build_library
+
+    records = build_library(args.tasks, args.out, args.config, args.overrides)
+    for record in records:
+        before = "n/a" if record["accuracy_before"] is None else f"{record['accuracy_before']:.3f}"
+        print(f"{record['folder']}: {before} -> {record['accuracy_after']:.3f} own-task accuracy, best step {record['best_step']} "
+              f"of {record['steps']}")
+    print(f"{len(records)} modules; library.json and library.png written to {args.out}")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -325,8 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     hub_parser = commands.add_parser("lorahub", aliases=["hub"], help="LoraHub: compose trained LoRA modules for a new task from a few examples")
     hub_commands = hub_parser.add_subparsers(dest="hub_command", required=True)
+    hub_build = hub_commands.add_parser("build", help="train one LoRA module per task into a library folder (early stopping, resumable)")
+    hub_build.add_argument("--tasks", required=True, help="comma-separated BIG-bench tasks or data files, or a file with one per line")
+    hub_build.add_argument("--out", required=True, help="the library folder")
+    hub_build.add_argument("--config", help="a `lorakit train` YAML file for every module (default: the paper's r=16 q/v modules)")
+    hub_build.add_argument("overrides", nargs="*", help="section.key=value settings for every module, e.g. training.lr=1e-3")
+    hub_build.set_defaults(func=_hub_build)
     hub_learn = hub_commands.add_parser("learn", help="find module weights on a few examples (gradient-free)")
-    hub_learn.add_argument("--modules", nargs="+", required=True, help="adapter directories (same targets and rank)")
+    hub_learn.add_argument("--modules", nargs="+", required=True, help="adapter directories and/or library folders from `hub build` (same targets and rank)")
     hub_learn.add_argument("--examples", required=True, help="a .jsonl/.csv/.parquet file or bigbench:TASK")
     hub_learn.add_argument("--out", required=True, help="where the composed adapter goes")
     hub_learn.add_argument("--model", default=ModelSection().name)

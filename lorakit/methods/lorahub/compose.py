@@ -18,6 +18,7 @@ from ...core.loading import adapter_state_dict
 from ...core.lora_model import LoraModel
 from ...core.peft_format import read_adapter, write_adapter
 from ...core.validation import is_finite_number
+from .library import expand_libraries
 
 __all__ = ["HubModule", "as_module", "compose", "load_modules"]
 
@@ -75,20 +76,21 @@ _RESIDUAL_MODULE = (
 
 
 def load_modules(items: Sequence) -> list[HubModule]:
-    """Adapter directories, `HubModule`s or ``(LoraModel, adapter_name)`` pairs, checked to fit together.
+    """Adapter directories, library folders, `HubModule`s or ``(LoraModel, adapter_name)`` pairs, checked to fit together.
 
     Args:
-        items: adapter directories, `HubModule`s or ``(LoraModel, adapter_name)`` pairs.
+        items: adapter directories, library folders (``lorakit hub build``: every module in its index), `HubModule`s
+            or ``(LoraModel, adapter_name)`` pairs.
 
     Returns:
-        One `HubModule` per item, in order.
+        One `HubModule` per module, in order.
 
     Raises:
         AdapterLoadError: a directory's adapter is missing or corrupt.
-        LoraConfigError: there is no item, a module is PiSSA/MiLoRA or holds more than LoRA factors (modules_to_save,
+        LoraConfigError: there is no item, a library index is missing a module, a module is PiSSA/MiLoRA or holds more than LoRA factors (modules_to_save,
             biases), or the modules differ in keys, shapes, ``lora_alpha``, ``use_rslora`` or ``alpha_pattern``.
     """
-    modules = [as_module(item) for item in items]
+    modules = [as_module(item) for item in expand_libraries(items)]
     _check_compatible(modules)
     return modules
 
