@@ -384,6 +384,10 @@ class LoraLinear(LoraLayer):
         check_rows(x, rows)
         A, sB = self._row_factors(rows)  # (batch, r, in), (batch, out, r)
         x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)  # (batch, seq, in)
+        rates = [self.dropout.get(name, 0.0) for name in rows.names] + [0.0]  # per slot; the base slot has none
+        if self.training and any(rates):  # training several adapters at once: each row with its adapter's dropout
+            keep = 1 - torch.tensor(rates, device=x3.device, dtype=x3.dtype)[rows.row_slot][:, None, None]  # (batch, 1, 1)
+            x3 = x3 * torch.bernoulli(keep.expand_as(x3)) / keep
         xa = torch.bmm(x3, A.transpose(1, 2))  # (batch, seq, r)
         out = torch.bmm(xa, sB.transpose(1, 2))  # (batch, seq, out)
         return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
