@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -89,7 +90,9 @@ def run_variant(name: str, args, seed: int, train_items, test_items, pad_id: int
     model, _ = base_models.load("minilm", task="classification", num_labels=2)
     model = prepare(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    config = TrainingConfig(output_dir=str(args.scratch / f"{name}-{seed}".replace(" ", "_").replace("/", "-")), steps=args.steps,
+    scratch = args.scratch / f"{name}-{seed}".replace(" ", "_").replace("/", "-")
+    shutil.rmtree(scratch, ignore_errors=True)  # a killed earlier attempt's checkpoints: the result is the JSON, not this
+    config = TrainingConfig(output_dir=str(scratch), steps=args.steps,
                             batch_size=args.batch_size, lr=lr, warmup_steps=10, save_every=0, eval_every=0, seed=seed)
     trainer = Trainer(model, train_items, config, pad_id, objective=ClassificationObjective(pad_id))
     started = time.perf_counter()
