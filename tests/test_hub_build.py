@@ -20,6 +20,7 @@ from test_train import _env
 from lorakit import LoraConfigError, lorahub
 from lorakit.methods.lorahub.library import library_adapters
 from lorakit.training.hub_build import module_folder, read_tasks
+from lorakit.training.trainer import latest_checkpoint
 
 SMALL = ["training.steps=12", "training.batch_size=4", "training.eval_every=2", "training.save_every=2", "training.max_length=32",
          "training.eval_batch_size=8", "training.lr=0.01", "training.warmup_steps=1", "data.test_size=12", "data.validation_size=8",
@@ -94,7 +95,7 @@ def test_a_killed_build_keeps_its_finished_modules_and_resumes_the_interrupted_o
                                stderr=subprocess.DEVNULL)
     second = hub_workspace / "killed" / "oddness"
     deadline = time.time() + 600
-    while not (second / "checkpoints").is_dir() and time.time() < deadline and process.poll() is None:
+    while latest_checkpoint(second) is None and time.time() < deadline and process.poll() is None:  # a complete one
         time.sleep(0.2)
     process.send_signal(signal.SIGKILL)
     process.wait()

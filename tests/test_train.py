@@ -106,6 +106,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(workspace):
     assert straight.keys() == resumed.keys()
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=0, msg=key)
+    zero_shot = [line for line in (workspace / "straight" / "summary.md").read_text().splitlines() if "zero-shot" in line or "before" in line]
+    assert zero_shot and zero_shot == [line for line in (workspace / "killed" / "summary.md").read_text().splitlines()
+                                       if "zero-shot" in line or "before" in line]  # kept from before the kill
 
 
 def _free_port() -> int:

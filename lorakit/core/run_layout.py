@@ -8,6 +8,7 @@
                                 (+ best.safetensors with early stopping)
   plora/stage-NNNN.safetensors  PLoRA: the factors of every unload
   metrics.jsonl                 one JSON line per optimizer step
+  zero_shot.json                the untrained model's test evaluation and sample answers (read back on resume)
   loss.png  summary.md  config.yaml  update_diagnostics.png
 ```
 """
@@ -41,6 +42,7 @@ class RunLayout:
     metrics = property(lambda self: self.root / "metrics.jsonl")
     loss_plot = property(lambda self: self.root / "loss.png")
     summary = property(lambda self: self.root / "summary.md")
+    zero_shot = property(lambda self: self.root / "zero_shot.json")  # the base's test scores, kept for a resumed run
     config = property(lambda self: self.root / "config.yaml")
     diagnostics_plot = property(lambda self: self.root / "update_diagnostics.png")
 

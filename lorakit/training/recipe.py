@@ -235,6 +235,20 @@ def _objective(config: RunConfig, task, model, items, pad_id: int):
     return PackedCompletionObjective(pad_id, config.training.max_length)
 
 
+def _zero_shot(layout: RunLayout, resume: bool, measure: Callable[[], tuple[dict, list[str]]]) -> tuple[dict, list[str]]:
+    """The untrained model's test evaluation and sample answers: measured and kept in the run folder, or on resume
+    read back from it (``({}, [])`` when the resumed run never kept them)."""
+    if resume:
+        if not layout.zero_shot.is_file():
+            return {}, []
+        kept = json.loads(layout.zero_shot.read_text())
+        return kept["evaluation"], kept["answers"]
+    evaluation, answers = measure()
+    layout.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(layout.zero_shot, json.dumps({"evaluation": evaluation, "answers": answers}) + "\n")
+    return evaluation, answers
+
+
 def run(config: RunConfig, on_eval: Callable[[int, dict], None] | None = None, validate: bool = False) -> dict[str, Any]:
     """Train and evaluate as `config` says; returns the summary numbers.
 
@@ -284,9 +298,9 @@ def run(config: RunConfig, on_eval: Callable[[int, dict], None] | None = None, v
     model, tokenizer = base_models.load(config.model.name, task.model_task, task.num_labels, getattr(torch, config.model.dtype),
                                         config.model.quantization)
     sizes = config.training.eval_batch_size, config.training.max_length
-    before = {} if config.training.resume else task.evaluate(model, tokenizer, splits.test, *sizes)
     samples = splits.test[:SAMPLES]
-    answers_before = [] if config.training.resume else task.sample_answers(model, tokenizer, samples)
+    before, answers_before = _zero_shot(layout, config.training.resume, lambda: (
+        task.evaluate(model, tokenizer, splits.test, *sizes), task.sample_answers(model, tokenizer, samples)))
     torch.manual_seed(config.training.seed)  # the adapter's init is part of the run: seed it
     items = task.items(tokenizer, splits.train, config.training.max_length)
     adapted = _adapted_model(model, tokenizer, config, items, task)
