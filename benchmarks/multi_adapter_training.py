@@ -129,6 +129,16 @@ class Bench:
         return {name: {k: v.detach().clone() for k, v in state(name).items()} for name in self.names}
 
 
+def padding_shares(items: dict[str, list[dict]], config: TrainingConfig, pad_id: int) -> dict[str, float]:
+    """The share of padding in the batches each way: every module's rows padded together, or each batch alone."""
+    batches = batches_of(items, config)
+    together = [[row for name in items for row in batches[name][step]] for step in range(config.steps)]
+    alone = [batch for name in items for batch in batches[name]]
+    share = lambda groups: 1 - sum(int(collate(g, pad_id)["attention_mask"].sum()) for g in groups) / sum(  # noqa: E731
+        collate(g, pad_id)["input_ids"].numel() for g in groups)
+    return {"together": share(together), "one by one": share(alone)}
+
+
 def largest_difference(a: dict, b: dict) -> float:
     return max(float((a[n][k] - b[n][k]).abs().max()) for n in a for k in a[n])
 
@@ -157,13 +167,16 @@ def main() -> None:
     for kind in KINDS:
         lines.append(f"| {kind} | {speed[kind]:.0f} | {speed[kind] / speed['floor']:.2f}x | {speed[kind] / speed['lorakit one by one']:.2f}x "
                      f"| {speed[kind] / speed['PEFT one by one']:.2f}x |")
+    padding = padding_shares(bench.items, bench.config, bench.tokenizer.pad_token_id)
+    lines += ["", "Padding in the batches: " + ", ".join(f"{k} {v:.0%}" for k, v in padding.items()) + " of the positions computed."]
     lines += ["", "Largest |difference| of the trained adapters (max over rounds): " +
               "; ".join(f"{what}: {max(values):.1e}" for what, values in differences.items())]
     text = "\n".join(lines) + "\n"
     suffix = "" if args.modules == 4 else f"_{args.modules}"
     atomic_write_text(RESULTS / f"multi_adapter_training{suffix}.md", text)
     atomic_write_text(RESULTS / f"multi_adapter_training{suffix}.json",
-                      json.dumps({"args": vars(args), "seconds": seconds, "tokens": bench.tokens, "differences": differences}, indent=1) + "\n")
+                      json.dumps({"args": vars(args), "seconds": seconds, "tokens": bench.tokens, "differences": differences,
+                                  "padding": padding}, indent=1) + "\n")
     print(text)
 
 
