@@ -68,7 +68,7 @@ def train_library(work: Path, steps: int) -> list[Path]:
 def icl_examples(shots: list[Example], test: list[Example]) -> list[Example]:
     """Each test question with the shots written before it (question, then its answer)."""
     context = "".join(f"{shot.prompt}\nAnswer: {shot.target}\n\n" for shot in shots)
-    return [Example(context + ex.prompt, ex.target, ex.options, ex.label) for ex in test]
+    return [Example(context + ex.prompt, ex.target, ex.options, ex.label, ex.targets) for ex in test]
 
 
 def prompt_tokens(tokenizer, examples: list[Example]) -> float:

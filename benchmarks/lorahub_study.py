@@ -36,7 +36,7 @@ import torch
 
 from lorakit import IA3Config, LoraConfig, LoraModel, base_models, get_peft_model, lorahub
 from lorakit.core.cache import cache_dir
-from lorakit.core.examples import Example, format_prompt, tokenize_example
+from lorakit.core.examples import Example, tokenize_example
 from lorakit.methods.lorahub.library import read_index
 from lorakit.training.data import load_examples
 from lorakit.training.evaluate import evaluate
@@ -45,6 +45,7 @@ from lorakit.training.trainer import Trainer, TrainingConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import cached_json, mean_sd  # noqa: E402
+from lorahub_bigbench import best_single_module, icl_examples, prompt_tokens  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "lorahub_study"
 MODEL = "smollm2-135m-instruct"
@@ -85,15 +86,6 @@ def split(task: str) -> tuple[list[Example], list[Example]]:
     return order[:test_size], order[test_size:]
 
 
-def prompt_tokens(tokenizer, examples: list[Example]) -> float:
-    return statistics.mean(len(tokenizer(format_prompt(tokenizer, ex), add_special_tokens=False)["input_ids"]) for ex in examples)
-
-
-def icl(shots: list[Example], test: list[Example]) -> list[Example]:
-    context = "".join(f"{shot.prompt}\nAnswer: {shot.target}\n\n" for shot in shots)
-    return [Example(context + ex.prompt, ex.target, ex.options, ex.label, ex.targets) for ex in test]
-
-
 def fresh_base():
     return base_models.load(MODEL)[0]
 
@@ -102,16 +94,6 @@ def with_module(module: lorahub.HubModule):
     folder = Path(tempfile.mkdtemp())
     module.save(folder / "module")
     return LoraModel.from_pretrained(fresh_base(), folder / "module")
-
-
-def best_single(modules: list[Path], shots: list[Example], tokenizer) -> int:
-    """The module with the lowest few-shot loss: every one-hot weight vector in one batched population."""
-    objective = lorahub.HubObjective(fresh_base(), lorahub.load_modules(modules), shots, tokenizer, population=len(modules))
-    try:
-        losses = objective.population_loss(torch.eye(len(modules)))
-    finally:
-        objective.close()
-    return min(range(len(losses)), key=losses.__getitem__)
 
 
 def few_shot_trained(method: str, shots: list[Example], tokenizer, seed: int):
@@ -140,7 +122,7 @@ def adapted(method: str, task_modules: list[str], shots: list[Example], tokenize
         result = lorahub.learn(fresh_base(), modules, shots, tokenizer, optimizer=optimizer, seed=seed, merge=True, progress=False)
         return result.model, {"weights": dict(zip(task_modules, result.weights)), "best_loss": min(result.losses)}
     if method == "best single module":
-        chosen = best_single(modules, shots, tokenizer)
+        chosen = best_single_module(fresh_base(), modules, shots, tokenizer)
         return LoraModel.from_pretrained(fresh_base(), modules[chosen]), {"module": task_modules[chosen]}
     if method == "uniform average":
         return with_module(lorahub.compose(modules, [1 / len(modules)] * len(modules))), {}
@@ -156,7 +138,7 @@ def measure(task: str, method: str, seed: int, task_modules: list[str], work: Pa
     started = time.perf_counter()
     model, extra = adapted(method, task_modules, shots, tokenizer, seed, work)
     seconds = time.perf_counter() - started
-    questions = icl(shots, test) if method == "5-shot ICL" else test
+    questions = icl_examples(shots, test) if method == "5-shot ICL" else test
     score = evaluate(model, tokenizer, questions)
     return {"accuracy": score["accuracy"], "majority": score["majority"], "items": score["items"], "seconds": seconds,
             "tokens": prompt_tokens(tokenizer, questions), **extra}
