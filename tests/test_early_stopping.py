@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 from test_train import _config_file, _env
 
 from lorakit import LoraConfigError
-from lorakit.training.early_stopping import EarlyStopping
+from lorakit.training.early_stopping import EarlyStopping, early_stopping_for
 from lorakit.training.recipe import load_run_config
+from lorakit.training.settings import TrainingConfig
 
 
 @settings(max_examples=200, deadline=None)
@@ -98,6 +99,9 @@ def test_a_killed_early_stopping_run_resumes_to_the_same_stop_and_adapter(worksp
 def test_early_stopping_needs_evaluations_and_a_validation_split(workspace, tmp_path):
     with pytest.raises(LoraConfigError, match="set eval_every > 0"):
         load_run_config(None, ["training.early_stopping_patience=3", "training.eval_every=0"])
+    with pytest.raises(LoraConfigError, match="PLoRA unloads the adapter"):
+        early_stopping_for(TrainingConfig(early_stopping_patience=2), has_validation=True, periodic_unloading=True)
+    assert early_stopping_for(TrainingConfig(), has_validation=False, periodic_unloading=True) is None  # off: no checks
     with pytest.raises(LoraConfigError, match="give the run a validation split"):
         tiny_trainer(workspace / "model", tmp_path / "none", early_stopping_patience=3)
     config = _config_file(workspace, "novalidation", steps=2, early_stopping_patience=2)

@@ -16,7 +16,7 @@ import torch
 
 from ..core.errors import LoraConfigError
 
-__all__ = ["EarlyStopping", "check_early_stopping"]
+__all__ = ["EarlyStopping", "check_early_stopping", "early_stopping_for"]
 
 
 def check_early_stopping(patience: int, has_validation: bool) -> None:
@@ -32,6 +32,29 @@ def check_early_stopping(patience: int, has_validation: bool) -> None:
     if patience and not has_validation:
         raise LoraConfigError("training.early_stopping_patience stops on the validation loss: give the run a validation "
                               "split (data.validation_size > 0) or set early_stopping_patience: 0.")
+
+
+def early_stopping_for(config, has_validation: bool, periodic_unloading: bool) -> EarlyStopping | None:
+    """The early stopping a trainer with `config` runs, or None when ``training.early_stopping_patience`` is 0.
+
+    Args:
+        config: the `TrainingConfig`.
+        has_validation: whether the run evaluates on a validation split.
+        periodic_unloading: whether the run is PLoRA (it folds the adapter into the base as it trains).
+
+    Returns:
+        A fresh `EarlyStopping`, or None.
+
+    Raises:
+        LoraConfigError: early stopping without a validation split, or with PLoRA.
+    """
+    if not config.early_stopping_patience:
+        return None
+    check_early_stopping(config.early_stopping_patience, has_validation)
+    if periodic_unloading:
+        raise LoraConfigError("PLoRA unloads the adapter into the base as it trains, so an earlier adapter cannot be put "
+                              "back: train PLoRA with training.early_stopping_patience: 0.")
+    return EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta)
 
 
 @dataclass

@@ -39,7 +39,7 @@ from ..core.lora_model import LoraModel
 from ..core.peft_format import read_adapter
 from ..core.run_layout import RunLayout
 from ..methods.plora.periodic import stage_lr_lambda
-from .early_stopping import EarlyStopping, check_early_stopping
+from .early_stopping import early_stopping_for
 from .objectives import ClassificationObjective, CompletionObjective, TrainingObjective
 from .precision import Precision, enable_activation_checkpointing
 from .settings import TrainingConfig
@@ -207,7 +207,7 @@ class Trainer:
         # Not prepared: accelerate's scheduler wrapper steps once per process, which would run the
         # schedule N times too fast; one optimizer step here is one global batch.
         self.plora = plora  # a PeriodicLoRA: unloads the adapter into the base at each stage end
-        self.early_stopping = self._early_stopping(plora)
+        self.early_stopping = early_stopping_for(config, evaluate is not None, plora is not None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor())
         self.step = 0
         self.layout = RunLayout(config.output_dir)
@@ -216,15 +216,6 @@ class Trainer:
             self._resume()
         else:
             check_output_dir(config)
-
-    def _early_stopping(self, plora) -> EarlyStopping | None:
-        if not self.config.early_stopping_patience:
-            return None
-        check_early_stopping(self.config.early_stopping_patience, self.evaluate is not None)
-        if plora is not None:
-            raise LoraConfigError("PLoRA unloads the adapter into the base as it trains, so an earlier adapter cannot be put "
-                                  "back: train PLoRA with training.early_stopping_patience: 0.")
-        return EarlyStopping(self.config.early_stopping_patience, self.config.early_stopping_min_delta)
 
     def _check_sharding(self, model: torch.nn.Module, plora) -> bool:
         """Whether this run shards its base (``training.fsdp``), refusing what sharding cannot carry."""
