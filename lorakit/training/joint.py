@@ -22,9 +22,10 @@ from tqdm import tqdm
 from ..core.errors import LoraConfigError, TrainingDivergedError
 from ..core.examples import collate, completion_logprobs
 from ..core.lora_model import LoraModel
+from .data_order import batch_indices
 from .objectives import CompletionObjective
 from .settings import TrainingConfig
-from .trainer import batch_indices, lr_lambda
+from .trainer import lr_lambda
 
 __all__ = ["train_together"]
 
