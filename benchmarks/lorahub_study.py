@@ -293,6 +293,31 @@ def plot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def weights_plot(results: dict, path: Path) -> None:
+    """The weights LoraHub (NGOpt, q/v library) found: held-out task x module, the mean over the seeds that drew
+    the module (blank where none did). Evidence for what the search used, next to what it scored."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = torch.full((len(HELD_OUT), len(UPSTREAM)), float("nan"))  # (held-out task, module)
+    for i, task in enumerate(HELD_OUT):
+        for j, module in enumerate(UPSTREAM):
+            drawn = [row["weights"][module] for row in results[task]["LoraHub NGOpt"] if module in row["weights"]]
+            if drawn:
+                grid[i, j] = statistics.mean(drawn)
+    figure, axis = plt.subplots(figsize=(13, 5))
+    image = axis.imshow(grid.numpy(), cmap="RdBu_r", vmin=-1.5, vmax=1.5, aspect="auto")
+    axis.set_xticks(range(len(UPSTREAM)), UPSTREAM, rotation=60, ha="right", fontsize=7)
+    axis.set_yticks(range(len(HELD_OUT)), HELD_OUT, fontsize=8)
+    figure.colorbar(image, label="weight (mean over seeds)")
+    axis.set_title("Weights LoraHub (NGOpt) gave each library module, per held-out task")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", choices=["library", "sanity", "held-out", "landscape", "report", "all"], default="all")
@@ -312,6 +337,7 @@ def main() -> None:
         results = held_out(work, args.seeds)
         lines += [f"## Ten held-out tasks, seeds {args.seeds}", ""] + held_out_lines(results)
         plot(results, RESULTS / "held_out.png")
+        weights_plot(results, RESULTS / "weights.png")
         (RESULTS / "held_out.json").write_text(json.dumps(results, indent=1) + "\n")
     if args.stage in ("landscape", "all"):
         lines += ["", "## Along the found direction", ""] + landscape_lines(work, args.seeds)

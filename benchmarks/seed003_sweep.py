@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,7 @@ from lorakit.training.sweep import load_sweep, open_study, run_sweep  # noqa: E4
 
 RESULTS = Path(__file__).parent / "results"
 FOLDER = RESULTS / "seed003_sweep"
+STEPS = 150  # per trial, as in seed003_minilm.py
 SPACE = {
     "lora.r": {"choices": [4, 8, 16, 32]},
     "lora.lora_alpha": {"choices": [8, 16, 32, 64]},
@@ -78,7 +80,7 @@ def write_sweep(folder: Path, pruning: bool, trials: int) -> Path:
         "base": {"model": {"name": "minilm", "task": "classification"},
                  "data": {"source": str(source.resolve()), "test_size": 200, "validation_size": 300, "seed": 0},
                  "lora": {"r": 8, "lora_alpha": 16, "target_modules": ["query", "value"]},
-                 "training": {"steps": 150, "batch_size": 32, "max_length": 128, "eval_every": 25, "save_every": 0,
+                 "training": {"steps": STEPS, "batch_size": 32, "max_length": 128, "eval_every": 25, "save_every": 0,
                               "warmup_steps": 10, "eval_batch_size": 64, "output_dir": str(folder / "unused")}},
         "output_dir": str(Path("runs") / folder.name), "objective": "validation_accuracy", "sampler": "tpe",
         "pruner": "median" if pruning else "none", "trials": trials, "seed": 0, "space": SPACE,
@@ -115,17 +117,45 @@ def pair_without_pruning(pruned_study, config, storage: str) -> None:
             study.enqueue_trial(trial.params, user_attrs={"pruned_in_sweep_at": trial.last_step, "copied_from": trial.number})
 
 
-def pruned_trials_run_out(study, best_value: float) -> str:
-    """The pruned settings trained to the end: would any have beaten the pruned sweep's best?"""
+def step_speeds(trial) -> tuple[float, float]:
+    """Median tokens/s of a re-run trial over the steps it shares with its pruned original: (in the sweep, re-run).
+
+    Same settings, seed and data order, so the steps are the same work: a ratio away from 1 is the machine's load."""
+    def speeds(folder: Path) -> dict[int, float]:
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return {row["step"]: row["tokens_per_s"] for row in rows if "tokens_per_s" in row}
+
+    original = speeds(Path("runs") / FOLDER.name / "trials" / f"trial-{trial.user_attrs['copied_from']:04d}")
+    rerun = speeds(Path("runs") / f"{FOLDER.name}_no_pruning" / "trials" / f"trial-{trial.number:04d}")
+    shared = sorted(set(original) & set(rerun))
+    return statistics.median(original[s] for s in shared), statistics.median(rerun[s] for s in shared)
+
+
+def pruned_trials_run_out(study, pruned_study) -> str:
+    """The pruned settings trained to the end: would any have beaten the pruned sweep's best? What did pruning save,
+    in steps (load-free) and in wall time, with the load of the machine shown (speeds of the same steps)?"""
     rerun = [t for t in study.trials if "pruned_in_sweep_at" in t.user_attrs and t.state.name == "COMPLETE"]
     if not rerun:
         return ""
+    speeds = {t.number: step_speeds(t) for t in rerun}
     rows = "".join(f"| {t.user_attrs['copied_from']} | {t.user_attrs['pruned_in_sweep_at']} | {t.value:.3f} | "
-                   f"{t.user_attrs['test_accuracy']:.3f} |\n" for t in sorted(rerun, key=lambda t: -t.value))
+                   f"{t.user_attrs['test_accuracy']:.3f} | {t.duration.total_seconds():.0f} | "
+                   f"{speeds[t.number][0]:.0f} / {speeds[t.number][1]:.0f} |\n" for t in sorted(rerun, key=lambda t: -t.value))
+    best_value = pruned_study.best_value
     beaten = sum(t.value > best_value for t in rerun)
-    return (f"\nThe {len(rerun)} pruned trials trained to the end ({beaten} beat the pruned sweep's best validation accuracy "
-            f"{best_value:.3f}):\n\n| sweep trial | pruned at step | validation accuracy | test accuracy (seed 0's split) |\n"
-            f"|---|---|---|---|\n{rows}")
+    finished = [t for t in pruned_study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    steps_pruned = sum(t.last_step if t.state.name == "PRUNED" else STEPS for t in finished)
+    original = {t.number: t.duration.total_seconds() for t in pruned_study.trials}
+    pruned_seconds = sum(original[t.user_attrs["copied_from"]] for t in rerun)
+    at_rerun_speed = sum(original[t.user_attrs["copied_from"]] * speeds[t.number][0] / speeds[t.number][1] for t in rerun)
+    total = sum(t.duration.total_seconds() for t in finished)
+    return (f"\nSteps trained: {steps_pruned} with pruning, {len(finished) * STEPS} without ({len(finished) * STEPS / steps_pruned:.2f}x; "
+            f"load-free). The pruned trials' partial runs took {pruned_seconds / 60:.0f} min in the sweep, "
+            f"{at_rerun_speed / 60:.0f} min at the speed their re-runs ran the same steps (the machine's load differed: "
+            f"tokens/s below), which puts the pruned sweep at {(total - pruned_seconds + at_rerun_speed) / 60:.0f} min.\n\n"
+            f"The {len(rerun)} pruned trials trained to the end ({beaten} beat the pruned sweep's best validation accuracy "
+            f"{best_value:.3f}):\n\n| sweep trial | pruned at step | validation accuracy | test accuracy (seed 0's split) | "
+            f"seconds | tokens/s over the shared steps: sweep / re-run |\n|---|---|---|---|---|---|\n{rows}")
 
 
 def main() -> None:
@@ -154,7 +184,7 @@ def main() -> None:
         else:
             unpruned_study = open_study(unpruned_config, storage=storage)
         lines.append(summary_line(unpruned_study, False))
-        tail = pruned_trials_run_out(unpruned_study, study.best_value)
+        tail = pruned_trials_run_out(unpruned_study, study)
     if not args.sweep_only:
         subprocess.run([sys.executable, str(Path(__file__).parent / "seed003_minilm.py"), "--variants", *FINAL], check=True)
     table = (RESULTS / "seed003_minilm.md").read_text()
