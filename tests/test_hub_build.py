@@ -5,6 +5,7 @@ kept, finished modules skipped and interrupted ones resumed, an index and a plot
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,6 +70,10 @@ def test_a_library_is_runs_with_their_best_adapters_an_index_and_a_plot(hub_work
 
     changed = _build(hub_workspace, "library", "training.early_stopping_patience=1")
     assert changed.returncode == 2 and "built with other settings" in changed.stderr
+
+    shutil.copytree(library, hub_workspace / "moved")  # a library moved elsewhere is still finished there
+    moved = _build(hub_workspace, "moved", "training.early_stopping_patience=1", "training.early_stopping_min_delta=100")
+    assert moved.returncode == 0 and "training:" not in moved.stderr, moved.stderr[-3000:]
 
 
 def test_hub_learn_takes_the_library_folder(hub_workspace, tmp_path):

@@ -105,7 +105,8 @@ def _module_configs(sources: list[str], out: Path, config_path, overrides: Seque
 
 
 def _comparable(config: dict) -> dict:
-    return config | {"training": {k: v for k, v in config["training"].items() if k != "resume"}}
+    """The settings that make a module what it is: not where it lives (a library may be moved) nor how it resumed."""
+    return config | {"training": {k: v for k, v in config["training"].items() if k not in ("resume", "output_dir")}}
 
 
 def _finished(config: RunConfig) -> dict | None:
