@@ -90,12 +90,20 @@ def write_sweep(folder: Path, pruning: bool, trials: int) -> Path:
     return path
 
 
+def finished_trials(study) -> list:
+    return [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+
+
+def training_seconds(study) -> float:
+    """The study's finished trials' training time (a copied trial counts the time it took in the pruned sweep)."""
+    return sum(t.user_attrs.get("seconds_in_pruned_sweep") or t.duration.total_seconds() for t in finished_trials(study))
+
+
 def summary_line(study, pruning: bool) -> str:
-    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
-    seconds = [t.user_attrs.get("seconds_in_pruned_sweep") or t.duration.total_seconds() for t in finished]
+    finished = finished_trials(study)
     pruned = sum(t.state.name == "PRUNED" for t in finished)
     best = study.best_trial
-    return (f"- sweep {'with' if pruning else 'without'} pruning: {len(finished)} trials ({pruned} pruned), {sum(seconds) / 60:.0f} min of "
+    return (f"- sweep {'with' if pruning else 'without'} pruning: {len(finished)} trials ({pruned} pruned), {training_seconds(study) / 60:.0f} min of "
             f"training in all; best validation accuracy {best.value:.3f} (trial {best.number}: {best.params})")
 
 
@@ -143,16 +151,15 @@ def pruned_trials_run_out(study, pruned_study) -> str:
                    f"{speeds[t.number][0]:.0f} / {speeds[t.number][1]:.0f} |\n" for t in sorted(rerun, key=lambda t: -t.value))
     best_value = pruned_study.best_value
     beaten = sum(t.value > best_value for t in rerun)
-    finished = [t for t in pruned_study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    finished = finished_trials(pruned_study)
     steps_pruned = sum(t.last_step if t.state.name == "PRUNED" else STEPS for t in finished)
     original = {t.number: t.duration.total_seconds() for t in pruned_study.trials}
     pruned_seconds = sum(original[t.user_attrs["copied_from"]] for t in rerun)
     at_rerun_speed = sum(original[t.user_attrs["copied_from"]] * speeds[t.number][0] / speeds[t.number][1] for t in rerun)
-    total = sum(t.duration.total_seconds() for t in finished)
     return (f"\nSteps trained: {steps_pruned} with pruning, {len(finished) * STEPS} without ({len(finished) * STEPS / steps_pruned:.2f}x; "
             f"load-free). The pruned trials' partial runs took {pruned_seconds / 60:.0f} min in the sweep, "
             f"{at_rerun_speed / 60:.0f} min at the speed their re-runs ran the same steps (the machine's load differed: "
-            f"tokens/s below), which puts the pruned sweep at {(total - pruned_seconds + at_rerun_speed) / 60:.0f} min.\n\n"
+            f"tokens/s below), which puts the pruned sweep at {(training_seconds(pruned_study) - pruned_seconds + at_rerun_speed) / 60:.0f} min.\n\n"
             f"The {len(rerun)} pruned trials trained to the end ({beaten} beat the pruned sweep's best validation accuracy "
             f"{best_value:.3f}):\n\n| sweep trial | pruned at step | validation accuracy | test accuracy (seed 0's split) | "
             f"seconds | tokens/s over the shared steps: sweep / re-run |\n|---|---|---|---|---|---|\n{rows}")

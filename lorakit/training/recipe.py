@@ -262,7 +262,8 @@ def run(config: RunConfig, on_eval: Callable[[int, dict], None] | None = None, v
 
     Returns:
         On the main process ``{"before", "after", "trainable", "seconds", "steps"}``: the zero-shot evaluation (on
-        resume the one the run kept in ``zero_shot.json``, else empty), the fine-tuned one, the trainable parameter count, the training time and the steps trained;
+        resume the one the run kept in ``zero_shot.json``, else empty), the fine-tuned one, the trainable parameter
+        count, the training time and the steps trained;
         with early stopping ``"early_stopping"`` (best step and loss, whether it stopped); with `validate`
         ``"validation"``: the fine-tuned evaluation on the validation split; ``{}`` on other processes.
 
