@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 
 from lorakit import IA3Config, LoraConfig, LoraModel, base_models, get_peft_model, lorahub
-from lorakit.core.cache import cache_dir
 from lorakit.core.examples import Example, tokenize_example
+from lorakit.core.plotting import pyplot, save_png
 from lorakit.methods.lorahub.library import read_index
 from lorakit.training.data import load_examples
 from lorakit.training.evaluate import evaluate
@@ -65,7 +65,8 @@ HELD_OUT = ["general_knowledge", "emoji_movie", "dark_humor_detection", "social_
 SIBLINGS = {"modified_arithmetic/three_digit_addition_control": "modified_arithmetic/three_digit_subtraction_control",
             "tracking_shuffled_objects/five_objects": "tracking_shuffled_objects/three_objects"}
 LIBRARIES = {"qv": [], "all_linear": ["lora.target_modules=all-linear"]}
-LIBRARY_SETTINGS = ["training.lr=0.002", "training.batch_size=8"]  # the rest: lorakit.training.hub_build.HUB_DEFAULTS
+# bf16 autocast (adapters stay float32): 1.5x faster steps on this CPU (avx512_bf16); the rest: hub_build.HUB_DEFAULTS
+LIBRARY_SETTINGS = ["training.lr=0.002", "training.batch_size=8", "training.precision=bf16"]
 SHOT_POOL, TEST_SIZE, SHOTS, MODULES = 15, 100, 5, 20
 METHODS = ["zero-shot", "LoraHub NGOpt", "LoraHub CMA-ES", "LoraHub NGOpt (all-linear library)", "best single module",
            "uniform average", "5-shot ICL", "LoRA (5 examples)", "IA3 (5 examples)", "full FT (5 examples)"]
@@ -274,10 +275,7 @@ def held_out_lines(results: dict) -> list[str]:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axis = plt.subplots(figsize=(14, 5))
     width = 0.8 / len(METHODS)
@@ -290,17 +288,13 @@ def plot(results: dict, path: Path) -> None:
     axis.legend(ncol=5, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 1.16))
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_png(figure, path, dpi=110)
 
 
 def weights_plot(results: dict, path: Path) -> None:
     """The weights LoraHub (NGOpt, q/v library) found: held-out task x module, the mean over the seeds that drew
     the module (blank where none did). Evidence for what the search used, next to what it scored."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     grid = torch.full((len(HELD_OUT), len(UPSTREAM)), float("nan"))  # (held-out task, module)
     for i, task in enumerate(HELD_OUT):
@@ -315,8 +309,7 @@ def weights_plot(results: dict, path: Path) -> None:
     figure.colorbar(image, label="weight (mean over seeds)")
     axis.set_title("Weights LoraHub (NGOpt) gave each library module, per held-out task")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_png(figure, path, dpi=110)
 
 
 def shrink_for_smoke(work: Path) -> Path:
@@ -334,7 +327,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", choices=["library", "sanity", "held-out", "landscape", "report", "all"], default="all")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--work", default=str(cache_dir() / "bench" / "lorahub_study"))
+    parser.add_argument("--work", default=str(RESULTS), help="where every stage keeps its results; the default is in the "
+                        "repository so finished modules and measurements can be committed (checkpoints are git-ignored)")
     parser.add_argument("--smoke", action="store_true", help="every stage's code path at toy size: 2 modules of 4 steps, "
                         "2 held-out tasks of 4 items (all in --work/smoke, not benchmarks/results)")
     args = parser.parse_args()

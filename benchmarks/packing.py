@@ -36,8 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import cached_json  # noqa: E402
 
 from lorakit import LoraConfig, base_models, data, evaluate, get_lora_model  # noqa: E402
-from lorakit.core.atomic import atomic_write, atomic_write_text  # noqa: E402
+from lorakit.core.atomic import atomic_write_text  # noqa: E402
 from lorakit.core.examples import Example, tokenize_example  # noqa: E402
+from lorakit.core.plotting import pyplot, save_png
 from lorakit.training.objectives import CompletionObjective, PackedCompletionObjective  # noqa: E402
 from lorakit.training.trainer import Trainer, TrainingConfig  # noqa: E402
 
@@ -167,10 +168,7 @@ def measure_evaluation(args) -> dict:
 
 
 def plot(training: dict, evaluation: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.bar(MODES, [training[m]["tokens_per_s"] for m in MODES], color=["grey", "tab:blue", "tab:green"])
@@ -182,7 +180,7 @@ def plot(training: dict, evaluation: dict, path: Path) -> None:
     right.set_ylabel("evaluation: items / s (median)")
     figure.suptitle("SmolLM2-135M + LoRA on multiemo reviews (max 512 tokens)")
     figure.tight_layout()
-    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
+    save_png(figure, path, dpi=120)
 
 
 def main() -> None:

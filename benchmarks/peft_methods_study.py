@@ -49,6 +49,7 @@ from lorakit import (
 )
 from lorakit.core import examples
 from lorakit.core.cache import cache_dir
+from lorakit.core.plotting import pyplot, save_png
 from lorakit.training.trainer import Trainer, TrainingConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -122,10 +123,7 @@ def in_fresh_process(args: argparse.Namespace, *job: str, zero_shot: bool = Fals
 def plot(rows: dict, base: dict, tasks: list[str], path: Path) -> None:
     """Accuracy per method and task (mean ± sd over seeds) with the zero-shot and majority rates as lines, and the
     training memory per method with its trainable-parameter count written on the bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     tasks = [t for t in tasks if base[t]]
     figure, axes = plt.subplots(1, len(tasks) + 1, figsize=(5.2 * (len(tasks) + 1), 3.8), squeeze=False)
@@ -151,7 +149,7 @@ def plot(rows: dict, base: dict, tasks: list[str], path: Path) -> None:
     axis.set_title("training memory above the model (MiB)", fontsize=10)
     axis.tick_params(axis="x", labelsize=8, rotation=15)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_png(figure, path, dpi=120)
 
 
 def table(rows: dict, base: dict, tasks: list[str], args: argparse.Namespace) -> str:

@@ -32,6 +32,7 @@ import torch
 from lorakit import LoraConfig, base_models, data, evaluate, get_lora_model
 from lorakit.core import examples
 from lorakit.core.cache import cache_dir
+from lorakit.core.plotting import pyplot, save_png
 from lorakit.training.trainer import Trainer, TrainingConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -93,10 +94,7 @@ def run(method: str, seed: int, args, sets, windows) -> dict:
 
 def plot(rows: dict[str, list[dict]], path: Path) -> None:
     """Bars of mean accuracy and the two forgetting measures per method, error bars = sd over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [("task test accuracy (higher is better)", "accuracy"), ("forgetting: held-out tasks Δ loss", "forgetting_tasks"),
               ("forgetting: general text Δ loss", "forgetting_text")]
@@ -108,7 +106,7 @@ def plot(rows: dict[str, list[dict]], path: Path) -> None:
         axis.set_title(title, fontsize=10)
         axis.axhline(0, color="black", linewidth=0.6)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_png(figure, path, dpi=120)
 
 
 def table(rows: dict[str, list[dict]], base: dict, args) -> str:

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from lorakit.core.cache import cache_dir
+from lorakit.core.plotting import pyplot, save_png
 from lorakit.methods.plora.diagnostics import effective_rank, plot_diagnostics
 from lorakit.methods.plora.export import run_update
 from lorakit.training.recipe import load_run_config, run
@@ -94,10 +95,7 @@ def table(rows: list[dict], args) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(13, 4.5))
     names = list(dict.fromkeys(r["variant"] for r in rows))
@@ -115,8 +113,7 @@ def plot(rows: list[dict], path: Path) -> None:
         axis.grid(alpha=0.3)
     loss_axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_png(figure, path, dpi=110)
 
 
 def main() -> None:

@@ -44,6 +44,7 @@ from lorakit.core.errors import (
     TrainingDivergedError,
 )
 from lorakit.core.peft_format import read_adapter
+from lorakit.core.plotting import pyplot, save_png
 from lorakit.training.trainer import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -472,3 +473,20 @@ def test_first_adapter_draws_the_same_init_as_any_later_one():
     cold, warm = (subprocess.run([sys.executable, "-c", script, kind], capture_output=True, text=True, check=True,
                                  env=os.environ | {"PYTHONPATH": str(ROOT)}).stdout for kind in ("cold", "warm"))
     assert cold == warm
+
+
+def test_a_plot_that_fails_to_draw_leaves_the_previous_png_and_closes_its_figure(tmp_path, monkeypatch):
+    plt = pyplot()
+    path = tmp_path / "loss.png"
+    figure, axis = plt.subplots()
+    axis.plot([1, 2, 3])
+    save_png(figure, path)
+    previous = path.read_bytes()
+    assert previous[:8] == b"\x89PNG\r\n\x1a\n" and not plt.fignum_exists(figure.number)
+
+    broken, _ = plt.subplots()
+    monkeypatch.setattr(broken, "savefig", lambda target, **kwargs: (Path(target).write_bytes(b"half"), 1 / 0))
+    with pytest.raises(ZeroDivisionError):
+        save_png(broken, path)
+    assert path.read_bytes() == previous and [p.name for p in tmp_path.iterdir()] == ["loss.png"]
+    assert not plt.fignum_exists(broken.number)

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import yaml
 
-from ..core.atomic import atomic_write, atomic_write_text
+from ..core.atomic import atomic_write_text
 from ..core.errors import LoraConfigError
+from ..core.plotting import pyplot, save_png
 from ..core.run_layout import RunLayout
 from ..methods.lorahub.library import INDEX
 from .data import BIGBENCH_PREFIX, load_examples
@@ -145,10 +146,7 @@ def _train_module(config: RunConfig, out: Path) -> dict:
 
 
 def _plot(records: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = [r["folder"] for r in records]
     figure, axis = plt.subplots(figsize=(8, 1.5 + 0.3 * len(records)))
@@ -162,8 +160,7 @@ def _plot(records: list[dict], path: Path) -> None:
     axis.legend(loc="lower right")
     axis.grid(axis="x", alpha=0.3)
     figure.tight_layout()
-    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
-    plt.close(figure)
+    save_png(figure, path, dpi=110)
 
 
 def build_library(tasks: str | os.PathLike | Sequence[str], out: str | os.PathLike, config_path: str | os.PathLike | None = None,

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 import yaml
 
-from ..core.atomic import atomic_write, atomic_write_text
+from ..core.atomic import atomic_write_text
 from ..core.errors import LoraConfigError
+from ..core.plotting import pyplot, save_png
 from ..core.run_layout import RunLayout
 from ..core.validation import coerce
 from .early_stopping import check_early_stopping
@@ -121,10 +122,7 @@ def load_run_config(path: str | Path | None = None, overrides: Sequence[str] = (
 
 # -- running ---------------------------------------------------------------------------------------
 def _plot_losses(history: list[dict], path: Path, loss_unit: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     steps = [m["step"] for m in history]
     figure, axis = plt.subplots(figsize=(7, 4))
@@ -139,8 +137,7 @@ def _plot_losses(history: list[dict], path: Path, loss_unit: str) -> None:
     axis.legend()
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
-    plt.close(figure)
+    save_png(figure, path, dpi=120)
 
 
 def _summary(config: RunConfig, before: dict, after: dict, trainable: int, total: int, seconds: float, plora=None,

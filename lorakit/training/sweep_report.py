@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..core.atomic import atomic_write_text, staged_directory
 from ..core.errors import LoraConfigError
+from ..core.plotting import pyplot, save_png
 
 __all__ = ["load_study", "write_report"]
 
@@ -84,10 +85,7 @@ def _table(study) -> str:
 
 def _plots(study, output_dir: Path) -> list[str]:
     """Optuna's matplotlib plots as PNG; a plot the study cannot have yet (e.g. importances of one trial) is skipped."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    pyplot()  # the file-only backend before optuna draws
     import optuna.visualization.matplotlib as plots
 
     written = []
@@ -101,8 +99,7 @@ def _plots(study, output_dir: Path) -> list[str]:
         figure.set_size_inches(max(6.0, figure.get_size_inches()[0]), 4.5)
         figure.tight_layout()
         path = output_dir / f"{name}.png"
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
+        save_png(figure, path, dpi=110)
         written.append(path.name)
     return written
 

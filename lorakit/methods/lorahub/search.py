@@ -44,6 +44,7 @@ from ...core.peft_format import (
     check_adapter_fits,
     factor_keys,
 )
+from ...core.plotting import pyplot, save_png
 from ...core.validation import is_finite_number
 from .compose import HubModule, as_module, compose, load_modules
 from .settings import DEFAULTS
@@ -385,10 +386,7 @@ def plot_result(result: HubResult, names: Sequence[str], path: str | os.PathLike
         names: one label per module, in the order of ``result.weights`` (a path shows as its last part).
         path: where the PNG goes: a file path or a binary file object.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, (curve, bars) = plt.subplots(1, 2, figsize=(12, 4.2))
     steps = range(1, len(result.losses) + 1)
@@ -402,5 +400,4 @@ def plot_result(result: HubResult, names: Sequence[str], path: str | os.PathLike
     for axis in (curve, bars):
         axis.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_png(figure, path, dpi=110)

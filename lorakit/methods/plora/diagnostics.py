@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ...core.atomic import atomic_write
+from ...core.plotting import pyplot, save_png
 from ...core.run_layout import RunLayout
 from .export import run_update
 
@@ -46,10 +46,7 @@ def plot_diagnostics(runs: dict[str, str | os.PathLike], path: str | os.PathLike
     Raises:
         LoraError, AdapterLoadError, LoraConfigError: a run cannot be read (see `run_update`).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, (rank_axis, spectrum_axis, loss_axis) = plt.subplots(1, 3, figsize=(16, 4.5))
     ranks = {}
@@ -70,8 +67,7 @@ def plot_diagnostics(runs: dict[str, str | os.PathLike], path: str | os.PathLike
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.tight_layout()
-    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
-    plt.close(figure)
+    save_png(figure, path, dpi=110)
     return ranks
 
 
