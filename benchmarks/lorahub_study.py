@@ -65,8 +65,9 @@ HELD_OUT = ["general_knowledge", "emoji_movie", "dark_humor_detection", "social_
 SIBLINGS = {"modified_arithmetic/three_digit_addition_control": "modified_arithmetic/three_digit_subtraction_control",
             "tracking_shuffled_objects/five_objects": "tracking_shuffled_objects/three_objects"}
 LIBRARIES = {"qv": [], "all_linear": ["lora.target_modules=all-linear"]}
-# bf16 autocast (adapters stay float32): 1.5x faster steps on this CPU (avx512_bf16); the rest: hub_build.HUB_DEFAULTS
-LIBRARY_SETTINGS = ["training.lr=0.002", "training.batch_size=8", "training.precision=bf16"]
+# bf16 autocast (adapters stay float32; 1.5x faster steps on this CPU) and packed batches (the same loss, no padding
+# computed; docs/results.md: 1.3x); the rest: lorakit.training.hub_build.HUB_DEFAULTS
+LIBRARY_SETTINGS = ["training.lr=0.002", "training.batch_size=8", "training.precision=bf16", "training.packing=true"]
 SHOT_POOL, TEST_SIZE, SHOTS, MODULES = 15, 100, 5, 20
 METHODS = ["zero-shot", "LoraHub NGOpt", "LoraHub CMA-ES", "LoraHub NGOpt (all-linear library)", "best single module",
            "uniform average", "5-shot ICL", "LoRA (5 examples)", "IA3 (5 examples)", "full FT (5 examples)"]
