@@ -38,14 +38,15 @@ def hub_workspace(tmp_path_factory):
     return root
 
 
-def _build(root: Path, out: str, *extra: str, tasks: str = "parity,oddness") -> subprocess.CompletedProcess:
+def _build(root: Path, out: str, *extra: str, tasks: str = "parity,oddness", flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     settings = [s.format(model=root / "model") for s in SMALL]
-    return subprocess.run([sys.executable, "-m", "lorakit.cli", "hub", "build", "--tasks", tasks, "--out", str(root / out),
+    return subprocess.run([sys.executable, "-m", "lorakit.cli", "hub", "build", "--tasks", tasks, "--out", str(root / out), *flags,
                            *settings, *extra], env=_env(root), capture_output=True, text=True, timeout=600)
 
 
 def test_a_library_is_runs_with_their_best_adapters_an_index_and_a_plot(hub_workspace):
-    result = _build(hub_workspace, "library", "training.early_stopping_patience=1", "training.early_stopping_min_delta=100")
+    result = _build(hub_workspace, "library", "training.early_stopping_patience=1", "training.early_stopping_min_delta=100",
+                    flags=("--keep-checkpoints",))
     assert result.returncode == 0, result.stderr[-3000:]
     library = hub_workspace / "library"
     index = json.loads((library / "library.json").read_text())
@@ -112,6 +113,8 @@ def test_a_killed_build_keeps_its_finished_modules_and_resumes_the_interrupted_o
     assert "no checkpoint" not in result.stderr  # it resumed from the checkpoint the kill left
     assert (hub_workspace / "killed" / "parity" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == first_adapter
     assert [r["folder"] for r in json.loads((hub_workspace / "killed" / "library.json").read_text())["modules"]] == ["parity", "oddness"]
+    for module in ("parity", "oddness"):  # finished: the adapter stays, the checkpoints (only there to resume) go
+        assert (hub_workspace / "killed" / module / "adapter").is_dir() and not (hub_workspace / "killed" / module / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("tasks,extra,message", [
