@@ -117,12 +117,38 @@ def test_a_killed_build_keeps_its_finished_modules_and_resumes_the_interrupted_o
         assert (hub_workspace / "killed" / module / "adapter").is_dir() and not (hub_workspace / "killed" / module / "checkpoints").exists()
 
 
+def test_workers_build_the_library_one_process_builds(hub_workspace):
+    stopping = ("training.early_stopping_patience=1", "training.early_stopping_min_delta=100")
+    if not (hub_workspace / "library" / "library.json").is_file():
+        assert _build(hub_workspace, "library", *stopping).returncode == 0
+    result = _build(hub_workspace, "parallel", *stopping, flags=("--workers", "2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "modules (2 workers)" in result.stderr and "training:" not in result.stderr  # the bars went to each module's log
+    alone = json.loads((hub_workspace / "library" / "library.json").read_text())["modules"]
+    together = json.loads((hub_workspace / "parallel" / "library.json").read_text())["modules"]
+    assert [r["folder"] for r in together] == ["parity", "oddness"]  # task order, whichever finished first
+    for one, two in zip(alone, together):
+        assert {k: v for k, v in one.items() if k != "seconds"} == {k: v for k, v in two.items() if k != "seconds"}
+        first = load_file(hub_workspace / "library" / one["adapter"] / "adapter_model.safetensors")
+        second = load_file(hub_workspace / "parallel" / two["adapter"] / "adapter_model.safetensors")
+        assert all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)  # one thread vs two: float order only
+        assert "training:" in (hub_workspace / "parallel" / two["folder"] / "train.log").read_text()
+
+
+def test_a_failing_worker_stops_the_build_in_one_line(hub_workspace):
+    result = _build(hub_workspace, "diverged", "training.lr=1e30", flags=("--workers", "2"))
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("lorakit: error: the "), result.stderr[-3000:]
+    assert "Lower training.lr" in result.stderr and "Traceback" not in result.stderr and "training:" not in result.stderr
+    assert not (hub_workspace / "diverged" / "library.json").exists()
+
+
 @pytest.mark.parametrize("tasks,extra,message", [
     (" , ", [], "names no task"),
     ("parity,parity", [], "more than once"),
     ("parity", ["training.method=ia3"], "composes LoRA modules"),
     ("parity", ["training.setps=3"], "Did you mean 'training.steps'"),
     ("parity,nosuchtask", [], "nosuchtask"),
+    ("parity,oddness", ["--workers", "0"], "workers must be"),
 ])
 def test_bad_builds_are_refused_in_one_line(hub_workspace, tasks, extra, message):
     result = _build(hub_workspace, "refused", *extra, tasks=tasks)
