@@ -265,7 +265,7 @@ def _run_job(job: tuple) -> str:
 
 def in_workers(jobs: list[tuple], workers: int) -> None:
     """Run `(function, args)` jobs, each result cached as JSON, in `workers` spawned processes of one thread each
-    (as `hub build --workers` trains: 1.4x the throughput of one process on both cores); the callers then read the
+    (as `hub build --workers` trains: 1.1x the throughput of one process on both cores); the callers then read the
     caches. Seconds measured this way are one thread's, next to another process."""
     if workers == 1:
         for job in jobs:

@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     hub_build.add_argument("--out", required=True, help="the library folder")
     hub_build.add_argument("--config", help="a `lorakit train` YAML file for every module (default: the paper's r=16 q/v modules)")
     hub_build.add_argument("--workers", type=int, default=1, help="modules trained at once, each in its own process on its share "
-                           "of the cores (2 on a 2-core CPU: 1.4x the throughput)")
+                           "of the cores (2 on a 2-core CPU: 1.1x the throughput)")
     hub_build.add_argument("--keep-checkpoints", action="store_true", help="keep finished modules' checkpoints (default: only their adapters)")
     hub_build.add_argument("overrides", nargs="*", help="section.key=value settings for every module, e.g. training.lr=1e-3")
     hub_build.set_defaults(func=_hub_build)

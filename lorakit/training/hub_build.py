@@ -9,9 +9,8 @@ the index (``library.json``, see `lorakit.methods.lorahub.library`) is rewritten
 killed build leaves a usable library of the modules it finished.
 
 With ``workers`` > 1 the modules train in that many processes at once, each on its share of the cores, its
-output in ``<module>/train.log``: on a CPU two processes of one thread each train 1.4x the tokens/s of one
-process of two threads (``benchmarks/hub_build_workers.py``), since one small model's matrices keep two threads
-waiting on each other.
+output in ``<module>/train.log``: on a 2-core CPU two one-thread processes train 1.11x the tokens/s of one
+two-thread process (``benchmarks/hub_build_workers.py``, SmolLM2-135M).
 """
 
 from __future__ import annotations
