@@ -3,8 +3,9 @@
 SmolLM2-135M-Instruct throughout. Stages (each result kept as JSON under `--work` and reused):
 
 1. library: `lorakit hub build` on the 24 UPSTREAM tasks, twice: r=16 on q_proj/v_proj (the paper's modules) and
-   r=16 on every linear layer; each module early-stopped on its validation loss (patience 3 evaluations, one every
-   25 steps, at most 1000 steps), own-task accuracy before/after on 50 test items.
+   r=3 on every linear layer (the same parameter count); each module early-stopped on its validation loss
+   (patience 3 evaluations, one every 25 steps, at most 1000 steps), own-task accuracy before/after on 50 test
+   items. Finished modules are kept under benchmarks/results/lorahub_study (checkpoints and logs git-ignored).
 2. sanity: a held-out task whose sibling is in the library (another size or operation of the same task).
    LoraHub over 20 modules that include the sibling must find it (its weight) and recover most of the sibling's
    own gain on that task: (LoraHub - zero-shot) / (sibling alone - zero-shot).
@@ -65,7 +66,10 @@ HELD_OUT = ["general_knowledge", "emoji_movie", "dark_humor_detection", "social_
             "penguins_in_a_table", "dyck_languages", "object_counting", "word_sorting", "auto_categorization"]
 SIBLINGS = {"modified_arithmetic/three_digit_addition_control": "modified_arithmetic/three_digit_subtraction_control",
             "tracking_shuffled_objects/five_objects": "tracking_shuffled_objects/three_objects"}
-LIBRARIES = {"qv": [], "all_linear": ["lora.target_modules=all-linear"]}
+# all-linear at the q/v modules' size: r=3 on the 7 matrices of a layer holds 30,528 parameters a layer, r=16 on q/v
+# 30,720. At r=16 an all-linear module is 4.9M parameters (19.5 MB; 470 MB a library): more than the repository, the
+# only storage that outlives a session of this project, should carry.
+LIBRARIES = {"qv": [], "all_linear": ["lora.target_modules=all-linear", "lora.r=3", "lora.lora_alpha=6"]}
 # bf16 autocast (adapters stay float32; 1.5x faster steps on this CPU) and packed batches (the same loss, no padding
 # computed; docs/results.md: 1.3x); the rest: lorakit.training.hub_build.HUB_DEFAULTS
 LIBRARY_SETTINGS = ["training.lr=0.002", "training.batch_size=8", "training.precision=bf16", "training.packing=true"]
