@@ -79,9 +79,9 @@ METHODS = ["zero-shot", "LoraHub NGOpt", "LoraHub CMA-ES", "LoraHub NGOpt (all-l
 
 
 # -- stage 1 -------------------------------------------------------------------------------------
-def build(work: Path, workers: int) -> dict[str, list[dict]]:
-    return {name: build_library(UPSTREAM, work / f"library_{name}", overrides=LIBRARY_SETTINGS + extra, workers=workers)
-            for name, extra in LIBRARIES.items()}
+def build(work: Path, workers: int, libraries: list[str]) -> dict[str, list[dict]]:
+    return {name: build_library(UPSTREAM, work / f"library_{name}", overrides=LIBRARY_SETTINGS + LIBRARIES[name], workers=workers)
+            for name in libraries}
 
 
 def adapters(work: Path, library: str, tasks: list[str]) -> list[Path]:
@@ -378,6 +378,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workers", type=int, default=2, help="processes at once: library modules (`hub build --workers`) "
                         "and measurements")
+    parser.add_argument("--libraries", nargs="+", choices=list(LIBRARIES), default=list(LIBRARIES),
+                        help="which libraries the library stage builds (the q/v one first: the sanity check and most "
+                        "held-out methods need only it)")
     parser.add_argument("--work", default=str(RESULTS), help="where every stage keeps its results; the default is in the "
                         "repository so finished modules and measurements can be committed (checkpoints are git-ignored)")
     parser.add_argument("--smoke", action="store_true", help="every stage's code path at toy size: 2 modules of 4 steps, "
@@ -388,7 +391,7 @@ def main() -> None:
         work = shrink_for_smoke(work)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.stage in ("library", "all"):
-        build(work, args.workers)
+        build(work, args.workers, args.libraries)
     lines = ["# LoraHub with a 24-module library (benchmarks/lorahub_study.py)", ""] + library_lines(work)
     if args.stage in ("sanity", "all", "report"):
         rows = sanity(work, args.seeds, args.workers)
