@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from lorakit.training.workers import available_cores
 
 RESULTS = Path(__file__).parent / "results" / "hub_build_workers.md"
 
@@ -98,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker, args.seed, args.threads, args.steps, Path(args.go), args.floor)
-    cores = len(os.sched_getaffinity(0))
+    cores = available_cores()
     kinds = {"one process": lambda: run_kind(args.task, 1, cores, args.steps),
              f"{args.workers} processes": lambda: run_kind(args.task, args.workers, max(1, cores // args.workers), args.steps)}
     speeds: dict[str, list[float]] = {name: [] for name in kinds}

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import random
 import statistics
@@ -47,6 +46,7 @@ from lorakit.training.data import load_examples
 from lorakit.training.evaluate import evaluate
 from lorakit.training.hub_build import build_library, module_folder
 from lorakit.training.trainer import Trainer, TrainingConfig
+from lorakit.training.workers import run_in_workers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import cached_json, mean_sd  # noqa: E402
@@ -255,12 +255,6 @@ def landscape_lines(work: Path, seeds: list[int], workers: int) -> list[str]:
 
 
 # -- measuring in worker processes --------------------------------------------------------------------
-def _start_worker(threads: int, smoke: str | None) -> None:
-    torch.set_num_threads(threads)
-    if smoke:
-        shrink_for_smoke(Path(smoke))
-
-
 def _run_job(job: tuple) -> str:
     function, args = job
     function(*args)
@@ -268,18 +262,16 @@ def _run_job(job: tuple) -> str:
 
 
 def in_workers(jobs: list[tuple], workers: int) -> None:
-    """Run `(function, args)` jobs, each result cached as JSON, in `workers` spawned processes of one thread each
-    (as `hub build --workers` trains: 1.1x the throughput of one process on both cores); the callers then read the
+    """Run `(function, args)` jobs, each result cached as JSON, in `workers` processes of one thread each (as
+    `hub build --workers` trains: 1.1x the throughput of one process on both cores); the callers then read the
     caches. Seconds measured this way are one thread's, next to another process."""
     if workers == 1:
         for job in jobs:
             _run_job(job)
         return
-    smoke = str(RESULTS.parent.parent) if RESULTS.parent.name == "smoke" else None
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, _start_worker, (max(1, len(os.sched_getaffinity(0)) // workers), smoke), maxtasksperchild=1) as pool:
-        for done in pool.imap_unordered(_run_job, jobs):
-            print(f"{time.strftime('%H:%M:%S')} {done}", flush=True)
+    smoke = (RESULTS.parent.parent,) if RESULTS.parent.name == "smoke" else None  # the children shrink the study too
+    for done in run_in_workers(_run_job, jobs, workers, shrink_for_smoke if smoke else None, smoke or ()):
+        print(f"{time.strftime('%H:%M:%S')} {done}", flush=True)
 
 
 # -- report --------------------------------------------------------------------------------------

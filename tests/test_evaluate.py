@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
+import warnings
+
 import pytest
 import torch
 from offline_fixtures import write_tiny_model
 
-from lorakit import base_models, evaluate
+from lorakit import LoraConfig, base_models, evaluate, get_lora_model
 from lorakit.core.examples import Example, format_prompt
+from lorakit.core.kv_cache import cache_keyword
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +41,18 @@ def test_option_logprobs_match_hand_computation(tiny):
     for example, row in zip(EXAMPLES, scores):
         expected = [_by_hand(model, tokenizer, example.prompt, option) for option in example.options]
         assert row == pytest.approx(expected, abs=1e-4)
+
+
+def test_the_cache_goes_under_the_name_the_model_takes(tiny):
+    """transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name goes in 5.40): scoring uses the model's."""
+    model, tokenizer = tiny
+    wrapped = get_lora_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    takes_cache = "cache" in inspect.signature(model.forward).parameters
+    assert cache_keyword(model) == cache_keyword(wrapped) == ("cache" if takes_cache else "past_key_values")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="`past_key_values` is deprecated", category=FutureWarning)
+        evaluate.option_logprobs(wrapped, tokenizer, EXAMPLES, batch_size=4)
+    wrapped.unload()
 
 
 def test_multiple_choice_accuracy_and_majority(tiny):

@@ -136,10 +136,12 @@ def test_workers_build_the_library_one_process_builds(hub_workspace):
 
 
 def test_a_failing_worker_stops_the_build_in_one_line(hub_workspace):
-    result = _build(hub_workspace, "diverged", "training.lr=1e30", flags=("--workers", "2"))
-    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("lorakit: error: the "), result.stderr[-3000:]
-    assert "Lower training.lr" in result.stderr and "Traceback" not in result.stderr and "training:" not in result.stderr
-    assert not (hub_workspace / "diverged" / "library.json").exists()
+    missing = hub_workspace / "no-such-model"  # found only when a worker loads the model, after every check passed
+    result = _build(hub_workspace, "failed", f"model.name={missing}", flags=("--workers", "2"))
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and last.startswith("lorakit: error: ") and str(missing) in last, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "training:" not in result.stderr
+    assert not (hub_workspace / "failed" / "library.json").exists()
 
 
 @pytest.mark.parametrize("tasks,extra,message", [

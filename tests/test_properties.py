@@ -310,7 +310,7 @@ def test_any_damaged_adapter_loads_correctly_or_is_refused(saved_adapter, how):
 # -- CLI overrides ---------------------------------------------------------------------------------
 override_text = st.one_of(
     st.text(max_size=12), st.sampled_from(["1e-3", "2e-4", "-1", "0", "abc", "[1, 2]", "{a: 1}", "null", "true", "nan",
-                                           "inf", "1.5", "'x'", "[", ": :", "- a", "cosine", "float32", "bfloat16"]),
+                                           "inf", "1e38", "1.5", "'x'", "[", ": :", "- a", "cosine", "float32", "bfloat16"]),
     st.integers(-5, 10**6).map(str), st.floats(allow_nan=True).map(repr),
 )
 
@@ -325,7 +325,7 @@ def test_any_override_parses_or_is_a_config_error(assignments):
         return
     event("accepted")
     assert isinstance(config, RunConfig)
-    assert config.training.lr > 0 and config.training.steps >= 1 and config.training.batch_size % config.training.grad_accum == 0
+    assert 0 < config.training.lr <= torch.finfo(torch.float32).max / 10 and config.training.steps >= 1 and config.training.batch_size % config.training.grad_accum == 0
 
 
 def test_rates_written_as_yaml_text_are_numbers():

@@ -176,7 +176,7 @@ def test_a_second_study_in_the_same_folder_is_refused_not_mixed_into_the_first_o
 
 
 def test_diverging_trials_fail_and_the_sweep_goes_on_until_that_is_all_it_does(workspace):
-    sweep = _sweep_file(workspace, "diverging", pruner="none", trials=2, space={"training.lr": {"choices": [1e12]}})
+    sweep = _sweep_file(workspace, "diverging", pruner="none", trials=2, space={"training.lr": {"choices": [3e37]}})  # B steps to ~3e38: overflow
     result = _sweep_cli(workspace, sweep)
     assert result.returncode == 0, result.stderr[-3000:]
     study = _study(workspace / "diverging")

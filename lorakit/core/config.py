@@ -212,11 +212,11 @@ def _check_rank(value: Any, name: str) -> None:
         raise LoraConfigError(f"{name}={value!r} is not a valid rank: use an integer from 1 to {MAX_RANK}.")
 
 
-_FLOAT32_MAX = 3.4028234663852886e38  # the scale s = alpha / r multiplies float32 tensors
+FLOAT32_MAX = 3.4028234663852886e38  # the scale s = alpha / r multiplies float32 tensors
 
 
 def _check_alpha(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= _FLOAT32_MAX:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= FLOAT32_MAX:
         raise LoraConfigError(f"{name}={value!r} is not a valid alpha: use a number > 0 that float32 can hold (<= 3.4e38).")
 
 

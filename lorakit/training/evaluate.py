@@ -19,6 +19,7 @@ from ..core.examples import (
     format_prompt,
     tokenize_example,
 )
+from ..core.kv_cache import cache_keyword, returned_cache
 
 __all__ = [
     "classification_accuracy",
@@ -120,10 +121,10 @@ def _score_options(model, tokenizer, chunk: Sequence[Example], prompts: list[lis
     prompt = {k: v.to(device) for k, v in collate([{"input_ids": p, "labels": p} for p in prompts], pad_id).items()}
     out = model(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"], position_ids=prompt["position_ids"],
                 use_cache=True, logits_to_keep=1)
-    if out.past_key_values is None:
+    cache = returned_cache(out)
+    if cache is None:
         raise UnsupportedModelError(f"{type(model).__name__} returned no key/value cache; multiple-choice scoring needs use_cache.")
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (batch, vocab): the first option token
-    cache = out.past_key_values
     prompt_lengths = prompt["attention_mask"].sum(-1, keepdim=True)  # (batch, 1)
     scores: list[list[float]] = [[] for _ in chunk]
     for k in range(max(len(ex.options) for ex in chunk)):
@@ -133,7 +134,7 @@ def _score_options(model, tokenizer, chunk: Sequence[Example], prompts: list[lis
         mask = torch.tensor([[1] * len(o) + [0] * (width - len(o)) for o in options], device=device)
         logits = model(
             input_ids=ids, attention_mask=torch.cat([prompt["attention_mask"], mask], 1),
-            position_ids=prompt_lengths + torch.arange(width, device=device), past_key_values=cache, use_cache=True,
+            position_ids=prompt_lengths + torch.arange(width, device=device), use_cache=True, **{cache_keyword(model): cache},
         ).logits.float()  # (batch, width, vocab)
         cache.crop(-width)  # drop this option: the prompt alone again for the next one
         rest = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (batch, width - 1)

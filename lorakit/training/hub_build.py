@@ -8,20 +8,19 @@ last checkpoint, and
 the index (``library.json``, see `lorakit.methods.lorahub.library`) is rewritten after every module, so a
 killed build leaves a usable library of the modules it finished.
 
-With ``workers`` > 1 the modules train in that many processes at once, each on its share of the cores, its
-output in ``<module>/train.log``: on a 2-core CPU two one-thread processes train 1.11x the tokens/s of one
-two-thread process (``benchmarks/hub_build_workers.py``, SmolLM2-135M).
+With ``workers`` > 1 the modules train in that many processes at once (`lorakit.training.workers`), each on its
+share of the cores, its output in ``<module>/train.log``.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import re
 import shutil
 import sys
 from collections.abc import Sequence
+from contextlib import closing
 from pathlib import Path
 
 import yaml
@@ -34,6 +33,7 @@ from ..methods.lorahub.library import INDEX
 from .data import BIGBENCH_PREFIX, load_examples
 from .recipe import load_run_config
 from .settings import RunConfig
+from .workers import run_in_workers
 
 __all__ = ["HUB_DEFAULTS", "MODULE_RECORD", "build_library", "module_folder", "read_tasks"]
 
@@ -174,23 +174,6 @@ def _plot(records: list[dict], path: Path) -> None:
     save_png(figure, path, dpi=110)
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _worker_start(threads: int) -> None:
-    """A worker process's share of the cores (torch's default, all of them, in each of N processes oversubscribes),
-    and a thread lock for its progress bars, which write to its own log (tqdm's default, a process-shared semaphore,
-    would be reported leaked when a failing build stops the worker)."""
-    import threading
-
-    import torch
-    from tqdm import tqdm
-
-    torch.set_num_threads(threads)
-    tqdm.set_lock(threading.RLock())
-
-
 def _train_job(job: tuple[int, RunConfig, Path, bool]) -> tuple[int, dict]:
     """One module in a worker process (one per module), its output into ``<module>/train.log`` for the process's
     life: a progress bar closed after a failure still writes there."""
@@ -206,23 +189,15 @@ def _train_job(job: tuple[int, RunConfig, Path, bool]) -> tuple[int, dict]:
 
 
 def _train_in_workers(jobs: list[tuple[int, RunConfig, Path, bool]], workers: int, done) -> None:
-    """Train `jobs` in `workers` fresh processes (one per module, the next module to the first free worker) and call
-    ``done(index, record)`` as each finishes; the first failure stops the others (their checkpoints stay to resume)."""
+    """Train `jobs` in `workers` processes (`run_in_workers`) and call ``done(index, record)`` as each finishes; the
+    first failure stops the others (their checkpoints stay to resume)."""
     from tqdm import tqdm
 
-    context = multiprocessing.get_context("spawn")  # no forked copy of the parent's threads and model
-    pool = context.Pool(min(workers, len(jobs)), _worker_start, (max(1, _cores() // workers),), maxtasksperchild=1)
-    try:
-        with tqdm(total=len(jobs), desc=f"modules ({workers} workers)") as bar:  # closed before an error is printed
-            for index, record in pool.imap_unordered(_train_job, jobs):
-                done(index, record)
-                bar.update()
-        pool.close()
-    except BaseException:
-        pool.terminate()
-        raise
-    finally:
-        pool.join()
+    results = run_in_workers(_train_job, jobs, workers)
+    with closing(results), tqdm(total=len(jobs), desc=f"modules ({workers} workers)") as bar:  # bar closed before an error prints
+        for index, record in results:
+            done(index, record)
+            bar.update()
 
 
 def build_library(tasks: str | os.PathLike | Sequence[str], out: str | os.PathLike, config_path: str | os.PathLike | None = None,

@@ -11,12 +11,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..core.config import LoraConfig
+from ..core.config import FLOAT32_MAX, LoraConfig
 from ..core.validation import check_range, check_types
 from ..methods.ia3.config import IA3Config
 from ..methods.lst.config import LSTConfig
 from ..methods.plora.config import PLoRAConfig
 from ..methods.prompt.config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+
+MAX_LR = FLOAT32_MAX / 10  # AdamW's first step is lr / (1 - beta1) = 10 lr, a float32 number
 
 DEFAULT_PROMPT_TEXT = "Read the question and answer with the correct option."  # prompt tuning's text init
 
@@ -66,7 +68,8 @@ class TrainingConfig:
             check_range(getattr(self, name) >= 1, f"training.{name}", getattr(self, name), "use an integer >= 1")
         for name in ("warmup_steps", "eval_every", "save_every", "seed", "early_stopping_patience"):
             check_range(getattr(self, name) >= 0, f"training.{name}", getattr(self, name), "use an integer >= 0")
-        check_range(self.lr > 0, "training.lr", self.lr, "use a learning rate > 0, e.g. 2e-4")
+        check_range(0 < self.lr <= MAX_LR, "training.lr", self.lr, "use a learning rate > 0, e.g. 2e-4 (at most 3.4e37: "
+                    "AdamW's first step is 10x the rate, on float32 tensors)")
         check_range(self.weight_decay >= 0, "training.weight_decay", self.weight_decay, "use a number >= 0")
         check_range(self.max_grad_norm >= 0, "training.max_grad_norm", self.max_grad_norm, "use a number >= 0 (0: no clipping)")
         check_range(self.early_stopping_min_delta >= 0, "training.early_stopping_min_delta", self.early_stopping_min_delta,

@@ -37,6 +37,7 @@ from ...core.examples import (
     right_pad,
     tokenize_example,
 )
+from ...core.kv_cache import cache_keyword, returned_cache
 from ...core.layers import LoraEmbedding
 from ...core.lora_model import LoraModel
 from ...core.peft_format import (
@@ -187,7 +188,7 @@ class HubObjective:
         """Keys/values of the shared prompt prefix, one row per candidate."""
         ids = torch.tensor([self.shared_ids] * candidates, device=self._device())  # (P, prefix)
         names = [_CANDIDATE.format(p) for p in range(candidates)]
-        return self._forward(names)(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        return returned_cache(self._forward(names)(input_ids=ids, use_cache=True, logits_to_keep=1))
 
     def _example_losses(self, items: list[dict], names: list[str], cache=None) -> Tensor:
         device, forward = self._device(), self._forward(names)
@@ -197,7 +198,7 @@ class HubObjective:
                 prefix_mask = torch.ones(len(items), self.prefix, dtype=batch["attention_mask"].dtype, device=device)
                 batch["attention_mask"] = torch.cat([prefix_mask, batch["attention_mask"]], dim=1)
                 batch["position_ids"] = batch["position_ids"] + self.prefix
-                batch["past_key_values"] = cache
+                batch[cache_keyword(self.lora)] = cache
             logprobs, mask = completion_logprobs(forward, batch)
             return -logprobs.sum(-1) / mask.sum(-1)  # (rows,)
         batch = _collate_seq2seq(items, self.pad_id, device)

@@ -14,8 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from ...core.errors import UnsupportedModelError
+from ...core.kv_cache import cache_keyword
 from .config import PrefixTuningConfig, PromptLearningConfig
-from .prefix import cache_keyword, prefix_cache
+from .prefix import prefix_cache
 
 __all__ = ["generate_with_prompts"]
 

@@ -21,13 +21,14 @@ from torch import Tensor, nn
 from ...core.adapter_model import AdapterModel
 from ...core.errors import AdapterLoadError, LoraConfigError, LoraError, MixedBatchError, UnsupportedModelError
 from ...core.examples import IGNORE_INDEX
+from ...core.kv_cache import cache_keyword
 from ...core.peft_format import SavedAdapter, check_tensors
 from ...core.saved_modules import saved_module_parameters, saved_module_shapes
 from ...core.targeting import module_names, plan_modules_to_save
 from .config import PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig, PromptTuningConfig
 from .encoders import PrefixEncoder, PromptEncoder, PromptTable, fold
 from .kinds import model_kind, resolve_shapes
-from .prefix import cache_keyword, prefix_cache
+from .prefix import prefix_cache
 
 __all__ = ["PromptModel", "get_prompt_model"]
 

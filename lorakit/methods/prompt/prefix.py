@@ -8,22 +8,7 @@ from transformers import DynamicCache, EncoderDecoderCache
 
 from .config import PrefixTuningConfig
 
-__all__ = ["cache_keyword", "prefix_cache"]
-
-
-def cache_keyword(model: nn.Module) -> str:
-    """The name under which `model` takes a key/value cache: ``cache`` (transformers >= 5.x, which deprecates the
-    old name) or ``past_key_values``.
-
-    Args:
-        model: a Hugging Face model.
-
-    Returns:
-        The keyword for ``forward`` and ``generate``.
-    """
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+__all__ = ["prefix_cache"]
 
 
 def prefix_cache(model: nn.Module, config: PrefixTuningConfig, table: Tensor, batch: int) -> DynamicCache | EncoderDecoderCache:
