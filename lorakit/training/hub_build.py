@@ -33,7 +33,7 @@ from ..methods.lorahub.library import INDEX
 from .data import BIGBENCH_PREFIX, load_examples
 from .recipe import load_run_config
 from .settings import RunConfig
-from .workers import run_in_workers
+from .workers import check_worker_count, run_in_workers
 
 __all__ = ["HUB_DEFAULTS", "MODULE_RECORD", "build_library", "module_folder", "read_tasks"]
 
@@ -222,8 +222,7 @@ def build_library(tasks: str | os.PathLike | Sequence[str], out: str | os.PathLi
         DataError: a task's data cannot be read (found before anything trains).
         ModelNotFoundError, TrainingDivergedError: as `lorakit.training.recipe.run`.
     """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise LoraConfigError(f"workers must be a whole number of processes, at least 1; got {workers!r}.")
+    check_worker_count(workers)
     out = Path(out)
     configs = _module_configs(read_tasks(tasks), out, config_path, overrides)
     records = dict(enumerate(_finished(config) for config in configs))  # all checked before one trains

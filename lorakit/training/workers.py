@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from ..core.errors import LoraConfigError
 
-__all__ = ["available_cores", "run_in_workers"]
+__all__ = ["available_cores", "check_worker_count", "run_in_workers"]
 
 Job = TypeVar("Job")
 Result = TypeVar("Result")
@@ -23,6 +23,19 @@ Result = TypeVar("Result")
 def available_cores() -> int:
     """The cores this process may run on (its affinity where the OS reports it, else the machine's count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_worker_count(workers: object) -> None:
+    """Refuse a worker count that is not a whole number of at least 1.
+
+    Args:
+        workers: the count to check.
+
+    Raises:
+        LoraConfigError: naming the value and what a count must be.
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise LoraConfigError(f"workers must be a whole number of processes, at least 1; got {workers!r}.")
 
 
 def _start_worker(threads: int, setup: Callable[..., None] | None, setup_args: tuple) -> None:
@@ -68,8 +81,7 @@ def run_in_workers(function: Callable[[Job], Result], jobs: Iterable[Job], worke
         >>> sorted(run_in_workers(abs, [-2, 1, -3], workers=2))
         [1, 2, 3]
     """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise LoraConfigError(f"workers must be a whole number of processes, at least 1; got {workers!r}.")
+    check_worker_count(workers)
     jobs = list(jobs)
     if not jobs:
         return

@@ -91,6 +91,7 @@ class HubObjective:
         config = modules[0].config.replace(lora_dropout=0.0, init_lora_weights=True)
         self.modes = [(module, module.training) for module in model.modules()]  # given back by close()
         self.lora = LoraModel(model, config, adapter_name=_CANDIDATE.format(0))
+        self.cache_keyword = cache_keyword(model)  # past_key_values or cache, as this transformers names it
         try:
             for p in range(1, population):
                 self.lora.add_adapter(_CANDIDATE.format(p), config, initialize=False)
@@ -198,7 +199,7 @@ class HubObjective:
                 prefix_mask = torch.ones(len(items), self.prefix, dtype=batch["attention_mask"].dtype, device=device)
                 batch["attention_mask"] = torch.cat([prefix_mask, batch["attention_mask"]], dim=1)
                 batch["position_ids"] = batch["position_ids"] + self.prefix
-                batch[cache_keyword(self.lora)] = cache
+                batch[self.cache_keyword] = cache
             logprobs, mask = completion_logprobs(forward, batch)
             return -logprobs.sum(-1) / mask.sum(-1)  # (rows,)
         batch = _collate_seq2seq(items, self.pad_id, device)
