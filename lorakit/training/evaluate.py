@@ -121,7 +121,7 @@ def _score_options(model, tokenizer, chunk: Sequence[Example], prompts: list[lis
     prompt = {k: v.to(device) for k, v in collate([{"input_ids": p, "labels": p} for p in prompts], pad_id).items()}
     out = model(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"], position_ids=prompt["position_ids"],
                 use_cache=True, logits_to_keep=1)
-    cache = returned_cache(out)
+    cache, keyword = returned_cache(out), cache_keyword(model)
     if cache is None:
         raise UnsupportedModelError(f"{type(model).__name__} returned no key/value cache; multiple-choice scoring needs use_cache.")
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (batch, vocab): the first option token
@@ -134,7 +134,7 @@ def _score_options(model, tokenizer, chunk: Sequence[Example], prompts: list[lis
         mask = torch.tensor([[1] * len(o) + [0] * (width - len(o)) for o in options], device=device)
         logits = model(
             input_ids=ids, attention_mask=torch.cat([prompt["attention_mask"], mask], 1),
-            position_ids=prompt_lengths + torch.arange(width, device=device), use_cache=True, **{cache_keyword(model): cache},
+            position_ids=prompt_lengths + torch.arange(width, device=device), use_cache=True, **{keyword: cache},
         ).logits.float()  # (batch, width, vocab)
         cache.crop(-width)  # drop this option: the prompt alone again for the next one
         rest = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (batch, width - 1)
