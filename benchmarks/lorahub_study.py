@@ -269,8 +269,9 @@ def in_workers(jobs: list[tuple], workers: int) -> None:
         for job in jobs:
             _run_job(job)
         return
-    smoke = (RESULTS.parent.parent,) if RESULTS.parent.name == "smoke" else None  # the children shrink the study too
-    for done in run_in_workers(_run_job, jobs, workers, shrink_for_smoke if smoke else None, smoke or ()):
+    smoke = RESULTS.parent.name == "smoke"
+    setup = (shrink_for_smoke, (RESULTS.parent.parent,)) if smoke else (None, ())  # the children shrink the study too
+    for done in run_in_workers(_run_job, jobs, workers, *setup):
         print(f"{time.strftime('%H:%M:%S')} {done}", flush=True)
 
 
