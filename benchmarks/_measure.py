@@ -69,9 +69,16 @@ def mean_sd(values: list[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def kept_json(path: Path, settings: dict) -> dict | None:
+    """The result `cached_json` kept in `path` for these `settings`, or None when there is none yet."""
+    if path.is_file() and (kept := json.loads(path.read_text())).get("settings") == settings:
+        return kept
+    return None
+
+
 def cached_json(path: Path, settings: dict, compute: Callable[[], dict]) -> dict:
     """`compute()`'s result, kept as JSON in `path` (written atomically) and reused while `settings` are unchanged."""
-    if path.is_file() and (kept := json.loads(path.read_text())).get("settings") == settings:
+    if (kept := kept_json(path, settings)) is not None:
         return kept
     result = compute() | {"settings": settings}
     atomic_write_text(path, json.dumps(result, indent=1))

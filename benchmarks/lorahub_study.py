@@ -49,7 +49,7 @@ from lorakit.training.trainer import Trainer, TrainingConfig
 from lorakit.training.workers import run_in_workers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _measure import cached_json, mean_sd  # noqa: E402
+from _measure import cached_json, kept_json, mean_sd  # noqa: E402
 from lorahub_bigbench import best_single_module, icl_examples, prompt_tokens  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "lorahub_study"
@@ -154,11 +154,26 @@ def measure(task: str, method: str, seed: int, task_modules: list[str], work: Pa
             "tokens": prompt_tokens(tokenizer, questions), **extra}
 
 
-def cached(work: Path, task: str, method: str, seed: int, task_modules: list[str]) -> dict:
-    seed_key = 0 if method == "zero-shot" else seed  # the base model does not depend on the seed
-    path = work / "held_out" / module_folder(f"bigbench:{task}") / f"{method.replace(' ', '_')}-seed{seed_key}.json"
+def measured_seed(method: str, seed: int) -> int:
+    return 0 if method == "zero-shot" else seed  # the base model does not depend on the seed
+
+
+def result_file(work: Path, task: str, method: str, seed: int, task_modules: list[str]) -> tuple[Path, dict]:
+    """Where one measurement is kept, and the settings it is kept for."""
+    name = f"{method.replace(' ', '_')}-seed{measured_seed(method, seed)}.json"
     settings = {"modules": task_modules if "module" in method or "LoraHub" in method or "uniform" in method else None}
-    return cached_json(path, settings, lambda: measure(task, method, seed_key, task_modules, work))
+    return work / "held_out" / module_folder(f"bigbench:{task}") / name, settings
+
+
+def cached(work: Path, task: str, method: str, seed: int, task_modules: list[str]) -> dict:
+    """One measurement, computed unless it is kept already."""
+    return cached_json(*result_file(work, task, method, seed, task_modules),
+                       lambda: measure(task, method, measured_seed(method, seed), task_modules, work))
+
+
+def kept(work: Path, task: str, method: str, seed: int, task_modules: list[str]) -> dict | None:
+    """One measurement if it is kept already (the report computes nothing)."""
+    return kept_json(*result_file(work, task, method, seed, task_modules))
 
 
 def seed_modules(seed: int, must: str | None = None) -> list[str]:
@@ -167,28 +182,37 @@ def seed_modules(seed: int, must: str | None = None) -> list[str]:
     return sorted(random.Random(seed).sample(others, MODULES - (must is not None)) + ([must] if must else []), key=UPSTREAM.index)
 
 
-def sanity(work: Path, seeds: list[int], workers: int) -> list[dict]:
+def sanity_jobs(work: Path, seeds: list[int]) -> list[tuple]:
     jobs = [(sibling_row, (work, task, sibling)) for task, sibling in SIBLINGS.items()]
     jobs += [(cached, (work, task, "zero-shot", 0, [])) for task in SIBLINGS]
-    jobs += [(cached, (work, task, "LoraHub NGOpt", seed, seed_modules(seed, sibling))) for task, sibling in SIBLINGS.items() for seed in seeds]
-    in_workers(jobs, workers)
+    return jobs + [(cached, (work, task, "LoraHub NGOpt", seed, seed_modules(seed, sibling)))
+                   for task, sibling in SIBLINGS.items() for seed in seeds]
+
+
+def sanity(work: Path, seeds: list[int]) -> list[dict]:
+    """The sanity check's rows measured so far: one per held-out task and seed."""
     rows = []
     for task, sibling in SIBLINGS.items():
-        zero = cached(work, task, "zero-shot", 0, [])["accuracy"]
-        alone = sibling_row(work, task, sibling)["accuracy"]
+        zero, alone = kept(work, task, "zero-shot", 0, []), kept_json(*sibling_file(work, task, sibling))
         for seed in seeds:
-            hub = cached(work, task, "LoraHub NGOpt", seed, seed_modules(seed, sibling))
-            weights = hub["weights"]
+            hub = kept(work, task, "LoraHub NGOpt", seed, seed_modules(seed, sibling))
+            if zero is None or alone is None or hub is None:
+                continue
+            zero_acc, alone_acc, weights = zero["accuracy"], alone["accuracy"], hub["weights"]
             rank = sorted(weights, key=lambda t: -abs(weights[t])).index(sibling) + 1
-            rows.append({"task": task, "sibling": sibling, "seed": seed, "zero_shot": zero, "sibling_alone": alone,
+            gain = alone_acc - zero_acc
+            rows.append({"task": task, "sibling": sibling, "seed": seed, "zero_shot": zero_acc, "sibling_alone": alone_acc,
                          "lorahub": hub["accuracy"], "sibling_weight": weights[sibling], "sibling_rank": rank,
-                         "recovered": (hub["accuracy"] - zero) / (alone - zero) if alone != zero else float("nan")})
+                         "recovered": (hub["accuracy"] - zero_acc) / gain if gain else float("nan")})
     return rows
 
 
+def sibling_file(work: Path, task: str, sibling: str) -> tuple[Path, dict]:
+    return work / "held_out" / module_folder(f"bigbench:{task}") / "sibling.json", {"sibling": sibling}
+
+
 def sibling_row(work: Path, task: str, sibling: str) -> dict:
-    return cached_json(work / "held_out" / module_folder(f"bigbench:{task}") / "sibling.json", {"sibling": sibling},
-                       lambda: measure_sibling(task, sibling, work))
+    return cached_json(*sibling_file(work, task, sibling), lambda: measure_sibling(task, sibling, work))
 
 
 def measure_sibling(task: str, sibling: str, work: Path) -> dict:
@@ -198,16 +222,20 @@ def measure_sibling(task: str, sibling: str, work: Path) -> dict:
     return evaluate(model, tokenizer, test)
 
 
-def held_out(work: Path, seeds: list[int], workers: int) -> dict[str, dict[str, list[dict]]]:
-    in_workers([(cached, (work, task, method, seed, seed_modules(seed))) for seed in seeds for task in HELD_OUT for method in METHODS
-                if method != "zero-shot" or seed == seeds[0]], workers)  # the base model's score is the seeds' one
-    results = {task: {method: [] for method in METHODS} for task in HELD_OUT}
+def held_out_jobs(work: Path, seeds: list[int], methods: list[str]) -> list[tuple]:
+    """Seed-major, so that a whole seed is done first; the base model's score is every seed's."""
+    return [(cached, (work, task, method, seed, seed_modules(seed))) for seed in seeds for task in HELD_OUT for method in methods
+            if method != "zero-shot" or seed == seeds[0]]
+
+
+def held_out(work: Path, seeds: list[int]) -> dict[str, dict[str, dict[int, dict]]]:
+    """{task: {method: {seed: row}}} for what is measured so far."""
+    results = {task: {method: {} for method in METHODS} for task in HELD_OUT}
     for seed in seeds:
         for task in HELD_OUT:
             for method in METHODS:
-                row = cached(work, task, method, seed, seed_modules(seed))
-                results[task][method].append(row)
-                print(f"seed {seed} {task} {method}: {row['accuracy']:.3f} ({row['seconds']:.0f} s)", flush=True)
+                if (row := kept(work, task, method, seed, seed_modules(seed))) is not None:
+                    results[task][method][seed] = row
     return results
 
 
@@ -238,19 +266,21 @@ def landscape(work: Path, task: str, seed: int) -> dict:
     return {"scales": SCALES, "few_shot_loss": losses, "test_accuracy": accuracy}
 
 
+def landscape_file(work: Path, task: str, seed: int) -> tuple[Path, dict]:
+    return work / "landscape" / module_folder(f"bigbench:{task}") / f"seed{seed}.json", {"scales": SCALES}
+
+
 def landscape_row(work: Path, task: str, seed: int) -> dict:
-    return cached_json(work / "landscape" / module_folder(f"bigbench:{task}") / f"seed{seed}.json", {"scales": SCALES},
-                       lambda: landscape(work, task, seed))
+    return cached_json(*landscape_file(work, task, seed), lambda: landscape(work, task, seed))
 
 
-def landscape_lines(work: Path, seeds: list[int], workers: int) -> list[str]:
-    in_workers([(landscape_row, (work, task, seed)) for task in HELD_OUT for seed in seeds], workers)
+def landscape_lines(work: Path, seeds: list[int]) -> list[str]:
     lines = ["| task | seed | " + " | ".join(f"t={t}" for t in SCALES) + " |", "|---|---|" + "---|" * len(SCALES)]
     for task in HELD_OUT:
         for seed in seeds:
-            row = landscape_row(work, task, seed)
-            cells = [f"{loss:.2f} / {acc:.2f}" for loss, acc in zip(row["few_shot_loss"], row["test_accuracy"])]
-            lines.append(f"| {task} | {seed} | " + " | ".join(cells) + " |")
+            if (row := kept_json(*landscape_file(work, task, seed))) is not None:
+                cells = [f"{loss:.2f} / {acc:.2f}" for loss, acc in zip(row["few_shot_loss"], row["test_accuracy"])]
+                lines.append(f"| {task} | {seed} | " + " | ".join(cells) + " |")
     return ["Few-shot loss / test accuracy at t x the weights LoraHub (NGOpt) found (t=0: the base, t=1: LoraHub):", ""] + lines
 
 
@@ -279,6 +309,9 @@ def in_workers(jobs: list[tuple], workers: int) -> None:
 def library_lines(work: Path) -> list[str]:
     lines = []
     for name in LIBRARIES:
+        if not (work / f"library_{name}" / "library.json").is_file():
+            lines += [f"### Library `{name}`: not built yet", ""]
+            continue
         records = read_index(work / f"library_{name}")
         before = statistics.mean(r["accuracy_before"] for r in records)
         after = statistics.mean(r["accuracy_after"] for r in records)
@@ -299,20 +332,28 @@ def sanity_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def held_out_lines(results: dict) -> list[str]:
-    accuracy = lambda rows: [r["accuracy"] for r in rows]  # noqa: E731
+def accuracies(rows: dict[int, dict]) -> list[float]:
+    return [row["accuracy"] for row in rows.values()]
+
+
+def held_out_lines(results: dict, seeds: list[int]) -> list[str]:
+    """The table of what is measured so far ("—": not yet); the mean over tasks counts the seeds every task has."""
     lines = ["| task | items | majority | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 3) + "|"]
     for task, by_method in results.items():
-        first = by_method["zero-shot"][0]
-        lines.append(f"| {task} | {first['items']} | {first['majority']:.2f} | " +
-                     " | ".join(mean_sd(accuracy(by_method[m]), 3) for m in METHODS) + " |")
-    per_seed = {m: [statistics.mean(results[t][m][i]["accuracy"] for t in results) for i in range(len(results[HELD_OUT[0]][m]))]
-                for m in METHODS}
-    lines.append("| **mean over tasks** | | | " + " | ".join(mean_sd(per_seed[m], 3) for m in METHODS) + " |")
+        first = next(iter(by_method["zero-shot"].values()), None)
+        about = f"{first['items']} | {first['majority']:.2f}" if first else "— | —"
+        lines.append(f"| {task} | {about} | " + " | ".join(mean_sd(accuracies(by_method[m]), 3) if by_method[m] else "—" for m in METHODS) + " |")
+    means = []
+    for m in METHODS:
+        complete = [seed for seed in seeds if all(seed in results[t][m] for t in results)]
+        per_seed = [statistics.mean(results[t][m][seed]["accuracy"] for t in results) for seed in complete]
+        means.append(mean_sd(per_seed, 3) if per_seed else "—")
+    lines.append("| **mean over tasks** | | | " + " | ".join(means) + " |")
     lines += ["", "| method | tokens per question | seconds to adapt (mean) |", "|---|---|---|"]
     for m in METHODS:
-        rows = [r for task in results for r in results[task][m]]
-        lines.append(f"| {m} | {statistics.mean(r['tokens'] for r in rows):.0f} | {statistics.mean(r['seconds'] for r in rows):.1f} |")
+        rows = [row for task in results for row in results[task][m].values()]
+        if rows:
+            lines.append(f"| {m} | {statistics.mean(r['tokens'] for r in rows):.0f} | {statistics.mean(r['seconds'] for r in rows):.1f} |")
     return lines
 
 
@@ -322,8 +363,9 @@ def plot(results: dict, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(14, 5))
     width = 0.8 / len(METHODS)
     for k, method in enumerate(METHODS):
-        means = [statistics.mean(r["accuracy"] for r in results[t][method]) for t in HELD_OUT]
-        spread = [statistics.stdev([r["accuracy"] for r in results[t][method]]) if len(results[t][method]) > 1 else 0 for t in HELD_OUT]
+        scores = [accuracies(results[t][method]) for t in HELD_OUT]
+        means = [statistics.mean(a) if a else float("nan") for a in scores]
+        spread = [statistics.stdev(a) if len(a) > 1 else 0 for a in scores]
         axis.bar([i + k * width for i in range(len(HELD_OUT))], means, width, yerr=spread, label=method, capsize=1.5)
     axis.set_xticks([i + 0.4 - width / 2 for i in range(len(HELD_OUT))], HELD_OUT, rotation=20, ha="right")
     axis.set_ylabel("test accuracy (mean ± sd over seeds)")
@@ -341,7 +383,7 @@ def weights_plot(results: dict, path: Path) -> None:
     grid = torch.full((len(HELD_OUT), len(UPSTREAM)), float("nan"))  # (held-out task, module)
     for i, task in enumerate(HELD_OUT):
         for j, module in enumerate(UPSTREAM):
-            drawn = [row["weights"][module] for row in results[task]["LoraHub NGOpt"] if module in row["weights"]]
+            drawn = [row["weights"][module] for row in results[task]["LoraHub NGOpt"].values() if module in row["weights"]]
             if drawn:
                 grid[i, j] = statistics.mean(drawn)
     figure, axis = plt.subplots(figsize=(13, 5))
@@ -374,6 +416,8 @@ def main() -> None:
     parser.add_argument("--libraries", nargs="+", choices=list(LIBRARIES), default=list(LIBRARIES),
                         help="which libraries the library stage builds (the q/v one first: the sanity check and most "
                         "held-out methods need only it)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS, metavar="METHOD",
+                        help="which methods the held-out stage measures (default: all of them)")
     parser.add_argument("--work", default=str(RESULTS), help="where every stage keeps its results; the default is in the "
                         "repository so finished modules and measurements can be committed (checkpoints are git-ignored)")
     parser.add_argument("--smoke", action="store_true", help="every stage's code path at toy size: 2 modules of 4 steps, "
@@ -385,19 +429,23 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.stage in ("library", "all"):
         build(work, args.workers, args.libraries)
-    lines = ["# LoraHub with a 24-module library (benchmarks/lorahub_study.py)", ""] + library_lines(work)
-    if args.stage in ("sanity", "all", "report"):
-        rows = sanity(work, args.seeds, args.workers)
-        lines += ["## Sanity check: a held-out task whose sibling is in the library", ""] + sanity_lines(rows) + [""]
-        (RESULTS / "sanity.json").write_text(json.dumps(rows, indent=1) + "\n")
-    if args.stage in ("held-out", "all", "report"):
-        results = held_out(work, args.seeds, args.workers)
-        lines += [f"## Ten held-out tasks, seeds {args.seeds}", ""] + held_out_lines(results)
-        plot(results, RESULTS / "held_out.png")
-        weights_plot(results, RESULTS / "weights.png")
-        (RESULTS / "held_out.json").write_text(json.dumps(results, indent=1) + "\n")
+    if args.stage in ("sanity", "all"):
+        in_workers(sanity_jobs(work, args.seeds), args.workers)
+    if args.stage in ("held-out", "all"):
+        in_workers(held_out_jobs(work, args.seeds, args.methods), args.workers)
     if args.stage in ("landscape", "all"):
-        lines += ["", "## Along the found direction", ""] + landscape_lines(work, args.seeds, args.workers)
+        in_workers([(landscape_row, (work, task, seed)) for task in HELD_OUT for seed in args.seeds], args.workers)
+    # the report: everything measured so far, computing nothing
+    lines = ["# LoraHub with a 24-module library (benchmarks/lorahub_study.py)", ""] + library_lines(work)
+    rows = sanity(work, args.seeds)
+    lines += ["## Sanity check: a held-out task whose sibling is in the library", ""] + sanity_lines(rows) + [""]
+    (RESULTS / "sanity.json").write_text(json.dumps(rows, indent=1) + "\n")
+    results = held_out(work, args.seeds)
+    lines += [f"## Ten held-out tasks, seeds {args.seeds}", ""] + held_out_lines(results, args.seeds)
+    plot(results, RESULTS / "held_out.png")
+    weights_plot(results, RESULTS / "weights.png")
+    (RESULTS / "held_out.json").write_text(json.dumps(results, indent=1) + "\n")
+    lines += ["", "## Along the found direction", ""] + landscape_lines(work, args.seeds)
     for name in LIBRARIES:
         library_plot = work / f"library_{name}" / "library.png"
         if library_plot.is_file():
