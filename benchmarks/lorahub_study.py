@@ -297,7 +297,7 @@ def in_workers(jobs: list[tuple], workers: int) -> None:
     caches. Seconds measured this way are one thread's, next to another process."""
     if workers == 1:
         for job in jobs:
-            _run_job(job)
+            print(f"{time.strftime('%H:%M:%S')} {_run_job(job)}", flush=True)
         return
     smoke = RESULTS.parent.name == "smoke"
     setup = (shrink_for_smoke, (RESULTS.parent.parent,)) if smoke else (None, ())  # the children shrink the study too
