@@ -203,7 +203,7 @@ def sanity(work: Path, seeds: list[int]) -> list[dict]:
             gain = alone_acc - zero_acc
             rows.append({"task": task, "sibling": sibling, "seed": seed, "zero_shot": zero_acc, "sibling_alone": alone_acc,
                          "lorahub": hub["accuracy"], "sibling_weight": weights[sibling], "sibling_rank": rank,
-                         "recovered": (hub["accuracy"] - zero_acc) / gain if gain else float("nan")})
+                         "recovered": (hub["accuracy"] - zero_acc) / gain if gain > 0 else None})
     return rows
 
 
@@ -324,11 +324,15 @@ def library_lines(work: Path) -> list[str]:
     return lines
 
 
+def recovered(row: dict) -> str:
+    return "n/a: no gain to recover" if row["recovered"] is None else f"{row['recovered']:.0%}"
+
+
 def sanity_lines(rows: list[dict]) -> list[str]:
     lines = ["| held-out task | sibling in the library | seed | zero-shot | sibling alone | LoraHub | sibling's weight (rank of 20) | gain recovered |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['task']} | {r['sibling']} | {r['seed']} | {r['zero_shot']:.3f} | {r['sibling_alone']:.3f} | {r['lorahub']:.3f} | "
-              f"{r['sibling_weight']:+.2f} ({r['sibling_rank']}) | {r['recovered']:.0%} |" for r in rows]
+              f"{r['sibling_weight']:+.2f} ({r['sibling_rank']}) | {recovered(r)} |" for r in rows]
     return lines
 
 
