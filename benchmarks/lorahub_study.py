@@ -8,11 +8,14 @@ SmolLM2-135M-Instruct throughout. Stages (each result kept as JSON under `--work
    items. Finished modules are kept under benchmarks/results/lorahub_study (checkpoints and logs git-ignored).
 2. sanity: a held-out task whose sibling is in the library (another size or operation of the same task).
    LoraHub over 20 modules that include the sibling must find it (its weight) and recover most of the sibling's
-   own gain on that task: (LoraHub - zero-shot) / (sibling alone - zero-shot).
+   own gain on that task: (LoraHub - zero-shot) / (sibling alone - zero-shot). Neither sibling transfers a gain
+   (docs/results.md), so a positive control too: a task whose own module is in the library (POSITIVE_CONTROLS),
+   tested on the 50 items `hub build` held back from that module and shown 5 of its 50 validation items.
 3. held-out: 10 tasks no module saw (7 multiple choice, 3 generative scored by exact match after greedy
    decoding), 100 test items each (fewer where the task is small: SHOT_POOL items stay out for the examples),
    per seed (which 5 examples, which 20 of the 24 modules): zero-shot; LoraHub with NGOpt and with CMA-ES (q/v
-   library) and NGOpt on the all-linear library; the best single module (lowest few-shot loss); the uniform
+   library), NGOpt started at the best single module (`start="best-single"`, what the positive control called
+   for) and NGOpt on the all-linear library; the best single module (lowest few-shot loss); the uniform
    average of the 20; 5-shot in-context learning; and the paper's gradient baselines trained on the same 5
    examples for 40 epochs (40 steps of batch 5): LoRA (r=16 q/v, lr 2e-3), IA3 (PEFT's targets, lr 1e-2) and full
    fine-tuning (lr 2e-5). Tokens per question and the seconds the adaptation took (search or training) for each.
@@ -42,12 +45,14 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from lorakit import IA3Config, LoraConfig, LoraModel, base_models, get_peft_model, lorahub
 from lorakit.core.examples import Example, tokenize_example
 from lorakit.core.plotting import pyplot, save_png
+from lorakit.core.run_layout import RunLayout
 from lorakit.methods.lorahub.library import read_index
-from lorakit.training.data import load_examples
+from lorakit.training.data import load_examples, split_examples
 from lorakit.training.evaluate import evaluate
 from lorakit.training.hub_build import build_library, module_folder
 from lorakit.training.trainer import Trainer, TrainingConfig
@@ -71,6 +76,8 @@ HELD_OUT = ["general_knowledge", "emoji_movie", "dark_humor_detection", "social_
             "penguins_in_a_table", "dyck_languages", "object_counting", "word_sorting", "auto_categorization"]
 SIBLINGS = {"modified_arithmetic/three_digit_addition_control": "modified_arithmetic/three_digit_subtraction_control",
             "tracking_shuffled_objects/five_objects": "tracking_shuffled_objects/three_objects"}
+# the two modules that gained most on their own task (0.42 -> 0.96, 0.38 -> 0.94): the "sibling" is the module itself
+POSITIVE_CONTROLS = ["disambiguation_qa", "entailed_polarity"]
 # all-linear at the q/v modules' size: r=3 on the 7 matrices of a layer holds 30,528 parameters a layer, r=16 on q/v
 # 30,720. At r=16 an all-linear module is 4.9M parameters (19.5 MB; 470 MB a library): more than the repository, the
 # only storage that outlives a session of this project, should carry.
@@ -79,7 +86,8 @@ LIBRARIES = {"qv": [], "all_linear": ["lora.target_modules=all-linear", "lora.r=
 # packed batches (the same loss, no padding computed; docs/results.md: 1.3x); the rest: hub_build.HUB_DEFAULTS
 LIBRARY_SETTINGS = ["training.lr=0.002", "training.batch_size=8", "training.precision=bf16", "training.packing=true"]
 SHOT_POOL, TEST_SIZE, SHOTS, MODULES = 15, 100, 5, 20
-METHODS = ["zero-shot", "LoraHub NGOpt", "LoraHub CMA-ES", "LoraHub NGOpt (all-linear library)", "best single module",
+METHODS = ["zero-shot", "LoraHub NGOpt", "LoraHub CMA-ES", "LoraHub NGOpt (best-single start)",
+           "LoraHub NGOpt (all-linear library)", "best single module",
            "uniform average", "5-shot ICL", "LoRA (5 examples)", "IA3 (5 examples)", "full FT (5 examples)"]
 
 
@@ -94,8 +102,14 @@ def adapters(work: Path, library: str, tasks: list[str]) -> list[Path]:
 
 
 # -- stages 2 and 3 ------------------------------------------------------------------------------
-def split(task: str) -> tuple[list[Example], list[Example]]:
+def split(task: str, work: Path) -> tuple[list[Example], list[Example]]:
+    """(test items, the pool the 5 examples come from); a positive control's are its module's test and validation
+    items, split as `hub build` split them (the module's own run config says how)."""
     examples = load_examples(f"bigbench:{task}")
+    if task in POSITIVE_CONTROLS:
+        data = yaml.safe_load(RunLayout(adapters(work, "qv", [task])[0].parent).config.read_text())["data"]
+        own = split_examples(examples, data["seed"], data["test_size"], data["validation_size"])
+        return list(own.test), list(own.validation)
     order = random.Random(1234).sample(list(examples), len(examples))
     test_size = min(TEST_SIZE, len(order) - SHOT_POOL)
     return order[:test_size], order[test_size:]
@@ -134,7 +148,9 @@ def adapted(method: str, task_modules: list[str], shots: list[Example], tokenize
     modules = adapters(work, library, task_modules)
     if method.startswith("LoraHub"):
         optimizer = "CMA" if "CMA" in method else "NGOpt"
-        result = lorahub.learn(fresh_base(), modules, shots, tokenizer, optimizer=optimizer, seed=seed, merge=True, progress=False)
+        start = "best-single" if "best-single" in method else "zero"
+        result = lorahub.learn(fresh_base(), modules, shots, tokenizer, optimizer=optimizer, seed=seed, merge=True, progress=False,
+                               start=start)
         return result.model, {"weights": dict(zip(task_modules, result.weights)), "best_loss": min(result.losses)}
     if method == "best single module":
         chosen = best_single_module(fresh_base(), modules, shots, tokenizer)
@@ -147,7 +163,7 @@ def adapted(method: str, task_modules: list[str], shots: list[Example], tokenize
 
 
 def measure(task: str, method: str, seed: int, task_modules: list[str], work: Path) -> dict:
-    test, pool = split(task)
+    test, pool = split(task, work)
     shots = random.Random(seed).sample(pool, SHOTS)
     tokenizer = base_models.load(MODEL)[1]
     started = time.perf_counter()
@@ -187,28 +203,38 @@ def seed_modules(seed: int, must: str | None = None) -> list[str]:
     return sorted(random.Random(seed).sample(others, MODULES - (must is not None)) + ([must] if must else []), key=UPSTREAM.index)
 
 
+SANITY_METHODS = ["LoraHub NGOpt", "LoraHub NGOpt (best-single start)"]
+
+
+def sanity_pairs() -> dict[str, str]:
+    """{held-out task: the module that should carry it}: the siblings, then the positive controls' own modules."""
+    return SIBLINGS | {task: task for task in POSITIVE_CONTROLS}
+
+
 def sanity_jobs(work: Path, seeds: list[int]) -> list[tuple]:
-    jobs = [(sibling_row, (work, task, sibling)) for task, sibling in SIBLINGS.items()]
-    jobs += [(cached, (work, task, "zero-shot", 0, [])) for task in SIBLINGS]
-    return jobs + [(cached, (work, task, "LoraHub NGOpt", seed, seed_modules(seed, sibling)))
-                   for task, sibling in SIBLINGS.items() for seed in seeds]
+    pairs = sanity_pairs()
+    jobs = [(sibling_row, (work, task, sibling)) for task, sibling in pairs.items()]
+    jobs += [(cached, (work, task, "zero-shot", 0, [])) for task in pairs]
+    return jobs + [(cached, (work, task, method, seed, seed_modules(seed, sibling)))
+                   for method in SANITY_METHODS for task, sibling in pairs.items() for seed in seeds]
 
 
 def sanity(work: Path, seeds: list[int]) -> list[dict]:
-    """The sanity check's rows measured so far: one per held-out task and seed."""
+    """The sanity check's rows measured so far: one per held-out task, search and seed."""
     rows = []
-    for task, sibling in SIBLINGS.items():
+    for task, sibling in sanity_pairs().items():
         zero, alone = kept(work, task, "zero-shot", 0, []), kept_json(*sibling_file(work, task, sibling))
-        for seed in seeds:
-            hub = kept(work, task, "LoraHub NGOpt", seed, seed_modules(seed, sibling))
-            if zero is None or alone is None or hub is None:
-                continue
-            zero_acc, alone_acc, weights = zero["accuracy"], alone["accuracy"], hub["weights"]
-            rank = sorted(weights, key=lambda t: -abs(weights[t])).index(sibling) + 1
-            gain = alone_acc - zero_acc
-            rows.append({"task": task, "sibling": sibling, "seed": seed, "zero_shot": zero_acc, "sibling_alone": alone_acc,
-                         "lorahub": hub["accuracy"], "sibling_weight": weights[sibling], "sibling_rank": rank,
-                         "recovered": (hub["accuracy"] - zero_acc) / gain if gain > 0 else None})
+        for method in SANITY_METHODS:
+            for seed in seeds:
+                hub = kept(work, task, method, seed, seed_modules(seed, sibling))
+                if zero is None or alone is None or hub is None:
+                    continue
+                zero_acc, alone_acc, weights = zero["accuracy"], alone["accuracy"], hub["weights"]
+                rank = sorted(weights, key=lambda t: -abs(weights[t])).index(sibling) + 1
+                gain = alone_acc - zero_acc
+                rows.append({"task": task, "sibling": sibling, "method": method, "seed": seed, "zero_shot": zero_acc,
+                             "sibling_alone": alone_acc, "lorahub": hub["accuracy"], "sibling_weight": weights[sibling],
+                             "sibling_rank": rank, "recovered": (hub["accuracy"] - zero_acc) / gain if gain > 0 else None})
     return rows
 
 
@@ -221,7 +247,7 @@ def sibling_row(work: Path, task: str, sibling: str) -> dict:
 
 
 def measure_sibling(task: str, sibling: str, work: Path) -> dict:
-    test, _ = split(task)
+    test, _ = split(task, work)
     tokenizer = base_models.load(MODEL)[1]
     model = LoraModel.from_pretrained(fresh_base(), adapters(work, "qv", [sibling])[0])
     return evaluate(model, tokenizer, test)
@@ -259,7 +285,7 @@ def landscape(work: Path, task: str, seed: int) -> dict:
     names = list(found)
     modules = adapters(work, "qv", names)
     weights = torch.tensor([found[n] for n in names])
-    test, pool = split(task)
+    test, pool = split(task, work)
     shots = random.Random(seed).sample(pool, SHOTS)
     tokenizer = base_models.load(MODEL)[1]
     objective = lorahub.HubObjective(fresh_base(), lorahub.load_modules(modules), shots, tokenizer, population=len(SCALES))
@@ -334,9 +360,9 @@ def recovered(row: dict) -> str:
 
 
 def sanity_lines(rows: list[dict]) -> list[str]:
-    lines = ["| held-out task | sibling in the library | seed | zero-shot | sibling alone | LoraHub | sibling's weight (rank of 20) | gain recovered |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['sibling']} | {r['seed']} | {r['zero_shot']:.3f} | {r['sibling_alone']:.3f} | {r['lorahub']:.3f} | "
+    lines = ["| held-out task | sibling in the library | search | seed | zero-shot | sibling alone | LoraHub | sibling's weight (rank of 20) | gain recovered |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {'its own module' if r['sibling'] == r['task'] else r['sibling']} | {r['method']} | {r['seed']} | {r['zero_shot']:.3f} | {r['sibling_alone']:.3f} | {r['lorahub']:.3f} | "
               f"{r['sibling_weight']:+.2f} ({r['sibling_rank']}) | {recovered(r)} |" for r in rows]
     return lines
 
@@ -407,9 +433,9 @@ def weights_plot(results: dict, path: Path) -> None:
 
 def shrink_for_smoke(work: Path) -> Path:
     """The study at toy size (what `--smoke` runs): the same code, tiny settings, its own folders under `work`."""
-    global UPSTREAM, HELD_OUT, SIBLINGS, LIBRARY_SETTINGS, TEST_SIZE, MODULES, RESULTS
+    global UPSTREAM, HELD_OUT, SIBLINGS, POSITIVE_CONTROLS, LIBRARY_SETTINGS, TEST_SIZE, MODULES, RESULTS
     UPSTREAM, HELD_OUT = ["navigate", "snarks"], ["object_counting", "riddle_sense"]
-    SIBLINGS = {"tracking_shuffled_objects/five_objects": "snarks"}
+    SIBLINGS, POSITIVE_CONTROLS = {"tracking_shuffled_objects/five_objects": "snarks"}, ["navigate"]
     LIBRARY_SETTINGS = ["training.steps=4", "training.eval_every=2", "training.save_every=2", "data.test_size=8",
                         "data.validation_size=8", "training.batch_size=4", "training.eval_batch_size=8"]
     TEST_SIZE, MODULES, RESULTS = 4, 2, work / "smoke" / "results"
@@ -447,7 +473,7 @@ def main() -> None:
     # the report: everything measured so far, computing nothing
     lines = ["# LoraHub with a 24-module library (benchmarks/lorahub_study.py)", ""] + library_lines(work)
     rows = sanity(work, args.seeds)
-    lines += ["## Sanity check: a held-out task whose sibling is in the library", ""] + sanity_lines(rows) + [""]
+    lines += ["## Sanity check: a held-out task whose sibling (or, as a positive control, its own module) is in the library", ""] + sanity_lines(rows) + [""]
     (RESULTS / "sanity.json").write_text(json.dumps(rows, indent=1) + "\n")
     results = held_out(work, args.seeds)
     lines += [f"## Ten held-out tasks, seeds {args.seeds}", ""] + held_out_lines(results, args.seeds)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .core.errors import LoraConfigError
-from .methods.lorahub.settings import DEFAULTS
+from .methods.lorahub.settings import DEFAULTS, STARTS
 from .training.settings import DataSection, ModelSection, TrainingConfig
 
 __all__ = ["main"]
@@ -212,7 +212,7 @@ def _hub_learn(args: argparse.Namespace) -> None:
 
     args.modules = [str(module) for module in expand_libraries(args.modules)]
     _positive(args.n_examples, "--n-examples")
-    search.check_search_settings(args.budget, args.lam, settings.DEFAULTS["bounds"], args.population)
+    search.check_search_settings(args.budget, args.lam, settings.DEFAULTS["bounds"], args.population, start=args.start)
     search.nevergrad_name(args.optimizer)
     compose.load_modules(args.modules)  # every module read and checked before the model loads
     examples = data.load_examples(args.examples)
@@ -220,10 +220,10 @@ def _hub_learn(args: argparse.Namespace) -> None:
         examples = random.Random(args.seed).sample(examples, args.n_examples)
     model, tokenizer = base_models.load(args.model)
     result = search.learn(model, args.modules, examples, tokenizer, budget=args.budget, lam=args.lam,
-                       optimizer=args.optimizer, seed=args.seed, population=args.population)
+                       optimizer=args.optimizer, seed=args.seed, population=args.population, start=args.start)
     out = Path(args.out)
     record = {"modules": args.modules, "weights": result.weights, "losses": result.losses, "optimizer": args.optimizer,
-              "budget": args.budget, "seed": args.seed, "examples": [ex.prompt for ex in examples], "seconds": result.seconds}
+              "budget": args.budget, "start": args.start, "seed": args.seed, "examples": [ex.prompt for ex in examples], "seconds": result.seconds}
     plot = io.BytesIO()
     search.plot_result(result, args.modules, plot)
     result.module.save(out, extra_files={"lorahub.json": json.dumps(record, indent=1) + "\n", "lorahub.png": plot.getvalue()})
@@ -357,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     hub_learn.add_argument("--lam", type=float, default=DEFAULTS["lam"], help="weight of the L1 term mean|w|")
     hub_learn.add_argument("--optimizer", default=DEFAULTS["optimizer"], help="a nevergrad optimiser name, e.g. NGOpt, CMA")
     hub_learn.add_argument("--population", type=int, help="candidates per batched evaluation (default: CMA's size, else 1)")
+    hub_learn.add_argument("--start", choices=STARTS, default=DEFAULTS["start"], help="where the search starts: all weights 0 "
+                           "(the paper) or the module that scores best alone (N more evaluations, one batched forward)")
     hub_learn.add_argument("--seed", type=int, default=0)
     hub_learn.set_defaults(func=_hub_learn)
 

@@ -137,6 +137,26 @@ def test_learn_matches_the_one_by_one_search(causal):
     assert result.weights == pytest.approx(list(search.provide_recommendation().value), abs=1e-6)
 
 
+@pytest.mark.parametrize("optimizer", ["NGOpt", "CMA"])
+def test_best_single_start_scans_each_module_then_searches_from_the_best(causal, monkeypatch, optimizer):
+    factory, tokenizer, modules, _ = causal
+    asked = []
+    original = lorahub.HubObjective.population_loss
+    monkeypatch.setattr(lorahub.HubObjective, "population_loss", lambda self, w: asked.append(w.clone()) or original(self, w))
+    result = lorahub.learn(factory(), modules, EXAMPLES, tokenizer, budget=8, optimizer=optimizer, seed=1, start="best-single", progress=False)
+    n = len(modules)
+    torch.testing.assert_close(asked[0], torch.eye(n))  # the scan: every module alone, one batched forward
+    alone = [_reference_loss(factory, modules, row, tokenizer) + 0.05 / n for row in torch.eye(n).tolist()]
+    assert result.losses[:n] == pytest.approx(alone, abs=1e-5) and len(result.losses) == n + 8
+    chosen = min(range(n), key=alone.__getitem__)
+    if optimizer == "NGOpt":  # a one-at-a-time search asks its start first: the best module alone
+        assert asked[1].tolist() == [torch.eye(n)[chosen].tolist()]
+    found = _reference_loss(factory, modules, result.weights, tokenizer) + 0.05 * sum(map(abs, result.weights)) / n
+    assert found <= alone[chosen] + 1e-5  # never worse than the module it started from
+    zero = lorahub.learn(factory(), modules, EXAMPLES, tokenizer, budget=8, optimizer=optimizer, seed=1, progress=False)
+    assert len(zero.losses) == 8 and zero.losses != result.losses[n:]
+
+
 def test_bounds_l1_and_seeds(causal, monkeypatch):
     factory, tokenizer, modules, _ = causal
     asked = []
@@ -192,11 +212,12 @@ def test_hub_cli_learns_and_writes_a_peft_adapter(causal, tmp_path):
     examples.write_text("".join(json.dumps({"prompt": e.prompt, "completion": e.target}) + "\n" for e in EXAMPLES))
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "lorakit.cli", "lorahub", "learn", "--modules", *dirs, "--examples", str(examples),
-                          "--model", str(model_dir), "--budget", "8", "--optimizer", "CMA", "--out", str(tmp_path / "composed")],
+                          "--model", str(model_dir), "--budget", "8", "--optimizer", "CMA", "--start", "best-single", "--out", str(tmp_path / "composed")],
                          check=True, env=env, capture_output=True, text=True).stdout
     assert "weights:" in out
     record = json.loads((tmp_path / "composed" / "lorahub.json").read_text())
-    assert len(record["weights"]) == 4 and len(record["losses"]) == 8 and (tmp_path / "composed" / "lorahub.png").is_file()
+    assert len(record["weights"]) == 4 and (tmp_path / "composed" / "lorahub.png").is_file()
+    assert record["start"] == "best-single" and len(record["losses"]) == 4 + 8  # each module alone, then the search
     composed = lorahub.compose(dirs, record["weights"])
     peft_model = peft.PeftModel.from_pretrained(factory(), tmp_path / "composed")
     ours = LoraModel(factory())

@@ -361,7 +361,8 @@ def _hub_setup(tiny):
     return model, tokenizer, modules
 
 
-@pytest.mark.parametrize("bad", [dict(lam=float("nan")), dict(lam=float("inf")), dict(budget=0), dict(bounds=(1.0, float("nan"))), dict(examples=[])])
+@pytest.mark.parametrize("bad", [dict(lam=float("nan")), dict(lam=float("inf")), dict(budget=0), dict(bounds=(1.0, float("nan"))),
+                                 dict(examples=[]), dict(start="middle"), dict(optimizer="NoSuchOpt", start="best-single")])
 def test_lorahub_refuses_bad_settings_before_touching_the_model(tiny, bad):
     model, tokenizer, modules = _hub_setup(tiny)
     snapshot = _snapshot(model)
