@@ -265,6 +265,8 @@ def held_out(work: Path, seeds: list[int]) -> dict[str, dict[str, dict[int, dict
     for seed in seeds:
         for task in HELD_OUT:
             for method in METHODS:
+                if method == "zero-shot" and seed != seeds[0]:  # the base model's score: once, not once per seed
+                    continue
                 if (row := kept(work, task, method, seed, seed_modules(seed))) is not None:
                     results[task][method][seed] = row
     return results
