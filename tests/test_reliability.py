@@ -362,7 +362,8 @@ def _hub_setup(tiny):
 
 
 @pytest.mark.parametrize("bad", [dict(lam=float("nan")), dict(lam=float("inf")), dict(budget=0), dict(bounds=(1.0, float("nan"))),
-                                 dict(examples=[]), dict(start="middle"), dict(optimizer="NoSuchOpt", start="best-single")])
+                                 dict(examples=[]), dict(start="middle"), dict(optimizer="NoSuchOpt", start="best-single"),
+                                 dict(start="best-single", bounds=(-0.2, 0.3)), dict(bounds=(0.1, 0.5))])
 def test_lorahub_refuses_bad_settings_before_touching_the_model(tiny, bad):
     model, tokenizer, modules = _hub_setup(tiny)
     snapshot = _snapshot(model)

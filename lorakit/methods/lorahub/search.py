@@ -373,7 +373,7 @@ def check_search_settings(budget, lam, bounds, population, batch_rows=64, max_le
     Args:
         budget: evaluations of the objective (>= 1).
         lam: weight of the L1 term (finite, >= 0).
-        bounds: ``(low, high)`` of every weight, finite, low < high.
+        bounds: ``(low, high)`` of every weight, finite, low <= 0 <= high (and high >= 1 for ``start="best-single"``).
         population: candidates per batched evaluation (>= 1), or None.
         batch_rows: rows per forward pass (>= 1).
         max_length: tokens per example (>= 1).
@@ -393,6 +393,11 @@ def check_search_settings(budget, lam, bounds, population, batch_rows=64, max_le
         raise LoraConfigError(f"start={start!r}: use one of {', '.join(STARTS)} ('zero' is the paper's).")
     if len(bounds) != 2 or not all(is_finite_number(b) for b in bounds) or not bounds[0] < bounds[1]:
         raise LoraConfigError(f"bounds={bounds!r}: use two finite numbers (low, high) with low < high, e.g. (-1.5, 1.5).")
+    if not bounds[0] <= 0 <= bounds[1]:
+        raise LoraConfigError(f"bounds={bounds!r} do not hold 0, where the search starts: use low <= 0 <= high.")
+    if start == "best-single" and not bounds[1] >= 1:
+        raise LoraConfigError(f"start='best-single' starts at a weight of 1 (the rest 0), above bounds={bounds!r}: use high >= 1, "
+                              "or start='zero'.")
 
 
 def _running_min(values: list[float]) -> list[float]:
