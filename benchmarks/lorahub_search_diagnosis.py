@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 import time
 
@@ -52,8 +51,7 @@ def probe_points(task: str, seed: int) -> dict:
     own_to_one[own] = 1.0
     points = {"found by the search": weights, "own module alone": alone, "found, own module's weight -> 1": own_to_one,
               "own module alone at the found weight": alone * weights[own]}
-    test, pool = study.split(task, study.RESULTS)
-    shots = random.Random(seed).sample(pool, study.SHOTS)
+    test, shots = study.test_and_shots(task, seed, study.RESULTS)
     tokenizer = base_models.load(study.MODEL)[1]
     modules = study.adapters(study.RESULTS, "qv", names)
     objective = lorahub.HubObjective(study.fresh_base(), lorahub.load_modules(modules), shots, tokenizer, population=len(points))
@@ -73,8 +71,7 @@ def long_search(task: str, seed: int) -> dict:
     """The paper's search (NGOpt from 0) with LONG_BUDGET evaluations instead of 40."""
     names = study.seed_modules(seed, task)
     modules = study.adapters(study.RESULTS, "qv", names)
-    test, pool = study.split(task, study.RESULTS)
-    shots = random.Random(seed).sample(pool, study.SHOTS)
+    test, shots = study.test_and_shots(task, seed, study.RESULTS)
     tokenizer = base_models.load(study.MODEL)[1]
     started = time.perf_counter()
     result = lorahub.learn(study.fresh_base(), modules, shots, tokenizer, budget=LONG_BUDGET, seed=seed, merge=True, progress=False)

@@ -115,6 +115,12 @@ def split(task: str, work: Path) -> tuple[list[Example], list[Example]]:
     return order[:test_size], order[test_size:]
 
 
+def test_and_shots(task: str, seed: int, work: Path) -> tuple[list[Example], list[Example]]:
+    """A task's test items and the seed's 5 examples from its pool."""
+    test, pool = split(task, work)
+    return test, random.Random(seed).sample(pool, SHOTS)
+
+
 def fresh_base():
     return base_models.load(MODEL)[0]
 
@@ -163,8 +169,7 @@ def adapted(method: str, task_modules: list[str], shots: list[Example], tokenize
 
 
 def measure(task: str, method: str, seed: int, task_modules: list[str], work: Path) -> dict:
-    test, pool = split(task, work)
-    shots = random.Random(seed).sample(pool, SHOTS)
+    test, shots = test_and_shots(task, seed, work)
     tokenizer = base_models.load(MODEL)[1]
     started = time.perf_counter()
     model, extra = adapted(method, task_modules, shots, tokenizer, seed, work)
@@ -287,8 +292,7 @@ def landscape(work: Path, task: str, seed: int) -> dict:
     names = list(found)
     modules = adapters(work, "qv", names)
     weights = torch.tensor([found[n] for n in names])
-    test, pool = split(task, work)
-    shots = random.Random(seed).sample(pool, SHOTS)
+    test, shots = test_and_shots(task, seed, work)
     tokenizer = base_models.load(MODEL)[1]
     objective = lorahub.HubObjective(fresh_base(), lorahub.load_modules(modules), shots, tokenizer, population=len(SCALES))
     try:
