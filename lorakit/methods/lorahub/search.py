@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -332,7 +333,7 @@ def learn(model: nn.Module, modules: Sequence, examples: Sequence[Example], toke
     try:
         if scanned:  # each module alone: the rows of the identity, one batched forward
             one_hot = torch.eye(scanned)  # (N, N)
-            losses = [fit + lam / scanned for fit in objective.population_loss(one_hot)]
+            losses = [_penalised(fit, row, lam) for fit, row in zip(objective.population_loss(one_hot), one_hot.tolist())]
             chosen = min(range(scanned), key=losses.__getitem__)
         search = make_optimizer(optimizer, len(modules), budget, bounds, seed, population, one_hot[chosen].tolist() if scanned else None)
         with tqdm(total=budget, desc=f"LoraHub ({optimizer})", disable=not progress) as bar, warnings.catch_warnings():
@@ -343,15 +344,14 @@ def learn(model: nn.Module, modules: Sequence, examples: Sequence[Example], toke
                 weights = torch.tensor([list(c.value) for c in candidates], dtype=torch.float32)  # (P, N)
                 fits = objective.population_loss(weights)
                 for candidate, fit in zip(candidates, fits):
-                    value = fit + lam * float(abs(candidate.value).mean())
+                    value = _penalised(fit, candidate.value, lam)
                     search.tell(candidate, value)
                     losses.append(value)
                 bar.update(len(candidates))
                 bar.set_postfix(best=f"{min(losses):.4f}")
         best = [float(x) for x in search.provide_recommendation().value]
         if scanned:  # the search's pick, unless it scores worse than the module it started from
-            value = objective.population_loss(torch.tensor([best]))[0] + lam * sum(map(abs, best)) / len(best)
-            if value > losses[chosen]:
+            if _penalised(objective.population_loss(torch.tensor([best]))[0], best, lam) > losses[chosen]:
                 best = one_hot[chosen].tolist()
     finally:
         base = objective.close()
@@ -398,6 +398,11 @@ def check_search_settings(budget, lam, bounds, population, batch_rows=64, max_le
     if start == "best-single" and not bounds[1] >= 1:
         raise LoraConfigError(f"start='best-single' starts at a weight of 1 (the rest 0), above bounds={bounds!r}: use high >= 1, "
                               "or start='zero'.")
+
+
+def _penalised(fit: float, weights, lam: float) -> float:
+    """The objective the search minimises: few-shot loss + λ·mean|w| (Sec. 3.2)."""
+    return fit + lam * float(np.abs(np.asarray(weights, dtype=float)).mean())
 
 
 def _running_min(values: list[float]) -> list[float]:
