@@ -16,6 +16,11 @@ of it. Then the paper's search with 5x the budget (200 evaluations) on one contr
 there, and at what cost, next to starting the search at the best single module (`start="best-single"`, the
 study's own rows)?
 
+On the ten held-out tasks the weights the paper's search returned are about 0.5 on two or three modules and near 0
+elsewhere, and the large ones sit on the first modules of the list more often than chance. So last: where in the
+list the largest weight sits, over every held-out row (NGOpt and CMA-ES), and the paper's search re-run on the same
+5 examples and modules in reverse order (ORDER_RUNS): do the large weights follow the modules or the positions?
+
     python benchmarks/lorahub_search_diagnosis.py [--seeds 0 1 2]   # reads the study's kept rows; ~1 h on 2 cores
 """
 
@@ -37,6 +42,7 @@ from _measure import cached_json  # noqa: E402
 
 LAM = lorahub.DEFAULTS["lam"]
 LONG_BUDGET, LONG_RUN = 200, ("disambiguation_qa", 0)  # the control the paper's search did worst on, seed 0
+ORDER_RUNS = [("social_iqa", 0), ("riddle_sense", 0), ("penguins_in_a_table", 0), ("general_knowledge", 0)]
 
 
 def probe_points(task: str, seed: int) -> dict:
@@ -80,6 +86,54 @@ def long_search(task: str, seed: int) -> dict:
             "accuracy": evaluate(result.model, tokenizer, test)["accuracy"]}
 
 
+def reversed_order(task: str, seed: int) -> dict:
+    """The paper's search (NGOpt, budget 40, from 0) on a held-out task's 20 modules and 5 examples, listed in reverse."""
+    names = study.seed_modules(seed)[::-1]
+    test, shots = study.test_and_shots(task, seed, study.RESULTS)
+    tokenizer = base_models.load(study.MODEL)[1]
+    started = time.perf_counter()
+    result = lorahub.learn(study.fresh_base(), study.adapters(study.RESULTS, "qv", names), shots, tokenizer, seed=seed,
+                           merge=True, progress=False)
+    seconds = time.perf_counter() - started
+    return {"weights": dict(zip(names, result.weights)), "objective": min(result.losses), "seconds": seconds,
+            "accuracy": evaluate(result.model, tokenizer, test)["accuracy"]}
+
+
+def largest(weights: dict[str, float], count: int = 2) -> list[tuple[int, str, float]]:
+    """(position in the list, module, weight) of the `count` weights largest in magnitude."""
+    ranked = sorted(enumerate(weights.items()), key=lambda item: -abs(item[1][1]))[:count]
+    return [(position, name, weight) for position, (name, weight) in ranked]
+
+
+def position_lines(seeds: list[int]) -> list[str]:
+    """Where in the module list the largest weight of each held-out row sits (rows the study kept)."""
+    lines = ["| search | rows | largest weight at position 1 | at 2 | at 3-20 | chance at 1 |", "|---|---|---|---|---|---|"]
+    for method in ("LoraHub NGOpt", "LoraHub CMA-ES"):
+        rows = [row for task in study.HELD_OUT for seed in seeds
+                if (row := study.kept(study.RESULTS, task, method, seed, study.seed_modules(seed))) is not None]
+        first = [largest(row["weights"], 1)[0][0] for row in rows]
+        lines.append(f"| {method} | {len(rows)} | {first.count(0)} | {first.count(1)} | {sum(p > 1 for p in first)} | "
+                     f"{len(rows) / study.MODULES:.1f} |")
+    return lines
+
+
+def order_lines(folder) -> list[str]:
+    """The paper's search on the modules in the study's order and in reverse: the two largest weights of each."""
+    lines = ["| task | seed | modules as listed: two largest (position) | test accuracy | listed in reverse: two largest "
+             "(position) | test accuracy |", "|---|---|---|---|---|---|"]
+
+    def cell(weights: dict[str, float]) -> str:
+        return ", ".join(f"{name} {weight:+.2f} ({position + 1})" for position, name, weight in largest(weights))
+
+    for task, seed in ORDER_RUNS:
+        listed = study.cached(study.RESULTS, task, "LoraHub NGOpt", seed, study.seed_modules(seed))
+        reverse = cached_json(folder / f"{task}-seed{seed}-reversed.json", {"modules": study.seed_modules(seed)[::-1]},
+                              lambda: reversed_order(task, seed))
+        lines.append(f"| {task} | {seed} | {cell(listed['weights'])} | {listed['accuracy']:.2f} | "
+                     f"{cell(reverse['weights'])} | {reverse['accuracy']:.2f} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -103,6 +157,8 @@ def main() -> None:
         objective = row.get("objective", row.get("best_loss"))
         weight = row["own_weight"] if "own_weight" in row else row["weights"][task]
         lines.append(f"| {name} | {evaluations} | {objective:.3f} | {weight:.2f} | {row['accuracy']:.2f} | {row['seconds']:.0f} |")
+    lines += ["", "Held-out tasks: where the largest weight sits in the list of 20 modules", ""] + position_lines(args.seeds)
+    lines += ["", "The paper's search on the same modules and 5 examples, listed in reverse", ""] + order_lines(folder)
     (study.RESULTS / "diagnosis.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
