@@ -34,6 +34,7 @@ import time
 import torch
 
 from lorakit import base_models, lorahub
+from lorakit.core.atomic import atomic_write_text
 from lorakit.training.evaluate import evaluate
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -159,7 +160,7 @@ def main() -> None:
         lines.append(f"| {name} | {evaluations} | {objective:.3f} | {weight:.2f} | {row['accuracy']:.2f} | {row['seconds']:.0f} |")
     lines += ["", "Held-out tasks: where the largest weight sits in the list of 20 modules", ""] + position_lines(args.seeds)
     lines += ["", "The paper's search on the same modules and 5 examples, listed in reverse", ""] + order_lines(folder)
-    (study.RESULTS / "diagnosis.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(study.RESULTS / "diagnosis.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
