@@ -419,20 +419,26 @@ def plot(results: dict, path: Path) -> None:
 def weights_plot(results: dict, path: Path) -> None:
     """The weights LoraHub (NGOpt, q/v library) found: held-out task x module, the mean over the seeds that drew
     the module (blank where none did). Evidence for what the search used, next to what it scored."""
-    plt = pyplot()
-
     grid = torch.full((len(HELD_OUT), len(UPSTREAM)), float("nan"))  # (held-out task, module)
     for i, task in enumerate(HELD_OUT):
         for j, module in enumerate(UPSTREAM):
             drawn = [row["weights"][module] for row in results[task]["LoraHub NGOpt"].values() if module in row["weights"]]
             if drawn:
                 grid[i, j] = statistics.mean(drawn)
+    module_heatmap(grid, HELD_OUT, "RdBu_r", 1.5, "weight (mean over seeds)",
+                   "Weights LoraHub (NGOpt) gave each library module, per held-out task", path)
+
+
+def module_heatmap(grid: torch.Tensor, tasks: list[str], cmap: str, limit: float, label: str, title: str, path: Path) -> None:
+    """A (held-out task, library module) grid as a heat map from -limit to +limit."""
+    plt = pyplot()
+
     figure, axis = plt.subplots(figsize=(13, 5))
-    image = axis.imshow(grid.numpy(), cmap="RdBu_r", vmin=-1.5, vmax=1.5, aspect="auto")
+    image = axis.imshow(grid.numpy(), cmap=cmap, vmin=-limit, vmax=limit, aspect="auto")
     axis.set_xticks(range(len(UPSTREAM)), UPSTREAM, rotation=60, ha="right", fontsize=7)
-    axis.set_yticks(range(len(HELD_OUT)), HELD_OUT, fontsize=8)
-    figure.colorbar(image, label="weight (mean over seeds)")
-    axis.set_title("Weights LoraHub (NGOpt) gave each library module, per held-out task")
+    axis.set_yticks(range(len(tasks)), tasks, fontsize=8)
+    figure.colorbar(image, label=label)
+    axis.set_title(title)
     figure.tight_layout()
     save_png(figure, path, dpi=110)
 

@@ -29,7 +29,6 @@ from _measure import cached_json, kept_json  # noqa: E402
 
 from lorakit import LoraModel, base_models  # noqa: E402
 from lorakit.core.atomic import atomic_write_text  # noqa: E402
-from lorakit.core.plotting import pyplot, save_png  # noqa: E402
 from lorakit.training.evaluate import evaluate  # noqa: E402
 from lorakit.training.hub_build import module_folder  # noqa: E402
 from lorakit.training.workers import run_in_workers  # noqa: E402
@@ -89,16 +88,8 @@ def table(tasks: list[str]) -> tuple[list[str], torch.Tensor]:
 
 
 def plot(tasks: list[str], grid: torch.Tensor, path: Path) -> None:
-    plt = pyplot()
-
-    figure, axis = plt.subplots(figsize=(13, 5))
-    image = axis.imshow(grid.numpy(), cmap="RdBu", vmin=-0.3, vmax=0.3, aspect="auto")
-    axis.set_xticks(range(len(study.UPSTREAM)), study.UPSTREAM, rotation=60, ha="right", fontsize=7)
-    axis.set_yticks(range(len(tasks)), tasks, fontsize=8)
-    figure.colorbar(image, label="test accuracy minus zero-shot")
-    axis.set_title("Each q/v library module alone on each held-out task (blue: it helps)")
-    figure.tight_layout()
-    save_png(figure, path, dpi=110)
+    study.module_heatmap(grid, tasks, "RdBu", 0.3, "test accuracy minus zero-shot",
+                         "Each q/v library module alone on each held-out task (blue: it helps)", path)
 
 
 def main() -> None:
