@@ -74,30 +74,27 @@ def probe_points(task: str, seed: int) -> dict:
     return rows
 
 
-def long_search(task: str, seed: int) -> dict:
-    """The paper's search (NGOpt from 0) with LONG_BUDGET evaluations instead of 40."""
-    names = study.seed_modules(seed, task)
-    modules = study.adapters(study.RESULTS, "qv", names)
+def paper_search(task: str, seed: int, names: list[str], budget: int = lorahub.DEFAULTS["budget"]) -> dict:
+    """The paper's search (NGOpt from 0) over the modules `names`, in that order, on the seed's 5 examples of `task`."""
     test, shots = study.test_and_shots(task, seed, study.RESULTS)
     tokenizer = base_models.load(study.MODEL)[1]
     started = time.perf_counter()
-    result = lorahub.learn(study.fresh_base(), modules, shots, tokenizer, budget=LONG_BUDGET, seed=seed, merge=True, progress=False)
-    seconds = time.perf_counter() - started
-    return {"objective": min(result.losses), "own_weight": result.weights[names.index(task)], "seconds": seconds,
-            "accuracy": evaluate(result.model, tokenizer, test)["accuracy"]}
-
-
-def reversed_order(task: str, seed: int) -> dict:
-    """The paper's search (NGOpt, budget 40, from 0) on a held-out task's 20 modules and 5 examples, listed in reverse."""
-    names = study.seed_modules(seed)[::-1]
-    test, shots = study.test_and_shots(task, seed, study.RESULTS)
-    tokenizer = base_models.load(study.MODEL)[1]
-    started = time.perf_counter()
-    result = lorahub.learn(study.fresh_base(), study.adapters(study.RESULTS, "qv", names), shots, tokenizer, seed=seed,
-                           merge=True, progress=False)
+    result = lorahub.learn(study.fresh_base(), study.adapters(study.RESULTS, "qv", names), shots, tokenizer, budget=budget,
+                           seed=seed, merge=True, progress=False)
     seconds = time.perf_counter() - started
     return {"weights": dict(zip(names, result.weights)), "objective": min(result.losses), "seconds": seconds,
             "accuracy": evaluate(result.model, tokenizer, test)["accuracy"]}
+
+
+def long_search(task: str, seed: int) -> dict:
+    """The paper's search with LONG_BUDGET evaluations instead of 40."""
+    row = paper_search(task, seed, study.seed_modules(seed, task), LONG_BUDGET)
+    return row | {"own_weight": row["weights"][task]}
+
+
+def reversed_order(task: str, seed: int) -> dict:
+    """The paper's search on a held-out task's 20 modules and 5 examples, listed in reverse."""
+    return paper_search(task, seed, study.seed_modules(seed)[::-1])
 
 
 def largest(weights: dict[str, float], count: int = 2) -> list[tuple[int, str, float]]:
