@@ -69,7 +69,7 @@ def probe_points(task: str, seed: int) -> dict:
     rows = {}
     for (name, point), loss in zip(points.items(), losses):
         model = study.with_module(lorahub.compose(modules, point.tolist()))
-        rows[name] = {"few_shot_loss": loss, "objective": loss + LAM * float(point.abs().mean()),
+        rows[name] = {"few_shot_loss": loss, "objective": lorahub.penalised_objective(loss, point, LAM),
                       "own_weight": float(point[own]), "accuracy": evaluate(model, tokenizer, test)["accuracy"]}
     return rows
 

@@ -130,7 +130,9 @@ def test_learn_matches_the_one_by_one_search(causal):
     while len(reference) < 12:  # ask a population, evaluate one by one with state-dict writes, tell
         asked = [search.ask() for _ in range(min(search.num_workers, 12 - len(reference)))]
         for candidate in asked:
-            value = _reference_loss(factory, modules, list(candidate.value), tokenizer) + 0.05 * float(abs(candidate.value).mean())
+            fit = _reference_loss(factory, modules, list(candidate.value), tokenizer)
+            value = fit + 0.05 * float(abs(candidate.value).mean())
+            assert lorahub.penalised_objective(fit, candidate.value, lam=0.05) == pytest.approx(value, abs=1e-12)
             search.tell(candidate, value)
             reference.append(value)
     assert result.losses == pytest.approx(reference, abs=1e-5)

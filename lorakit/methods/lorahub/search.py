@@ -51,7 +51,7 @@ from ...core.validation import is_finite_number
 from .compose import HubModule, as_module, compose, load_modules
 from .settings import DEFAULTS, STARTS
 
-__all__ = ["DEFAULTS", "HubModule", "HubObjective", "HubResult", "as_module", "compose", "learn", "load_modules", "plot_result"]
+__all__ = ["DEFAULTS", "HubModule", "HubObjective", "HubResult", "as_module", "compose", "learn", "load_modules", "penalised_objective", "plot_result"]
 
 _CANDIDATE = "lorahub_{}"
 
@@ -333,7 +333,7 @@ def learn(model: nn.Module, modules: Sequence, examples: Sequence[Example], toke
     try:
         if scanned:  # each module alone: the rows of the identity, one batched forward
             one_hot = torch.eye(scanned)  # (N, N)
-            losses = [_penalised(fit, row, lam) for fit, row in zip(objective.population_loss(one_hot), one_hot.tolist())]
+            losses = [penalised_objective(fit, row, lam) for fit, row in zip(objective.population_loss(one_hot), one_hot.tolist())]
             chosen = min(range(scanned), key=losses.__getitem__)
         search = make_optimizer(optimizer, len(modules), budget, bounds, seed, population, one_hot[chosen].tolist() if scanned else None)
         with tqdm(total=budget, desc=f"LoraHub ({optimizer})", disable=not progress) as bar, warnings.catch_warnings():
@@ -344,14 +344,14 @@ def learn(model: nn.Module, modules: Sequence, examples: Sequence[Example], toke
                 weights = torch.tensor([list(c.value) for c in candidates], dtype=torch.float32)  # (P, N)
                 fits = objective.population_loss(weights)
                 for candidate, fit in zip(candidates, fits):
-                    value = _penalised(fit, candidate.value, lam)
+                    value = penalised_objective(fit, candidate.value, lam)
                     search.tell(candidate, value)
                     losses.append(value)
                 bar.update(len(candidates))
                 bar.set_postfix(best=f"{min(losses):.4f}")
         best = [float(x) for x in search.provide_recommendation().value]
         if scanned:  # the search's pick, unless it scores worse than the module it started from
-            if _penalised(objective.population_loss(torch.tensor([best]))[0], best, lam) > losses[chosen]:
+            if penalised_objective(objective.population_loss(torch.tensor([best]))[0], best, lam) > losses[chosen]:
                 best = one_hot[chosen].tolist()
     finally:
         base = objective.close()
@@ -400,8 +400,22 @@ def check_search_settings(budget, lam, bounds, population, batch_rows=64, max_le
                               "or start='zero'.")
 
 
-def _penalised(fit: float, weights, lam: float) -> float:
-    """The objective the search minimises: few-shot loss + λ·mean|w| (Sec. 3.2)."""
+def penalised_objective(fit: float, weights: Sequence[float] | Tensor, lam: float) -> float:
+    """The objective `learn` minimises: few-shot loss + λ·mean|w| (Sec. 3.2, the L1 term keeps the composition
+    near the base model). What `HubResult.losses` records for each evaluation.
+
+    Args:
+        fit: the few-shot loss of `weights` (`HubObjective.population_loss` of them).
+        weights: the N module weights.
+        lam: the L1 coefficient λ (`DEFAULTS["lam"]`, 0.05 as in the paper).
+
+    Returns:
+        The penalised objective.
+
+    Example:
+        >>> penalised_objective(1.0, [0.5, -1.5], lam=0.05)
+        1.05
+    """
     return fit + lam * float(np.abs(np.asarray(weights, dtype=float)).mean())
 
 
