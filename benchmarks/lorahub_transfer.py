@@ -19,7 +19,7 @@ the multiple-choice tasks: does it rank the modules better than the loss?
 
 Rows are kept as JSON under benchmarks/results/lorahub_study/transfer/<task>/<module>.json and reused; the table
 goes to transfer.md and the plot (held-out task x module, accuracy minus zero-shot) to transfer.png beside them;
-the losses to transfer/<task>/loss-<seedN or test>.json.
+the losses to transfer/<task>/loss-<seedN or test>.json, the option cross-entropies to choice-seed<N>.json.
 """
 
 from __future__ import annotations
@@ -53,6 +53,15 @@ def row_file(task: str, module: str) -> tuple[Path, dict]:
     return study.RESULTS / "transfer" / module_folder(f"bigbench:{task}") / f"{module_folder(f'bigbench:{module}')}.json", {}
 
 
+def library_model(modules: list[str]) -> LoraModel:
+    """One base model with each of `modules` loaded as its own adapter, named by its folder (`set_adapter(folder)`)."""
+    folders = study.adapters(study.RESULTS, "qv", modules)
+    model = LoraModel.from_pretrained(study.fresh_base(), folders[0], adapter_name=folders[0].parent.name)
+    for folder in folders[1:]:
+        model.load_adapter(folder, folder.parent.name)
+    return model
+
+
 def score_task(task: str) -> str:
     """Each module alone on `task`'s test items: one base model, the 24 adapters loaded once, one active at a time."""
     missing = [m for m in study.UPSTREAM if kept_json(*row_file(task, m)) is None]
@@ -60,12 +69,9 @@ def score_task(task: str) -> str:
         return task
     test, _ = study.split(task, study.RESULTS)
     tokenizer = base_models.load(study.MODEL)[1]
-    folders = study.adapters(study.RESULTS, "qv", missing)
-    model = LoraModel.from_pretrained(study.fresh_base(), folders[0], adapter_name="m0")
-    for index, folder in enumerate(folders[1:], start=1):
-        model.load_adapter(folder, f"m{index}")
-    for index, module in enumerate(missing):
-        model.set_adapter(f"m{index}")
+    model = library_model(missing)
+    for module in missing:
+        model.set_adapter(module_folder(f"bigbench:{module}"))
         started = time.perf_counter()
         cached_json(*row_file(task, module), lambda: evaluate(model, tokenizer, test) | {"seconds": time.perf_counter() - started})
     return task
@@ -114,16 +120,13 @@ def choice_task(task: str) -> str:
     if task in study.GENERATIVE or not missing:
         return f"{task} choices"
     tokenizer = base_models.load(study.MODEL)[1]
-    folders = study.adapters(study.RESULTS, "qv", study.UPSTREAM)
-    model = LoraModel.from_pretrained(study.fresh_base(), folders[0], adapter_name="m0")
-    for index, folder in enumerate(folders[1:], start=1):
-        model.load_adapter(folder, f"m{index}")
+    model = library_model(study.UPSTREAM)
     for seed in missing:
         shots = study.test_and_shots(task, seed, study.RESULTS)[1]
         with model.disable_adapter():
             row = {"base": option_cross_entropy(model, tokenizer, shots)}
-        for index, module in enumerate(study.UPSTREAM):
-            model.set_adapter(f"m{index}")
+        for module in study.UPSTREAM:
+            model.set_adapter(module_folder(f"bigbench:{module}"))
             row[module] = option_cross_entropy(model, tokenizer, shots)
         cached_json(*choice_file(task, seed), lambda row=row: row)
     return f"{task} choices"
