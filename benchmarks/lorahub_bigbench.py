@@ -78,11 +78,8 @@ def prompt_tokens(tokenizer, examples: list[Example]) -> float:
 def best_single_module(base, modules: list[Path], shots: list[Example], tokenizer) -> int:
     """The module with the lowest few-shot loss: all one-hot weight vectors in one batched population."""
     loaded = lorahub.load_modules(modules)
-    objective = lorahub.HubObjective(base, loaded, shots, tokenizer, population=len(loaded))
-    try:
+    with lorahub.HubObjective(base, loaded, shots, tokenizer, population=len(loaded)) as objective:
         losses = objective.population_loss(torch.eye(len(loaded)))
-    finally:
-        objective.close()
     return min(range(len(losses)), key=losses.__getitem__)
 
 

@@ -51,12 +51,9 @@ def landscape(task: str, seed: int) -> dict:
     weights = torch.tensor([found[n] for n in names])  # (modules,)
     test, shots = study.test_and_shots(task, seed, study.RESULTS)
     tokenizer = base_models.load(study.MODEL)[1]
-    objective = lorahub.HubObjective(study.fresh_base(), lorahub.load_modules(modules), shots, tokenizer,
-                                     population=len(SCALES))
-    try:
+    with lorahub.HubObjective(study.fresh_base(), lorahub.load_modules(modules), shots, tokenizer,
+                              population=len(SCALES)) as objective:
         losses = objective.population_loss(torch.stack([t * weights for t in SCALES]))  # (scales, modules) -> (scales,)
-    finally:
-        objective.close()
     accuracy = [evaluate(study.with_module(lorahub.compose(modules, (t * weights).tolist())), tokenizer, test)["accuracy"]
                 for t in SCALES]
     return {"scales": SCALES, "few_shot_loss": losses, "test_accuracy": accuracy}

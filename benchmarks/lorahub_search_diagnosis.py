@@ -61,11 +61,8 @@ def probe_points(task: str, seed: int) -> dict:
     test, shots = study.test_and_shots(task, seed, study.RESULTS)
     tokenizer = base_models.load(study.MODEL)[1]
     modules = study.adapters(study.RESULTS, "qv", names)
-    objective = lorahub.HubObjective(study.fresh_base(), lorahub.load_modules(modules), shots, tokenizer, population=len(points))
-    try:
+    with lorahub.HubObjective(study.fresh_base(), lorahub.load_modules(modules), shots, tokenizer, population=len(points)) as objective:
         losses = objective.population_loss(torch.stack(list(points.values())))
-    finally:
-        objective.close()
     rows = {}
     for (name, point), loss in zip(points.items(), losses):
         model = study.with_module(lorahub.compose(modules, point.tolist()))

@@ -88,12 +88,9 @@ def module_losses(task: str, on: str) -> dict[str, float]:
     tokenizer = base_models.load(study.MODEL)[1]
     modules = lorahub.load_modules(study.adapters(study.RESULTS, "qv", study.UPSTREAM))
     points = torch.cat([torch.zeros(1, len(modules)), torch.eye(len(modules))])  # (1 + modules, modules): base, each alone
-    objective = lorahub.HubObjective(study.fresh_base(), modules, test if on == "test" else shots, tokenizer,
-                                     population=len(points))
-    try:
+    with lorahub.HubObjective(study.fresh_base(), modules, test if on == "test" else shots, tokenizer,
+                              population=len(points)) as objective:
         losses = objective.population_loss(points)
-    finally:
-        objective.close()
     return dict(zip(["base"] + study.UPSTREAM, losses))
 
 

@@ -102,10 +102,9 @@ def test_population_loss_equals_one_by_one_causal(causal, examples, population):
     factory, tokenizer, modules, _ = causal
     model = factory()
     candidates = torch.tensor([[1.0, -0.5, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0], [-1.5, 1.5, 0.2, 0.9]])[:population]
-    objective = lorahub.HubObjective(model, modules, examples, tokenizer, population=population, batch_rows=7)  # chunks cross candidates
-    assert (objective.prefix > 0) == (examples is SHARED_START)
-    batched = objective.population_loss(candidates)
-    objective.close()
+    with lorahub.HubObjective(model, modules, examples, tokenizer, population=population, batch_rows=7) as objective:  # chunks cross candidates
+        assert (objective.prefix > 0) == (examples is SHARED_START)
+        batched = objective.population_loss(candidates)
     for w, loss in zip(candidates.tolist(), batched):
         assert loss == pytest.approx(_reference_loss(factory, modules, w, tokenizer, examples=examples), abs=1e-5)
     assert not any(isinstance(m, LoraLayer) for m in model.modules())  # the candidates are gone

@@ -72,8 +72,8 @@ class HubResult:
 
 class HubObjective:
     """The few-shot loss of candidate weight vectors. Wraps `model` with P candidate adapters (unload with
-    `close()`); `population_loss(W)` evaluates the rows of W (P, N) in one batched forward (chunked by
-    `batch_rows`)."""
+    `close()`, or use it as a context manager: ``with HubObjective(...) as objective:``); `population_loss(W)`
+    evaluates the rows of W (P, N) in one batched forward (chunked by `batch_rows`)."""
 
     def __init__(self, model: nn.Module, modules: list[HubModule], examples: Sequence[Example], tokenizer,
                  population: int = 1, batch_rows: int = 64, max_length: int = 256) -> None:
@@ -209,6 +209,12 @@ class HubObjective:
         token_loss = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
         mask = labels != IGNORE_INDEX
         return (token_loss * mask).sum(-1) / mask.sum(-1)
+
+    def __enter__(self) -> HubObjective:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> nn.Module:
         """Remove the candidate adapters: the base model as it was (parameters, flags, train/eval modes)."""
