@@ -87,7 +87,7 @@ POSITIVE_CONTROLS = ["disambiguation_qa", "entailed_polarity"]
 # 30,720. At r=16 an all-linear module is 4.9M parameters (19.5 MB; 470 MB a library): more than the repository, the
 # only storage that outlives a session of this project, should carry.
 # Precision per library. q/v: bf16 autocast (adapters stay float32; one forward+backward measured 1.5x faster than
-# fp32 on the machine that built it, median of 5). All-linear: fp32, since on the later machine that builds it
+# fp32 on the machine that built it, median of 5). All-linear: fp32, since on the machine that started it
 # (AVX512-BF16, no AMX) a bf16-autocast step took 13.4 s against 7.8 s in fp32 (batch 8 x 160 tokens, one thread as
 # each worker has, median of 5 interleaved steps), and the library is the study's longest job.
 LIBRARIES = {"qv": ["training.precision=bf16"],
