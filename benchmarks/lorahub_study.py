@@ -460,9 +460,9 @@ def main() -> None:
     plot(results, RESULTS / "held_out.png")
     weights_plot(results, RESULTS / "weights.png")
     atomic_write_text(RESULTS / "held_out.json", json.dumps(results, indent=1) + "\n")
-    for name in LIBRARIES:
+    for name in LIBRARIES:  # a library built outside the results folder (--work elsewhere) gets its plot copied in
         library_plot = work / f"library_{name}" / "library.png"
-        if library_plot.is_file():
+        if library_plot.is_file() and not library_plot.resolve().is_relative_to(RESULTS.resolve()):
             atomic_write(RESULTS / f"library_{name}.png", lambda path, plot=library_plot: path.write_bytes(plot.read_bytes()))
     atomic_write_text(RESULTS / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
